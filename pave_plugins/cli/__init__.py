@@ -1,0 +1,51 @@
+"""The ``pave`` command: one sub-command per module, imported lazily.
+
+Each sub-command module defines ``add_parser(subparsers) -> argparse.ArgumentParser`` (which
+sets ``func`` as the parser default) so that ``pave --help`` stays fast and a broken optional
+dependency of one sub-command does not break the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+# name -> module; each module provides add_parser(subparsers)
+COMMANDS: dict[str, str] = {
+    "demo": "pave_plugins.cli.demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pave",
+        description="PAVE / TSV-M / LoRA-DV model-merging tools (see README.md).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as exc:
+        logging.getLogger("pave").error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

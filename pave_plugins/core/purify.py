@@ -1,0 +1,296 @@
+"""PAVE task-vector purification (PAVE paper, Sec. 3.2, eq. 5-6; activated pruning error eq. 7-8).
+
+Notation: a linear layer computes ``y = W x`` with ``W`` of shape ``out x in``; ``C = X X^T``
+(``in x in``) is the covariance of the layer's inputs collected on task k with fine-tuned model k.
+
+Eq. 5-6::
+
+    W_ft^dagger = SVD_r(W_ft C) C^{-1}            (5)
+    dW_PAVE     = SVD_r(W_ft C) C^{-1} - W_base    (6)
+
+How it is computed here, and why. Let ``M = W_ft C = U S V^T``. Because ``S_r V_r^T = U_r^T M``,
+
+    SVD_r(M) C^{-1} = U_r U_r^T M C^{-1} = U_r U_r^T W_ft,
+
+so the inverse of ``C`` cancels *exactly*: ``C`` only chooses the subspace ``U_r`` (the top-r left
+singular vectors of ``W_ft C``), and the purified weight is the projection of ``W_ft`` onto it.
+We therefore never form ``C^{-1}`` and never solve with ``C`` (no loss of accuracy on
+ill-conditioned covariances), and we write the purified task vector in residual form::
+
+    dW_PAVE = dW - U_{>r} (U_{>r}^T W_ft)         with dW = W_ft - W_base,
+
+which is exact at full rank (the tail is empty) and only sends the discarded tail through the
+projection, so a task vector 1e-3 the size of the weight does not cancel catastrophically.
+The default compute dtype is float64; float32 is an option (see README for its measured error).
+
+``C`` may be singular (fewer tokens than features, dead features). As the paper says, we then
+add a positive value to its diagonal and increase it (doubling, starting from a small fraction of
+``mean(diag C)``) until a Cholesky factorisation succeeds; the damping used is reported in
+:class:`PreparedCovariance` and :class:`Purification`. With damping, full rank still returns
+``W_ft - W_base`` exactly.
+
+``target="delta"`` is a variant (not in the paper) that purifies the task vector itself:
+``SVD_r(dW C) C^{-1} = U_r U_r^T dW`` with ``U`` from ``dW C``; the base weight is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+Target = Literal["weight", "delta"]
+TARGETS: tuple[str, ...] = ("weight", "delta")
+
+
+@dataclass(frozen=True)
+class PreparedCovariance:
+    """A covariance checked for use by PAVE: symmetric, finite, PSD and invertible after damping.
+
+    ``matrix`` is ``C + damping * I`` in the compute dtype, on the input's device.
+    """
+
+    matrix: Tensor
+    damping: float
+    relative_damping: float  # damping / mean(diag C)
+
+
+def prepare_covariance(
+    cov: Tensor,
+    *,
+    compute_dtype: torch.dtype = torch.float64,
+    initial_relative_damping: float = 1e-10,
+    max_relative_damping: float = 1.0,
+    symmetry_tol: float = 1e-6,
+    name: str = "covariance",
+) -> PreparedCovariance:
+    """Validate ``C`` and damp its diagonal until a Cholesky factorisation succeeds (Sec. 3.2).
+
+    Damping starts at ``initial_relative_damping * mean(diag C)`` and doubles; it never exceeds
+    ``max_relative_damping * mean(diag C)`` (a ``ValueError`` is raised instead: a giant shift would
+    silently change the method). Cache the result when several weights share one covariance.
+    """
+    if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
+        raise ValueError(f"{name}: expected a square 2-D matrix, got shape {tuple(cov.shape)}")
+    c = cov.to(compute_dtype)
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError(f"{name}: contains NaN or Inf")
+    scale = float(c.abs().max())
+    if scale == 0.0:
+        raise ValueError(f"{name}: is all zero (no tokens reached this layer?)")
+    asym = float((c - c.T).abs().max()) / scale
+    if asym > symmetry_tol:
+        raise ValueError(f"{name}: is not symmetric (max |C - C^T| / max |C| = {asym:.3g})")
+    c = 0.5 * (c + c.T)
+    mean_diag = float(torch.diagonal(c).mean())
+    if mean_diag <= 0.0 or float(torch.diagonal(c).min()) < -1e-8 * scale:
+        raise ValueError(f"{name}: has negative diagonal entries, it is not a covariance X X^T")
+
+    n = c.shape[0]
+    eye = torch.eye(n, dtype=c.dtype, device=c.device)
+    # Cholesky "succeeds" when the factor has no tiny pivot relative to the matrix scale: a pivot
+    # below this floor means C is numerically singular in the compute dtype.
+    pivot_floor = n * torch.finfo(c.dtype).eps * float(torch.diagonal(c).max())
+    damping = 0.0
+    rel = initial_relative_damping
+    while True:
+        matrix = c if damping == 0.0 else c + damping * eye
+        factor, info = torch.linalg.cholesky_ex(matrix)
+        if int(info) == 0 and float(torch.diagonal(factor).min()) ** 2 > pivot_floor:
+            break
+        if rel > max_relative_damping:
+            raise ValueError(
+                f"{name}: not positive definite even with damping {damping:.3g} "
+                f"({max_relative_damping:g} x mean(diag C)); it is not a valid covariance"
+            )
+        damping = rel * mean_diag
+        rel *= 2.0
+    relative = damping / mean_diag
+    if damping > 0.0:
+        logger.debug("%s: singular, damped with %.3g (%.3g x mean diag)", name, damping, relative)
+    return PreparedCovariance(matrix=matrix, damping=damping, relative_damping=relative)
+
+
+@dataclass
+class CoSVD:
+    """Context-oriented SVD of one weight: ``M = A C = U S V^T`` with ``A = W_ft`` or ``dW``.
+
+    Holds only what purification needs: the left singular vectors ``u`` (``out x R``), the
+    singular values ``s`` (``R``, descending; these are the sigma of Algorithm 1 line 3), the
+    task vector and the fine-tuned weight in the compute dtype.
+    """
+
+    u: Tensor
+    s: Tensor
+    delta: Tensor
+    w_ft: Tensor
+    target: str
+    damping: float
+    out_dtype: torch.dtype
+
+    @property
+    def full_rank(self) -> int:
+        return int(self.s.shape[0])
+
+
+def co_svd(
+    w_ft: Tensor,
+    w_base: Tensor,
+    cov: Tensor | PreparedCovariance,
+    *,
+    target: Target = "weight",
+    compute_dtype: torch.dtype = torch.float64,
+    name: str = "weight",
+) -> CoSVD:
+    """The one SVD per layer per model of PAVE (Algorithm 1 line 3; eq. 5).
+
+    ``w_ft`` and ``w_base`` are ``out x in``; ``cov`` is ``in x in`` (or prepared).
+    """
+    if target not in TARGETS:
+        raise ValueError(f"{name}: unknown purification target {target!r}, expected one of {TARGETS}")
+    if w_ft.ndim != 2:
+        raise ValueError(f"{name}: PAVE purifies 2-D weights, got shape {tuple(w_ft.shape)}")
+    if w_ft.shape != w_base.shape:
+        raise ValueError(
+            f"{name}: fine-tuned weight {tuple(w_ft.shape)} and base weight "
+            f"{tuple(w_base.shape)} differ in shape"
+        )
+    prepared = (
+        cov
+        if isinstance(cov, PreparedCovariance)
+        else prepare_covariance(cov, compute_dtype=compute_dtype, name=f"covariance of {name}")
+    )
+    c = prepared.matrix.to(device=w_ft.device, dtype=compute_dtype)
+    if c.shape[0] != w_ft.shape[1]:
+        raise ValueError(
+            f"{name}: covariance is {tuple(c.shape)} but the weight has {w_ft.shape[1]} inputs "
+            f"(expected {w_ft.shape[1]} x {w_ft.shape[1]})"
+        )
+    ft = w_ft.to(compute_dtype)
+    base = w_base.to(device=w_ft.device, dtype=compute_dtype)
+    for tensor, what in ((ft, "fine-tuned weight"), (base, "base weight")):
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name}: {what} contains NaN or Inf")
+    delta = ft - base
+    a = ft if target == "weight" else delta
+    u, s, _ = torch.linalg.svd(a @ c, full_matrices=False)
+    return CoSVD(
+        u=u, s=s, delta=delta, w_ft=ft, target=target, damping=prepared.damping, out_dtype=w_ft.dtype
+    )
+
+
+@dataclass
+class Purification:
+    """Result of purifying one weight of one model.
+
+    ``task_vector`` is dW_PAVE (eq. 6) in the fine-tuned weight's dtype. The low-rank form is
+    ``dW_PAVE = dW - tail_left @ tail_right`` (rank ``R - rank``), and the purified weight of
+    eq. 5 is ``head_left @ head_right`` (see :func:`purified_weight_factors`).
+    """
+
+    task_vector: Tensor
+    rank: int
+    full_rank: int
+    singular_values: Tensor
+    damping: float
+    relative_change: float  # ||dW_PAVE - dW||_F / ||dW||_F (inf when dW = 0 and the change is not)
+    pruning_error: float  # normalised activated pruning error, eq. 8
+    tail_left: Tensor
+    tail_right: Tensor
+
+
+def _check_rank(rank: int | None, full_rank: int, name: str) -> int:
+    if rank is None:
+        return full_rank
+    if isinstance(rank, bool) or int(rank) != rank:
+        raise ValueError(f"{name}: rank must be an integer, got {rank!r}")
+    rank = int(rank)
+    if not 1 <= rank <= full_rank:
+        raise ValueError(f"{name}: rank {rank} is outside [1, {full_rank}] (full rank of the layer)")
+    return rank
+
+
+def activated_pruning_error(singular_values: Tensor, rank: int) -> float:
+    """Normalised activated pruning error, eq. 7-8: ``sum_{j>r} (sigma_j / sigma_max)^2``.
+
+    Equals ``||(dW_PAVE - dW) C||_F^2 / sigma_max(W C)^2`` for target ``weight``.
+    """
+    s = singular_values.double()
+    smax = float(s.max()) if s.numel() else 0.0
+    if smax == 0.0:
+        return 0.0
+    return float(((s[rank:] / smax) ** 2).sum())
+
+
+def purify_from_cosvd(decomposition: CoSVD, rank: int | None = None, *, name: str = "weight") -> Purification:
+    """Eq. 6 in residual form from an existing :class:`CoSVD` (no second decomposition)."""
+    d = decomposition
+    r = _check_rank(rank, d.full_rank, name)
+    a = d.w_ft if d.target == "weight" else d.delta
+    tail_u = d.u[:, r:]
+    tail_right = tail_u.T @ a  # U_{>r}^T A : (R - r) x in
+    correction = tail_u @ tail_right
+    pave = d.delta - correction
+    dnorm = float(torch.linalg.matrix_norm(d.delta))
+    cnorm = float(torch.linalg.matrix_norm(correction))
+    rel = cnorm / dnorm if dnorm > 0 else (0.0 if cnorm == 0 else math.inf)
+    return Purification(
+        task_vector=pave.to(d.out_dtype),
+        rank=r,
+        full_rank=d.full_rank,
+        singular_values=d.s,
+        damping=d.damping,
+        relative_change=rel,
+        pruning_error=activated_pruning_error(d.s, r),
+        tail_left=tail_u,
+        tail_right=tail_right,
+    )
+
+
+def purify(
+    w_ft: Tensor,
+    w_base: Tensor,
+    cov: Tensor | PreparedCovariance,
+    rank: int | None = None,
+    *,
+    target: Target = "weight",
+    compute_dtype: torch.dtype = torch.float64,
+    name: str = "weight",
+) -> Purification:
+    """Purify one weight (eq. 5-6) and return the task vector with its diagnostics."""
+    dec = co_svd(w_ft, w_base, cov, target=target, compute_dtype=compute_dtype, name=name)
+    return purify_from_cosvd(dec, rank, name=name)
+
+
+def purified_task_vector(
+    w_ft: Tensor,
+    w_base: Tensor,
+    cov: Tensor | PreparedCovariance,
+    rank: int | None = None,
+    *,
+    target: Target = "weight",
+    compute_dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """dW_PAVE = SVD_r(W_ft C) C^{-1} - W_base (eq. 6), dense, in ``w_ft``'s dtype.
+
+    ``rank=None`` keeps full rank (returns ``W_ft - W_base`` up to round-off).
+    """
+    return purify(w_ft, w_base, cov, rank, target=target, compute_dtype=compute_dtype).task_vector
+
+
+def purified_weight_factors(decomposition: CoSVD, rank: int | None = None) -> tuple[Tensor, Tensor]:
+    """Low-rank factors of eq. 5: ``SVD_r(M) C^{-1} = U_r (U_r^T A)`` with ``A = W_ft`` or ``dW``.
+
+    Returns ``(left, right)`` of shapes ``out x r`` and ``r x in`` (compute dtype). For target
+    ``weight`` their product is the purified weight W_ft^dagger; for ``delta`` it is dW_PAVE.
+    """
+    r = _check_rank(rank, decomposition.full_rank, "weight")
+    a = decomposition.w_ft if decomposition.target == "weight" else decomposition.delta
+    head = decomposition.u[:, :r]
+    return head, head.T @ a

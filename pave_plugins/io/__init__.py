@@ -1,0 +1,1 @@
+"""Files: covariance files (safetensors + metadata), atomic writes."""

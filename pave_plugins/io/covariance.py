@@ -1,0 +1,170 @@
+"""Covariance files: one safetensors file per fine-tuned model.
+
+Layout (format ``pave-covariance``, version 1):
+
+* tensors ``cov.<i>`` (``in x in``, float64 or float32): one per distinct layer *input*; layers
+  that read the same input tensor (q/k/v, gate/up) share one entry;
+* safetensors metadata (all strings): ``format``, ``format_version``, ``layer_map`` (JSON
+  ``{layer module name: tensor key}``), ``counts`` (JSON ``{tensor key: tokens seen}``),
+  ``n_samples``, ``n_tokens``, ``dtype``, ``max_length``, ``model_path``, ``model_fingerprint``,
+  and ``extra`` (JSON, free-form).
+
+Layer names are module names (``model.layers.0.self_attn.q_proj``); the weight they serve is
+``<layer>.weight``. Lookups by a checkpoint tensor name tolerate a different model prefix
+(``bert.encoder...`` vs ``encoder...``) when the match is unique.
+
+Reading is lazy: :class:`CovarianceFile` opens the file with ``safe_open`` and loads one
+covariance at a time, so a merge never holds a whole set in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .atomic import atomic_path
+
+FORMAT = "pave-covariance"
+FORMAT_VERSION = "1"
+
+
+class CovarianceFileError(ValueError):
+    """A covariance file is missing, corrupt, or does not fit the model it is used with."""
+
+
+@dataclass
+class CovarianceMetadata:
+    layer_map: dict[str, str]
+    counts: dict[str, int] = field(default_factory=dict)
+    n_samples: int = 0
+    n_tokens: int = 0
+    dtype: str = "float64"
+    max_length: int | None = None
+    model_path: str = ""
+    model_fingerprint: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_strings(self) -> dict[str, str]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "layer_map": json.dumps(self.layer_map, sort_keys=True),
+            "counts": json.dumps(self.counts, sort_keys=True),
+            "n_samples": str(int(self.n_samples)),
+            "n_tokens": str(int(self.n_tokens)),
+            "dtype": self.dtype,
+            "max_length": "" if self.max_length is None else str(int(self.max_length)),
+            "model_path": str(self.model_path),
+            "model_fingerprint": self.model_fingerprint,
+            "extra": json.dumps(self.extra, sort_keys=True, default=str),
+        }
+
+    @classmethod
+    def from_strings(cls, meta: Mapping[str, str], path: str | os.PathLike = "") -> "CovarianceMetadata":
+        if meta.get("format") != FORMAT:
+            raise CovarianceFileError(f"{path}: not a pave covariance file (format={meta.get('format')!r})")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CovarianceFileError(
+                f"{path}: covariance format version {meta.get('format_version')!r} is not supported "
+                f"(this pave_plugins reads version {FORMAT_VERSION})"
+            )
+        try:
+            return cls(
+                layer_map=json.loads(meta["layer_map"]),
+                counts={k: int(v) for k, v in json.loads(meta.get("counts", "{}")).items()},
+                n_samples=int(meta.get("n_samples", "0")),
+                n_tokens=int(meta.get("n_tokens", "0")),
+                dtype=meta.get("dtype", "float64"),
+                max_length=int(meta["max_length"]) if meta.get("max_length") else None,
+                model_path=meta.get("model_path", ""),
+                model_fingerprint=meta.get("model_fingerprint", ""),
+                extra=json.loads(meta.get("extra", "{}")),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CovarianceFileError(f"{path}: corrupt covariance metadata ({exc})") from exc
+
+
+def save_covariances(
+    path: str | os.PathLike,
+    covariances: Mapping[str, torch.Tensor],
+    metadata: CovarianceMetadata,
+) -> Path:
+    """Write ``{tensor key: C}`` and metadata atomically (temp file, then rename)."""
+    path = Path(path)
+    missing = sorted(set(metadata.layer_map.values()) - set(covariances))
+    if missing:
+        raise ValueError(f"layer_map points to covariance keys that are not given: {missing[:5]}")
+    tensors = {}
+    for key, cov in covariances.items():
+        if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
+            raise ValueError(f"covariance {key!r} must be square, got {tuple(cov.shape)}")
+        tensors[key] = cov.detach().to("cpu").contiguous()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata.to_strings())
+    return path
+
+
+def _layer_of(name: str) -> str:
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+class CovarianceFile:
+    """Lazy reader of a covariance file. ``get(name)`` accepts a layer or a weight tensor name."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CovarianceFileError(f"covariance file not found: {self.path}")
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = f.metadata() or {}
+                self._keys = set(f.keys())
+        except Exception as exc:  # safetensors raises several types for corrupt headers
+            raise CovarianceFileError(f"{self.path}: cannot read covariance file ({exc})") from exc
+        self.metadata = CovarianceMetadata.from_strings(meta, self.path)
+        absent = sorted(set(self.metadata.layer_map.values()) - self._keys)
+        if absent:
+            raise CovarianceFileError(f"{self.path}: layer_map names tensors that are missing: {absent[:5]}")
+
+    @property
+    def layers(self) -> list[str]:
+        return sorted(self.metadata.layer_map)
+
+    def resolve(self, name: str) -> str | None:
+        """Layer name in this file for a layer or weight name, or ``None`` if it has none."""
+        layer = _layer_of(name)
+        lm = self.metadata.layer_map
+        if layer in lm:
+            return layer
+        # tolerate a model prefix on either side (e.g. "bert." or "model."), if unique
+        candidates = [k for k in lm if layer.endswith("." + k) or k.endswith("." + layer)]
+        if len(candidates) == 1:
+            return candidates[0]
+        if len(candidates) > 1:
+            raise CovarianceFileError(f"{self.path}: {name!r} matches several layers: {candidates[:4]}")
+        return None
+
+    def __contains__(self, name: str) -> bool:
+        return self.resolve(name) is not None
+
+    def key_for(self, name: str) -> str:
+        layer = self.resolve(name)
+        if layer is None:
+            raise CovarianceFileError(f"{self.path}: no covariance for layer {_layer_of(name)!r}")
+        return self.metadata.layer_map[layer]
+
+    def get(self, name: str, *, device: torch.device | str | None = None) -> torch.Tensor:
+        key = self.key_for(name)
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                cov = f.get_tensor(key)
+        except Exception as exc:
+            raise CovarianceFileError(f"{self.path}: cannot read covariance {key!r} ({exc})") from exc
+        return cov if device is None else cov.to(device)
