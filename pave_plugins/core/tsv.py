@@ -16,8 +16,9 @@ Speed, without changing the result: only the top ``k`` singular pairs of each ta
 and they are the top eigenpairs of the small Gram matrix (``Delta Delta^T`` or ``Delta^T Delta``,
 whichever side is smaller) computed in float64, which is several times cheaper than a full SVD and
 as accurate for the leading subspace. Procrustes needs only the ``Tk x Tk`` Gram ``U^T U``: with
-``U^T U = Q D^2 Q^T``, ``P Q^T = U Q D^{-1} Q^T``. When that Gram is near singular (duplicated
-tasks), we fall back to the SVD of ``U`` itself, as the paper writes it.
+``U^T U = Q D^2 Q^T``, ``P Q^T = U Q D^{-1} Q^T``. When that Gram is singular (duplicated tasks)
+``P Q^T`` is not unique and we use the pseudo-inverse square root (see
+:func:`procrustes_orthogonalize`).
 """
 
 from __future__ import annotations
@@ -85,15 +86,21 @@ def top_singular_triplets(
 
 
 def procrustes_orthogonalize(x: Tensor) -> Tensor:
-    """Nearest matrix with orthonormal columns, ``P Q^T`` for ``x = P D Q^T`` (TSV eq. 9)."""
+    """Nearest matrix with orthonormal columns, ``P Q^T`` for ``x = P D Q^T`` (TSV eq. 9).
+
+    Computed as the whitening ``x (x^T x)^{-1/2}`` (TSV Proposition 4.1) from the small Gram
+    matrix. When ``x`` is rank deficient (e.g. two identical tasks), ``P Q^T`` is not unique; we
+    return the canonical partial isometry ``x (x^T x)^{+1/2}`` (pseudo-inverse square root), so
+    that merging a task with itself gives the same update as merging it once.
+    """
     if x.shape[1] == 0:
         return x
-    gram = x.T @ x
-    evals, q = torch.linalg.eigh(gram)
-    if float(evals.min()) > _WHITENING_MIN_EIGENVALUE * max(float(evals.max()), 1.0):
-        return (x @ q) @ (q / evals.sqrt()).T
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
+    evals, q = torch.linalg.eigh(x.T @ x)
+    keep = evals > _WHITENING_MIN_EIGENVALUE * max(float(evals.max()), 0.0)
+    if not bool(keep.any()):
+        return torch.zeros_like(x)
+    q = q[:, keep]
+    return (x @ q) @ (q / evals[keep].sqrt()).T
 
 
 @dataclass

@@ -1,0 +1,130 @@
+"""TSV-M / TSV-C / STI against a literal float64 transcription of the TSV paper and FusionBench."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pave_plugins.core.tsv import mean_task_vector, sti, tsv_compress, tsv_merge
+
+
+def literal_tsv_m(task_matrices, alpha=1.0):
+    """TSV Algorithm 1, line by line, float64, full SVDs."""
+    T = len(task_matrices)
+    us, ss, vs = [], [], []
+    for d in task_matrices:  # lines 1-4
+        u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
+        k = s.numel() // T  # "first 1/T singular components"
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vs.append(vh[:k].T)
+    U, S, V = torch.cat(us, 1), torch.diag(torch.cat(ss)), torch.cat(vs, 1)  # lines 5-8
+    pu, _, qu = torch.linalg.svd(U, full_matrices=False)  # lines 9-11
+    pv, _, qv = torch.linalg.svd(V, full_matrices=False)
+    u_perp, v_perp = pu @ qu, pv @ qv  # lines 12-14
+    return alpha * u_perp @ S @ v_perp.T  # lines 15-18
+
+
+def task_matrices(T, m, n, seed, dtype=torch.float32, decay=True):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(T):
+        a = torch.randn(m, n, generator=g, dtype=torch.float64)
+        if decay:  # realistic decaying spectra keep the top-k subspace well separated
+            u, s, vh = torch.linalg.svd(a, full_matrices=False)
+            s = s * torch.exp(-torch.arange(s.numel(), dtype=torch.float64) / 4)
+            a = (u * s) @ vh
+        out.append((1e-2 * a).to(dtype))
+    return out
+
+
+def rel(a, b):
+    return float(torch.linalg.matrix_norm(a.double() - b.double()) / torch.linalg.matrix_norm(b.double()))
+
+
+@pytest.mark.parametrize("T,m,n", [(2, 20, 20), (3, 24, 40), (4, 48, 16), (8, 32, 32)])
+def test_tsv_merge_matches_literal_algorithm(T, m, n):
+    tms = task_matrices(T, m, n, seed=T * 10 + m)
+    ours = tsv_merge(tms, alpha=1.5)
+    assert ours.dtype == torch.float32 and ours.shape == (m, n)
+    assert rel(ours, literal_tsv_m(tms, alpha=1.5)) < 1e-5
+
+
+def test_tsv_merge_matches_fusion_bench():
+    from fusion_bench.method.task_singular_vector.utils.TSVM_utils import (
+        compute_and_sum_svd_mem_reduction,
+    )
+
+    tms = task_matrices(3, 40, 56, seed=5)
+    biases = [torch.randn(40) for _ in range(3)]
+    ref = compute_and_sum_svd_mem_reduction(
+        [{"w": t, "b": b} for t, b in zip(tms, biases)], accelerator="cpu"
+    )
+    assert rel(tsv_merge(tms), ref["w"]) < 1e-5
+    assert torch.allclose(mean_task_vector(biases), ref["b"], atol=1e-6)
+
+
+def test_single_task_is_identity_and_duplicates_stay_finite():
+    (t,) = task_matrices(1, 16, 24, seed=1)
+    assert rel(tsv_merge([t]), t) < 1e-5  # k = R, U and V already orthonormal
+    # duplicated tasks: U^T U is singular and P Q^T not unique; the canonical (pseudo-inverse)
+    # polar factor makes "the same task twice" merge like that task once, with k = R // 2
+    dup = tsv_merge([t, t])
+    u, s, vh = torch.linalg.svd(t.double(), full_matrices=False)
+    assert rel(dup, (u[:, :8] * s[:8]) @ vh[:8]) < 1e-5
+    zero = tsv_merge([torch.zeros(8, 8), torch.zeros(8, 8)])
+    assert torch.count_nonzero(zero) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    tms = task_matrices(3, 24, 24, seed=2, dtype=dtype)
+    out = tsv_merge(tms)
+    assert out.dtype == dtype
+    assert rel(out, literal_tsv_m([t.double() for t in tms])) < 1e-2
+
+
+def test_sti_zero_on_orthogonal_subspaces_and_positive_otherwise():
+    g = torch.Generator().manual_seed(0)
+    q_left, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))
+    q_right, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    tasks = []
+    for i in range(3):  # task i lives on columns 10i..10i+9: mutually orthogonal TSVs
+        u, v = q_left[:, 10 * i : 10 * i + 5], q_right[:, 10 * i : 10 * i + 5]
+        s = torch.linspace(3, 1, 5, dtype=torch.float64)
+        tasks.append((u * s) @ v.T)
+    assert sti(tasks, k=5) == pytest.approx(0.0, abs=1e-10)
+    overlapping = task_matrices(3, 30, 40, seed=3, dtype=torch.float64)
+    assert sti(overlapping) > 1e-3
+
+
+def test_sti_matches_definition():
+    tms = task_matrices(2, 6, 8, seed=4, dtype=torch.float64)
+    us, ss, vs = [], [], []
+    for t in tms:
+        u, s, vh = torch.linalg.svd(t, full_matrices=False)
+        us.append(u), ss.append(s), vs.append(vh.T)
+    U, S, V = torch.cat(us, 1), torch.diag(torch.cat(ss)), torch.cat(vs, 1)
+    eye = torch.eye(U.shape[1], dtype=torch.float64)
+    expected = float(((U.T @ U - eye) @ S @ (V.T @ V - eye)).abs().sum())
+    assert sti(tms) == pytest.approx(expected, rel=1e-10)
+
+
+def test_tsv_compress_is_truncated_svd():
+    (t,) = task_matrices(1, 20, 30, seed=6, dtype=torch.float64)
+    left, right = tsv_compress(t, 4)
+    u, s, vh = torch.linalg.svd(t, full_matrices=False)
+    assert rel(left @ right, (u[:, :4] * s[:4]) @ vh[:4]) < 1e-10
+    with pytest.raises(ValueError):
+        tsv_compress(t, 0)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="at least one"):
+        tsv_merge([])
+    with pytest.raises(ValueError, match="shape"):
+        tsv_merge([torch.zeros(3, 4), torch.zeros(4, 3)])
+    with pytest.raises(ValueError, match="2-D"):
+        tsv_merge([torch.zeros(3)])
+    with pytest.raises(ValueError, match="NaN"):
+        tsv_merge([torch.full((3, 3), float("nan"))])
