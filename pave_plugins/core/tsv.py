@@ -147,12 +147,32 @@ def tsv_merge(
     """
     f = concatenated_task_singular_vectors(task_matrices, k, compute_dtype=compute_dtype)
     ref = task_matrices[0]
-    if f.u.shape[1] == 0:  # a layer too small for T tasks: nothing survives truncation
-        return torch.zeros_like(ref)
-    u_perp = procrustes_orthogonalize(f.u)
-    v_perp = procrustes_orthogonalize(f.v)
-    merged = (u_perp * f.s) @ v_perp.T
-    return (alpha * merged).to(ref.dtype)
+    return merge_tsv_factors(f, alpha, out_dtype=ref.dtype)
+
+
+def merge_tsv_factors(
+    factors: TSVFactors,
+    alpha: float = 1.0,
+    *,
+    out_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """Steps 3-4 of TSV-M from concatenated factors (eq. 6, 9): ``alpha * U_perp Sigma V_perp^T``.
+
+    Lets a caller stream the tasks (keep only each task's top-``k`` triplets, never its dense
+    task vector) and merge at the end; :func:`tsv_merge` is this after
+    :func:`concatenated_task_singular_vectors`.
+    """
+    u = factors.u.to(compute_dtype)
+    v = factors.v.to(compute_dtype)
+    s = factors.s.to(compute_dtype)
+    out_dtype = factors.u.dtype if out_dtype is None else out_dtype
+    if u.shape[1] == 0:  # a layer too small for T tasks: nothing survives truncation
+        return torch.zeros(u.shape[0], v.shape[0], dtype=out_dtype, device=u.device)
+    u_perp = procrustes_orthogonalize(u)
+    v_perp = procrustes_orthogonalize(v)
+    merged = (u_perp * s) @ v_perp.T
+    return (alpha * merged).to(out_dtype)
 
 
 def mean_task_vector(task_vectors: Sequence[Tensor], alpha: float = 1.0) -> Tensor:

@@ -1,0 +1,23 @@
+"""FusionBench (0.2.33) algorithms of pave_plugins.
+
+Found by the stock ``fusion_bench`` CLI through the Hydra search-path plugin
+``hydra_plugins.pave_plugins`` (configs under ``method/pave/`` and ``modelpool/pave/``):
+
+* ``pave/pave`` (:class:`PAVEAlgorithm`): PAVE purification (arXiv 2510.14697) with spectral rank
+  allocation, wrapping any FusionBench task-vector method, optional progressive full-rank search;
+  ``pave/pave_ta``, ``pave/pave_ties``, ``pave/pave_emr``, ``pave/pave_tsv_m``, ... presets.
+* ``pave/tsv_m`` (:class:`TSVMerging`) and ``pave/tsv_c`` (:class:`TSVCompression`): TSV-M / TSV-C
+  (arXiv 2412.00081), same weights as FusionBench's TSVM, streamed.
+"""
+
+from .tsv import TSVCompression, TSVMerging
+
+__all__ = ["TSVCompression", "TSVMerging"]
+
+try:  # PAVE is added once its module exists
+    from .pave import PAVEAlgorithm  # noqa: F401
+
+    __all__.append("PAVEAlgorithm")
+except ImportError as _exc:  # pragma: no cover
+    if "pave_plugins.fusion_bench.pave" not in str(_exc) and "No module named" not in str(_exc):
+        raise

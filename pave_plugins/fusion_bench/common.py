@@ -1,0 +1,254 @@
+"""Glue shared by the FusionBench algorithms of pave_plugins: config look-up, dtypes, reports,
+model cards. No maths here (that lives in :mod:`pave_plugins.core`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pave_plugins.io.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+PAVE_PAPER = ("PAVE: Purifying task vectors for model merging", "https://arxiv.org/abs/2510.14697")
+TSV_PAPER = (
+    "Task Singular Vectors: Reducing Task Interference in Model Merging (Gargiulo et al., CVPR 2025)",
+    "https://arxiv.org/abs/2412.00081",
+)
+
+_DTYPES = {
+    "float64": torch.float64,
+    "double": torch.float64,
+    "fp64": torch.float64,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+}
+
+_MODEL_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"float64"`` / ``"float32"`` (or a torch dtype) -> torch dtype, with a clear error."""
+    if isinstance(name, torch.dtype):
+        if name not in (torch.float32, torch.float64):
+            raise ValueError(f"compute_dtype must be float32 or float64, got {name}")
+        return name
+    key = str(name).lower().replace("torch.", "")
+    if key not in _DTYPES:
+        raise ValueError(f"compute_dtype must be 'float64' or 'float32', got {name!r}")
+    return _DTYPES[key]
+
+
+def method_config_roots() -> list[Path]:
+    """Folders searched for ``method/<name>.yaml``: FusionBench's own configs, then ours."""
+    roots: list[Path] = []
+    try:
+        from fusion_bench.constants.paths import DEFAULT_CONFIG_PATH
+
+        if DEFAULT_CONFIG_PATH is not None:
+            roots.append(Path(DEFAULT_CONFIG_PATH))
+    except Exception:  # pragma: no cover - fusion_bench layout changed
+        pass
+    roots.append(Path(__file__).resolve().parent.parent / "configs")
+    return roots
+
+
+def load_method_config(name: str) -> DictConfig:
+    """Config of a FusionBench method by its config name (``task_arithmetic``,
+    ``ties_merging``, ``emr_merging/emr_merging``, ``dare/task_arithmetic``, ``pave/tsv_m``, ...),
+    as ``fusion_bench method=<name>`` would resolve it (FusionBench's folder first, then ours).
+    """
+    name = str(name).strip().removeprefix("method/").removesuffix(".yaml")
+    if not name:
+        raise ValueError("inner method name is empty")
+    searched = []
+    for root in method_config_roots():
+        path = root / "method" / f"{name}.yaml"
+        searched.append(str(path))
+        if path.is_file():
+            cfg = OmegaConf.load(path)
+            if not isinstance(cfg, DictConfig) or "_target_" not in cfg:
+                raise ValueError(f"method config {path} has no _target_; it cannot be used as PAVE's inner method")
+            if "defaults" in cfg:
+                defaults = [d for d in cfg.defaults if d != "_self_"]
+                if defaults:
+                    raise ValueError(
+                        f"method config {path} uses a Hydra defaults list ({defaults}); give PAVE's inner "
+                        "method as a dict with _target_ instead"
+                    )
+                cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "defaults"])
+            return cfg
+    available = sorted(
+        {
+            str(p.relative_to(root / "method")).removesuffix(".yaml")
+            for root in method_config_roots()
+            if (root / "method").is_dir()
+            for p in (root / "method").rglob("*.yaml")
+        }
+    )
+    close = [a for a in available if name.split("/")[-1] in a][:10]
+    raise ValueError(
+        f"unknown inner method {name!r}: no method config of that name (searched {searched}). "
+        + (f"Did you mean one of {close}? " if close else "")
+        + "Give a FusionBench method config name (e.g. task_arithmetic, ties_merging, "
+        "emr_merging/emr_merging, dare/task_arithmetic, pave/tsv_m) or a dict with _target_."
+    )
+
+
+def inner_method_config(inner: Any) -> DictConfig:
+    """Normalise PAVE's ``inner`` parameter to a method config with ``_target_``.
+
+    Accepts a config name (str), a dict with ``_target_``, or a dict with ``name`` (a config name)
+    plus overrides of its parameters.
+    """
+    if inner is None:
+        raise ValueError("PAVE needs an inner merging method (inner: task_arithmetic, ties_merging, ...)")
+    if isinstance(inner, str):
+        return load_method_config(inner)
+    if isinstance(inner, (dict, DictConfig)):
+        cfg = OmegaConf.create(OmegaConf.to_container(inner, resolve=True) if isinstance(inner, DictConfig) else inner)
+        if "_target_" in cfg:
+            return cfg
+        if "name" in cfg:
+            base = load_method_config(cfg.name)
+            overrides = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "name"])
+            return OmegaConf.merge(base, overrides)
+        raise ValueError(
+            f"inner method dict needs a _target_ (a FusionBench algorithm class) or a 'name' "
+            f"(a method config name); got keys {list(cfg.keys())}"
+        )
+    raise ValueError(f"inner must be a method config name or a dict with _target_, got {type(inner).__name__}")
+
+
+def instantiate_algorithm(cfg: DictConfig, *, fabric=None, program=None):
+    """Instantiate a FusionBench algorithm the way the program does (``_recursive_`` false)."""
+    from fusion_bench import BaseAlgorithm, import_object, instantiate
+
+    try:
+        import_object(cfg._target_)
+    except Exception as exc:
+        raise ValueError(f"unknown inner method: cannot import _target_ {cfg._target_!r} ({exc})") from exc
+    algo = instantiate(cfg, _recursive_=cfg.get("_recursive_", False))
+    if not isinstance(algo, BaseAlgorithm) and not hasattr(algo, "run"):
+        raise ValueError(f"inner method {cfg._target_!r} is not a FusionBench algorithm (no run(modelpool))")
+    if program is not None and hasattr(algo, "_program"):
+        algo._program = program
+    if fabric is not None and hasattr(algo, "_fabric_instance"):
+        algo._fabric_instance = fabric
+    return algo
+
+
+def algorithm_log_dir(algo) -> str | None:
+    """The log directory of a FusionBench algorithm (Fabric logger), or None (never creates a Fabric)."""
+    fabric = getattr(algo, "_fabric_instance", None)
+    if fabric is None:
+        return None
+    try:
+        return algo.log_dir
+    except Exception:
+        return None
+
+
+def program_save_path(algo) -> str | None:
+    """The merged-model save path of the running ``fusion_bench`` program, with ``{log_dir}`` filled."""
+    program = getattr(algo, "_program", None)
+    path = getattr(program, "merged_model_save_path", None) if program is not None else None
+    if path is None:
+        return None
+    path = str(path)
+    if "{log_dir}" in path:
+        log_dir = getattr(program, "log_dir", None)
+        if log_dir is None:
+            return None
+        path = path.format(log_dir=log_dir)
+    return path
+
+
+def program_config_yaml(algo) -> str:
+    """The exact Hydra config of the running program (or the method's own config via the API)."""
+    program = getattr(algo, "_program", None)
+    cfg = getattr(program, "config", None) if program is not None else None
+    if cfg is None:
+        cfg = OmegaConf.create({"method": OmegaConf.to_container(algo.config, resolve=False)})
+    try:
+        return OmegaConf.to_yaml(cfg)
+    except Exception:
+        return str(cfg)
+
+
+def model_card_path(save_path: str | os.PathLike) -> Path:
+    """README.md beside a saved model: inside it when it is a folder, next to it when a file."""
+    p = Path(save_path)
+    if p.suffix in _MODEL_FILE_SUFFIXES or p.is_file():
+        return p.parent / "README.md"
+    return p / "README.md"
+
+
+def write_model_card(
+    save_path: str | os.PathLike,
+    *,
+    method: str,
+    description: str,
+    papers: list[tuple[str, str]],
+    config_yaml: str,
+    details: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a model card naming the method, its papers and the exact Hydra config (atomic)."""
+    path = model_card_path(save_path)
+    lines = [
+        "---",
+        "tags:",
+        "- merge",
+        "- fusion_bench",
+        "- pave_plugins",
+        "---",
+        f"# Merged model: {method}",
+        "",
+        description,
+        "",
+        "## Method and papers",
+        "",
+    ]
+    lines += [f"- {title}: <{url}>" for title, url in papers]
+    if details:
+        lines += ["", "## Summary", ""]
+        lines += [f"- {k}: {v}" for k, v in details.items()]
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        "Produced with `fusion_bench` (FusionBench 0.2.33) and `pave_plugins`. Exact Hydra config:",
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+    ]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines), encoding="utf-8")
+    log.info("model card written to %s", path)
+    return path
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default), encoding="utf-8")
+    return path
+
+
+def _json_default(obj: Any):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (DictConfig,)):
+        return OmegaConf.to_container(obj, resolve=True)
+    return str(obj)
