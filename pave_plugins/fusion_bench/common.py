@@ -183,10 +183,13 @@ def program_config_yaml(algo) -> str:
         return str(cfg)
 
 
-def model_card_path(save_path: str | os.PathLike) -> Path:
-    """README.md beside a saved model: inside it when it is a folder, next to it when a file."""
+def model_card_path(save_path: str | os.PathLike, is_file: bool | None = None) -> Path:
+    """README.md beside a saved model: inside it when it is a folder, next to it when a file
+    (``is_file``; guessed from the suffix or an existing file when None)."""
     p = Path(save_path)
-    if p.suffix in _MODEL_FILE_SUFFIXES or p.is_file():
+    if is_file is None:
+        is_file = p.suffix in _MODEL_FILE_SUFFIXES or p.is_file()
+    if is_file:
         return p.parent / "README.md"
     return p / "README.md"
 
@@ -199,9 +202,10 @@ def write_model_card(
     papers: list[tuple[str, str]],
     config_yaml: str,
     details: Mapping[str, Any] | None = None,
+    is_file: bool | None = None,
 ) -> Path:
     """Write a model card naming the method, its papers and the exact Hydra config (atomic)."""
-    path = model_card_path(save_path)
+    path = model_card_path(save_path, is_file)
     lines = [
         "---",
         "tags:",

@@ -1,0 +1,646 @@
+"""PAVE (arXiv 2510.14697) as a FusionBench algorithm that wraps any task-vector method.
+
+``pave/pave`` purifies every fine-tuned model of the pool, layer by layer, and hands the purified
+pool to an inner FusionBench algorithm (``inner:``: task_arithmetic, ties_merging,
+emr_merging/emr_merging, dare/*, pave/tsv_m, or any method config / ``_target_`` dict):
+
+1. per ``nn.Linear`` layer l and model i: the context-oriented SVD of ``W_ft C_i`` (eq. 5; or of
+   ``dW C_i`` with ``target: delta``), ``core.co_svd``;
+2. ranks of the K models for that layer by Algorithm 1 (spectral, budget ``rho``, floor ``gamma``)
+   or the uniform baseline, ``core.allocate_ranks``;
+3. the purified weight ``W_ft - U_{>r} U_{>r}^T A`` (eq. 6 in residual form),
+   ``core.purify_from_cosvd``; layers at full rank are left bit-for-bit untouched.
+
+Covariances come from files written by ``pave collect`` (``covariances: {model name: file}`` or a
+folder holding ``<model name>.safetensors``) or are collected in the run from the model pool's task
+data (``n_samples`` examples of task i fed to fine-tuned model i) with
+:func:`pave_plugins.collect.collect_covariances`.
+
+Optional progressive full-rank search (PAVE Appendix A.1) evaluates each merge with a task pool,
+gives full rank to the task furthest below its individual model, and keeps the best of K
+candidates.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+from fusion_bench import BaseAlgorithm, BaseModelPool
+from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
+
+from pave_plugins.core.purify import TARGETS, co_svd, prepare_covariance, purify_from_cosvd
+from pave_plugins.core.rank_allocation import allocate_ranks, check_rho_gamma, model_rank_ratios
+
+from .common import (
+    PAVE_PAPER,
+    TSV_PAPER,
+    algorithm_log_dir,
+    inner_method_config,
+    instantiate_algorithm,
+    program_config_yaml,
+    program_save_path,
+    resolve_dtype,
+    write_json,
+    write_model_card,
+)
+
+log = logging.getLogger(__name__)
+
+RANK_ALLOCATIONS = ("spectral", "uniform")
+
+
+class PAVEConfigError(ValueError):
+    """A PAVE parameter or covariance source does not fit the model pool."""
+
+
+def _is_modulated(obj: Any) -> bool:
+    try:
+        from fusion_bench.models.modulator.base import ModulatedModel
+    except Exception:  # pragma: no cover
+        return False
+    return isinstance(obj, ModulatedModel)
+
+
+class _CovarianceSource:
+    """Uniform access to one model's covariances: a ``CovarianceFile`` or an in-run ``CovarianceSet``.
+
+    Keeps the last prepared (validated, damped) covariance so that layers reading the same input
+    (q/k/v, gate/up) prepare it once.
+    """
+
+    def __init__(self, model_name: str, source: Any, origin: str):
+        self.model_name = model_name
+        self.source = source
+        self.origin = origin
+        self._last_key: Any = None
+        self._last_prepared = None
+
+    def key(self, layer: str) -> Any | None:
+        src = self.source
+        if hasattr(src, "resolve") and hasattr(src, "key_for"):  # CovarianceFile
+            return src.key_for(layer) if src.resolve(layer) is not None else None
+        if hasattr(src, "key_for"):
+            try:
+                return src.key_for(layer)
+            except (KeyError, LookupError, ValueError):
+                return None
+        try:
+            cov = src.get(layer)
+        except (KeyError, LookupError, ValueError):
+            return None
+        if cov is None:
+            return None
+        return ("tensor", cov.data_ptr(), tuple(cov.shape))
+
+    def prepared(self, layer: str, key: Any, *, device, dtype, name: str):
+        if key == self._last_key and self._last_prepared is not None:
+            return self._last_prepared
+        cov = self.source.get(layer)
+        prepared = prepare_covariance(
+            cov.to(device=device), compute_dtype=dtype, name=f"covariance of {name} ({self.origin})"
+        )
+        self._last_key, self._last_prepared = key, prepared
+        return prepared
+
+
+@auto_register_config
+class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
+    """PAVE purification + spectral rank allocation around any FusionBench task-vector method.
+
+    Args:
+        inner: the merging method run on the purified pool: a FusionBench method config name
+            (``task_arithmetic``, ``ties_merging``, ``emr_merging/emr_merging``,
+            ``dare/task_arithmetic``, ``pave/tsv_m``, ...), a dict with ``_target_``, or a dict with
+            ``name`` plus parameter overrides.
+        rho: preserved rank ratio of Algorithm 1, in (0, 1]; 1 reproduces the inner method.
+        gamma: stopping ratio (default ``rho - (1 - rho) / 2``).
+        rank_allocation: ``spectral`` (Algorithm 1) or ``uniform`` (Table 4 baseline).
+        target: ``weight`` (eq. 6, the paper) or ``delta`` (CO-SVD of the task vector itself).
+        compute_dtype: ``float64`` (default) or ``float32``.
+        covariances: ``{model name: covariance file}`` from ``pave collect``, or a folder with
+            ``<model name>.safetensors``; ``null`` collects them in the run from the pool's data.
+        n_samples, batch_size, covariance_split: in-run collection (examples per task, loader
+            batch size, which of the pool's datasets: train / val / test).
+        inplace: purify the pool's in-memory fine-tuned models in place instead of copies
+            (saves K model copies; the pool's models are changed).
+        progressive_search: PAVE Appendix A.1 (needs a task pool), off by default.
+        search_metric, search_higher_is_better: score read from the task pool's report per task.
+        taskpool: task pool (config or instance) for the search when not run by ``fusion_bench``.
+        report_path: JSON rank report (default ``<log_dir>/pave_report.json`` when there is one).
+        write_model_card: README.md beside a saved merged model (method, papers, Hydra config).
+    """
+
+    def __init__(
+        self,
+        inner: Any = "task_arithmetic",
+        rho: float = 0.9375,
+        gamma: float | None = None,
+        rank_allocation: str = "spectral",
+        target: str = "weight",
+        compute_dtype: str = "float64",
+        covariances: Any = None,
+        n_samples: int = 512,
+        batch_size: int = 8,
+        covariance_split: str = "train",
+        inplace: bool = False,
+        progressive_search: bool = False,
+        search_metric: str = "accuracy",
+        search_higher_is_better: bool = True,
+        taskpool: Any = None,
+        report_path: str | None = None,
+        write_model_card: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        try:
+            self._gamma = check_rho_gamma(rho, gamma)
+        except ValueError as exc:
+            raise PAVEConfigError(f"PAVE: {exc}") from exc
+        if rank_allocation not in RANK_ALLOCATIONS:
+            raise PAVEConfigError(
+                f"PAVE: rank_allocation must be one of {RANK_ALLOCATIONS}, got {rank_allocation!r}"
+            )
+        if target not in TARGETS:
+            raise PAVEConfigError(f"PAVE: target must be one of {TARGETS}, got {target!r}")
+        self._dtype = resolve_dtype(compute_dtype)
+        if isinstance(n_samples, bool) or int(n_samples) != n_samples or int(n_samples) < 1:
+            raise PAVEConfigError(f"PAVE: n_samples must be a positive integer, got {n_samples!r}")
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or int(batch_size) < 1:
+            raise PAVEConfigError(f"PAVE: batch_size must be a positive integer, got {batch_size!r}")
+        if covariance_split not in ("train", "val", "test"):
+            raise PAVEConfigError(f"PAVE: covariance_split must be train, val or test, got {covariance_split!r}")
+        if covariances is not None and not isinstance(covariances, (str, os.PathLike, Mapping, DictConfig)):
+            raise PAVEConfigError(
+                "PAVE: covariances must be a mapping {model name: covariance file}, a folder, or null; "
+                f"got {type(covariances).__name__}"
+            )
+        if progressive_search and inplace:
+            raise PAVEConfigError("PAVE: progressive_search needs the unpurified models; it cannot be used with inplace")
+        self._inner_cfg = inner_method_config(inner)  # unknown inner method: clear error now
+        self.last_report: dict | None = None
+
+    # ------------------------------------------------------------------ run
+    @torch.no_grad()
+    def run(self, modelpool: BaseModelPool | dict[str, nn.Module]):
+        if not isinstance(modelpool, BaseModelPool):
+            modelpool = BaseModelPool(modelpool)
+        names = list(modelpool.model_names)
+        if not names:
+            raise PAVEConfigError("PAVE: the model pool has no fine-tuned models")
+        if not modelpool.has_pretrained:
+            raise PAVEConfigError("PAVE: the model pool needs a `_pretrained_` model (the base of the task vectors)")
+        t_start = time.perf_counter()
+        timings: dict[str, float] = {}
+        instance = self._instance_pool(modelpool)
+
+        t0 = time.perf_counter()
+        with self.profile("load models"):
+            base = modelpool.load_pretrained_model()
+            originals = {n: modelpool.load_model(n) for n in names}
+            for n, m in originals.items():
+                if not isinstance(m, nn.Module):
+                    raise PAVEConfigError(
+                        f"PAVE: model {n!r} loaded as {type(m).__name__}, not a torch module (disable lazy loading)"
+                    )
+            working = {
+                n: (copy.deepcopy(m) if instance and not self.inplace else m) for n, m in originals.items()
+            }
+        timings["load_models_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        sources = self._covariance_sources(modelpool, names, working)
+        timings["covariances_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        tails: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = (
+            {n: {} for n in names} if self.progressive_search else None
+        )
+        layer_report = self._purify(base, working, sources, names, tails)
+        timings["purify_s"] = time.perf_counter() - t0
+        del sources
+
+        t0 = time.perf_counter()
+        candidates = None
+        if self.progressive_search:
+            result, candidates = self._progressive_search(modelpool, base, originals, working, tails, names, instance)
+        else:
+            result = self._run_inner(self._pool(base, working))
+        timings["inner_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - t_start
+
+        report = self._report(layer_report, names, timings, candidates)
+        result = self._finish(result, report, names)
+        return result
+
+    # ----------------------------------------------------------- covariances
+    def _instance_pool(self, modelpool: BaseModelPool) -> bool:
+        models = getattr(modelpool, "_models", None)
+        return models is not None and any(isinstance(models[n], nn.Module) for n in modelpool.model_names)
+
+    def _covariance_sources(self, modelpool, names, working) -> dict[str, _CovarianceSource]:
+        from pave_plugins.io.covariance import CovarianceFile
+
+        covs = self.covariances
+        if covs is None:
+            return {n: self._collect(modelpool, n, working[n]) for n in names}
+        if isinstance(covs, (str, os.PathLike)):
+            folder = Path(covs)
+            if not folder.is_dir():
+                raise PAVEConfigError(
+                    f"PAVE: covariances={str(covs)!r} is not a folder; give a mapping {{model name: file}} "
+                    "or a folder holding <model name>.safetensors"
+                )
+            mapping = {n: folder / f"{n}.safetensors" for n in names}
+        else:
+            mapping = dict(OmegaConf.to_container(covs, resolve=True) if isinstance(covs, DictConfig) else covs)
+            missing = [n for n in names if n not in mapping]
+            if missing:
+                raise PAVEConfigError(
+                    f"PAVE: missing covariance for model(s) {missing}: method.covariances names "
+                    f"{sorted(mapping)}; add '<model name>: <file from pave collect>' for each model of the pool"
+                )
+        out = {}
+        for n in names:
+            path = mapping[n]
+            if isinstance(path, (str, os.PathLike)):
+                if not Path(path).is_file():
+                    raise PAVEConfigError(f"PAVE: missing covariance for model {n!r}: file not found: {path}")
+                out[n] = _CovarianceSource(n, CovarianceFile(path), str(path))
+            elif hasattr(path, "get"):
+                out[n] = _CovarianceSource(n, path, f"covariances of {n}")
+            else:
+                raise PAVEConfigError(f"PAVE: covariance for model {n!r} must be a file path, got {path!r}")
+        return out
+
+    def _collect(self, modelpool: BaseModelPool, name: str, model: nn.Module) -> _CovarianceSource:
+        """In-run collection: ``n_samples`` examples of task ``name`` fed to fine-tuned model ``name``."""
+        split = self.covariance_split
+        names = {
+            "train": modelpool.train_dataset_names if modelpool.has_train_dataset else [],
+            "val": modelpool.val_dataset_names if modelpool.has_val_dataset else [],
+            "test": modelpool.test_dataset_names if modelpool.has_test_dataset else [],
+        }[split]
+        if name not in names:
+            raise PAVEConfigError(
+                f"PAVE: missing covariance for model {name!r}: method.covariances is null and the model pool "
+                f"has no {split} dataset named {name!r} (it has {list(names)}). Give "
+                "method.covariances={model name: file} from `pave collect`, or add "
+                f"{split}_datasets.{name} to the model pool"
+            )
+        try:
+            from pave_plugins.collect import collect_covariances
+        except ImportError as exc:
+            raise PAVEConfigError(
+                f"PAVE: in-run covariance collection needs pave_plugins.collect ({exc}); "
+                "collect with `pave collect` and pass method.covariances instead"
+            ) from exc
+        loader = {"train": modelpool.load_train_dataset, "val": modelpool.load_val_dataset,
+                  "test": modelpool.load_test_dataset}[split]
+        dataset = loader(name)
+        n = min(int(self.n_samples), len(dataset))
+        subset = torch.utils.data.Subset(dataset, list(range(n)))
+        collate = self._collate_fn(modelpool)
+        batches = torch.utils.data.DataLoader(subset, batch_size=int(self.batch_size), shuffle=False, collate_fn=collate)
+        device = self.fabric.device
+        before = next(model.parameters()).device
+        model.to(device)
+        with self.profile("collect covariances"), torch.no_grad():
+            log.info("PAVE: collecting covariances of %s on %d examples (%s split)", name, n, split)
+            covs = collect_covariances(model, batches)
+        model.to(before)
+        return _CovarianceSource(name, covs, f"collected from {split} dataset {name!r}, {n} samples")
+
+    @staticmethod
+    def _collate_fn(modelpool):
+        tokenizer = None
+        if hasattr(modelpool, "load_tokenizer"):
+            try:
+                tokenizer = modelpool.load_tokenizer()
+            except Exception:
+                tokenizer = None
+        if tokenizer is not None:
+            from transformers import DataCollatorWithPadding
+
+            return DataCollatorWithPadding(tokenizer)
+        return None
+
+    # ------------------------------------------------------------- purify
+    def _purify(self, base, working, sources, names, tails) -> dict[str, dict]:
+        device = self.fabric.device
+        dtype = self._dtype
+        base_modules = dict(base.named_modules())
+        work_modules = {n: dict(working[n].named_modules()) for n in names}
+        layers = [name for name, m in base.named_modules() if isinstance(m, nn.Linear)]
+        report: dict[str, dict] = {}
+        skipped = []
+        for layer in tqdm(layers, desc="PAVE purify", disable=len(layers) < 8):
+            keys = [sources[n].key(layer) for n in names]
+            have = [k is not None for k in keys]
+            if not any(have):
+                skipped.append(layer)
+                continue
+            if not all(have):
+                lacking = [n for n, h in zip(names, have) if not h]
+                raise PAVEConfigError(
+                    f"PAVE: missing covariance for layer {layer!r} of model(s) {lacking} "
+                    f"({[sources[n].origin for n in lacking]}), while other models have one"
+                )
+            w_base = base_modules[layer].weight
+            decs = []
+            with self.profile("co-svd"):
+                for n, key in zip(names, keys):
+                    mod = work_modules[n].get(layer)
+                    if not isinstance(mod, nn.Linear) or mod.weight.shape != w_base.shape:
+                        raise PAVEConfigError(f"PAVE: model {n!r} has no linear layer {layer!r} shaped like the base")
+                    prepared = sources[n].prepared(layer, key, device=device, dtype=dtype, name=f"{n}:{layer}")
+                    decs.append(
+                        co_svd(mod.weight.detach().to(device), w_base.detach().to(device), prepared,
+                               target=self.target, compute_dtype=dtype, name=f"{n}:{layer}")
+                    )
+            with self.profile("rank allocation"):
+                alloc = allocate_ranks({layer: [d.s for d in decs]}, self.rho, self._gamma, method=self.rank_allocation)
+            ranks = alloc.ranks[layer]
+            entry = {"full_rank": alloc.full_ranks[layer], "budget_met": alloc.budget_met[layer], "models": {}}
+            with self.profile("purify"):
+                for n, dec, r in zip(names, decs, ranks):
+                    pur = purify_from_cosvd(dec, r, name=f"{n}:{layer}")
+                    entry["models"][n] = {
+                        "rank": r,
+                        "damping": pur.damping,
+                        "relative_change": pur.relative_change,
+                        "pruning_error": pur.pruning_error,
+                    }
+                    if r < dec.full_rank:
+                        weight = work_modules[n][layer].weight
+                        weight.data.copy_(self._purified(dec.w_ft, pur.tail_left, pur.tail_right, weight))
+                        if tails is not None:
+                            tails[n][layer] = (pur.tail_left.cpu(), pur.tail_right.cpu())
+            report[layer] = entry
+            del decs
+        if not report:
+            raise PAVEConfigError(
+                "PAVE: no linear layer of the model has a covariance (layer names do not match the covariance "
+                f"files?); first layers of the model: {layers[:5]}"
+            )
+        if skipped:
+            log.info("PAVE: %d layers without covariance keep their plain task vectors: %s", len(skipped), skipped[:8])
+        self._skipped = skipped
+        return report
+
+    @staticmethod
+    def _purified(w_ft: torch.Tensor, left: torch.Tensor, right: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Purified weight from core's low-rank form ``dW_PAVE = dW - tail_left @ tail_right``."""
+        return (w_ft.to(left.dtype) - left @ right).to(device=like.device, dtype=like.dtype)
+
+    # -------------------------------------------------------------- inner
+    def _pool(self, base: nn.Module, models: dict[str, nn.Module]) -> BaseModelPool:
+        return BaseModelPool({"_pretrained_": base, **models})
+
+    def _run_inner(self, pool: BaseModelPool):
+        inner = instantiate_algorithm(self._inner_cfg, fabric=self._fabric_instance, program=None)
+        log.info("PAVE: running inner method %s on the purified pool", self._inner_cfg._target_)
+        with self.profile("inner method"):
+            if hasattr(inner, "on_run_start"):
+                inner.on_run_start()
+            result = inner.run(pool)
+            if hasattr(inner, "on_run_end"):
+                inner.on_run_end()
+        return result
+
+    # ----------------------------------------------------- progressive search
+    def _taskpool(self):
+        tp = self.taskpool
+        if tp is None and self._program is not None:
+            tp = getattr(self._program, "taskpool", None)
+        if tp is None:
+            raise PAVEConfigError(
+                "PAVE: progressive_search needs a task pool to evaluate the merges (run with taskpool=... or "
+                "pass method.taskpool)"
+            )
+        if isinstance(tp, (dict, DictConfig)):
+            from fusion_bench import instantiate
+
+            tp = instantiate(tp, _recursive_=tp.get("_recursive_", False))
+            if hasattr(tp, "_program"):
+                tp._program = self._program
+            if hasattr(tp, "_fabric_instance") and self._fabric_instance is not None:
+                tp._fabric_instance = self._fabric_instance
+            self.taskpool = tp
+        return tp
+
+    def _score(self, report: Any, task: str) -> float:
+        entry = report.get(task, report) if isinstance(report, Mapping) else report
+        if isinstance(entry, (int, float)) and not isinstance(entry, bool):
+            return float(entry)
+        if isinstance(entry, Mapping):
+            if self.search_metric in entry:
+                return float(entry[self.search_metric])
+            numbers = [v for v in entry.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if len(numbers) == 1:
+                return float(numbers[0])
+        raise PAVEConfigError(
+            f"PAVE: cannot read metric {self.search_metric!r} of task {task!r} from the task pool report "
+            f"{str(report)[:300]} (set method.search_metric)"
+        )
+
+    def evaluate_per_task(self, taskpool, model, names) -> tuple[dict[str, float], dict[str, Any]]:
+        """Score of every task; a modulated model (EMR) is switched to each task before its evaluation."""
+        scores, raw = {}, {}
+        if _is_modulated(model):
+            for n in names:
+                model.set_task(n)
+                rep = taskpool.evaluate(model.backbone)
+                raw[n] = rep.get(n, rep) if isinstance(rep, Mapping) else rep
+                scores[n] = self._score(rep, n)
+        else:
+            rep = taskpool.evaluate(model)
+            for n in names:
+                raw[n] = rep.get(n, rep) if isinstance(rep, Mapping) else rep
+                scores[n] = self._score(rep, n)
+        return scores, raw
+
+    def _progressive_search(self, modelpool, base, originals, working, tails, names, instance):
+        """PAVE Appendix A.1: K candidates, each giving full rank to one more task (the one furthest
+        below its individual model); the candidate with the best average score is returned."""
+        taskpool = self._taskpool()
+        sign = 1.0 if self.search_higher_is_better else -1.0
+
+        def fresh(n: str) -> nn.Module:  # the unpurified fine-tuned model, never shared with an inner run
+            return copy.deepcopy(originals[n]) if instance else modelpool.load_model(n)
+
+        pristine = {k: v.detach().clone() for k, v in base.state_dict().items()}
+        working.clear()  # purified weights are rebuilt per candidate from the stored tails
+        if not instance:
+            originals.clear()  # loaded (and purified in place) copies: fresh ones are loaded per candidate
+        individual = {}
+        with self.profile("evaluate"):
+            for n in names:
+                individual[n] = self.evaluate_per_task(taskpool, fresh(n), [n])[0][n]
+        log.info("PAVE search: individual models %s", individual)
+        full: list[str] = []
+        candidates, best, best_avg = [], None, -math.inf
+        for c in range(len(names)):
+            cand_base = copy.deepcopy(base)
+            cand_base.load_state_dict(pristine)
+            models = {}
+            for n in names:
+                m = fresh(n)
+                if n not in full:
+                    mods = dict(m.named_modules())
+                    for layer, (left, right) in tails[n].items():
+                        w = mods[layer].weight
+                        w.data.copy_(self._purified(w.detach().to(left.device), left, right, w))
+                models[n] = m
+            merged = self._run_inner(self._pool(cand_base, models))
+            del models
+            with self.profile("evaluate"):
+                scores, raw = self.evaluate_per_task(taskpool, merged, names)
+            avg = sum(scores.values()) / len(scores)
+            candidates.append(
+                {"candidate": c, "full_rank_tasks": list(full), "scores": scores, "average": avg, "report": raw}
+            )
+            log.info("PAVE search candidate %d (full rank: %s): average %.4f %s", c, full, avg, scores)
+            if sign * avg > best_avg:
+                best_avg, best = sign * avg, merged
+            else:
+                del merged
+            if c == len(names) - 1:
+                break
+            gaps = {n: sign * (individual[n] - scores[n]) for n in names if n not in full}
+            full.append(max(gaps, key=gaps.get))
+        best_index = max(range(len(candidates)), key=lambda i: sign * candidates[i]["average"])
+        for i, cand in enumerate(candidates):
+            cand["selected"] = i == best_index
+        log.info("PAVE search: kept candidate %d (average %.4f)", best_index, candidates[best_index]["average"])
+        return best, {"individual": individual, "candidates": candidates, "selected": best_index}
+
+    # ---------------------------------------------------------- reporting
+    def _report(self, layer_report, names, timings, candidates) -> dict:
+        ranks = {layer: [e["models"][n]["rank"] for n in names] for layer, e in layer_report.items()}
+        full = {layer: e["full_rank"] for layer, e in layer_report.items()}
+        ratios = model_rank_ratios(ranks, full)
+        per_model = {}
+        for i, n in enumerate(names):
+            changes = [e["models"][n]["relative_change"] for e in layer_report.values()]
+            damp = [e["models"][n]["damping"] for e in layer_report.values()]
+            per_model[n] = {
+                "rho_i": ratios[i],
+                "mean_relative_change": sum(changes) / len(changes),
+                "max_relative_change": max(changes),
+                "max_damping": max(damp),
+                "damped_layers": sum(d > 0 for d in damp),
+            }
+        report = {
+            "method": "PAVE",
+            "paper": PAVE_PAPER[1],
+            "inner": OmegaConf.to_container(self._inner_cfg, resolve=True),
+            "rho": self.rho,
+            "gamma": self._gamma,
+            "rank_allocation": self.rank_allocation,
+            "target": self.target,
+            "compute_dtype": str(self._dtype).replace("torch.", ""),
+            "models": per_model,
+            "budget_met_all_layers": all(e["budget_met"] for e in layer_report.values()),
+            "layers": layer_report,
+            "layers_without_covariance": getattr(self, "_skipped", []),
+            "timings": timings,
+        }
+        if candidates is not None:
+            report["progressive_search"] = candidates
+        log.info(
+            "PAVE rank report (rho=%s, gamma=%.4g, %s, target=%s): %s",
+            self.rho, self._gamma, self.rank_allocation, self.target,
+            ", ".join(f"{n}: rho_i={v['rho_i']:.4f} rel.change={v['mean_relative_change']:.3g} "
+                      f"max damping={v['max_damping']:.3g}" for n, v in per_model.items()),
+        )
+        for layer, e in layer_report.items():
+            log.debug("PAVE %s (R=%d): %s", layer, e["full_rank"],
+                      {n: (m["rank"], round(m["relative_change"], 4)) for n, m in e["models"].items()})
+        log.info("PAVE timings: %s", {k: round(v, 3) for k, v in timings.items()})
+        self.last_report = report
+        path = self.report_path
+        if path is None:
+            log_dir = algorithm_log_dir(self)
+            path = os.path.join(log_dir, "pave_report.json") if log_dir else None
+        if path is not None:
+            write_json(path, report)
+            report["report_file"] = str(path)
+            log.info("PAVE report written to %s", path)
+        fabric = self._fabric_instance
+        if fabric is not None and getattr(fabric, "_loggers", None):
+            try:
+                fabric.log_dict({f"pave/rho_i/{n}": v["rho_i"] for n, v in per_model.items()})
+            except Exception:  # a logger that refuses scalars must not fail the merge
+                pass
+        return report
+
+    def _model_card(self, save_path: str, names, report, *, file_save: bool) -> None:
+        if not self.write_model_card:
+            return
+        papers = [PAVE_PAPER]
+        if "TSV" in str(self._inner_cfg._target_) or "task_singular" in str(self._inner_cfg._target_):
+            papers.append(TSV_PAPER)
+        write_model_card(
+            save_path,
+            method=f"PAVE + {str(self._inner_cfg._target_).rsplit('.', 1)[-1]} (pave_plugins `pave/pave`)",
+            description=(
+                f"{len(names)} fine-tuned models ({', '.join(names)}) purified with PAVE "
+                f"(context-oriented SVD, {self.rank_allocation} rank allocation, rho={self.rho}, "
+                f"gamma={self._gamma:.4g}, target={self.target}) and merged with the inner method "
+                f"`{self._inner_cfg._target_}`."
+            ),
+            papers=papers,
+            config_yaml=program_config_yaml(self),
+            details={n: f"rho_i={v['rho_i']:.4f}" for n, v in report["models"].items()},
+            is_file=file_save,
+        )
+
+    def _finish(self, result, report, names):
+        program = self._program
+        save_path = program_save_path(self)
+        if _is_modulated(result):
+            if save_path is not None:
+                self.save_modulated(result, save_path, names, program.modelpool)
+                self._model_card(save_path, names, report, file_save=False)
+                log.info(
+                    "PAVE: saved one model per task under %s (the modulated model itself cannot be saved); "
+                    "the program's own saving is skipped", save_path,
+                )
+                program.merged_model_save_path = None
+            taskpool = getattr(program, "taskpool", None) if program is not None else None
+            if taskpool is not None:
+                scores, raw = self.evaluate_per_task(taskpool, result, names)
+                report["per_task_evaluation"] = raw
+                log.info("PAVE: per-task evaluation of the modulated model: %s", scores)
+                return {"pave_per_task_evaluation": raw, "pave_rho_i": {n: v["rho_i"] for n, v in report["models"].items()}}
+            return result
+        if save_path is not None:
+            file_save = type(program.modelpool).save_model is BaseModelPool.save_model
+            self._model_card(save_path, names, report, file_save=file_save)
+        return result
+
+    @staticmethod
+    def save_modulated(model, save_path: str, names, modelpool: BaseModelPool | None = None) -> list[str]:
+        """Save one model per task of a modulated (EMR) merge: ``<save_path>/<task>``."""
+        os.makedirs(save_path, exist_ok=True)
+        paths = []
+        for n in names:
+            model.set_task(n)
+            path = os.path.join(save_path, n)
+            if modelpool is not None:
+                modelpool.save_model(model.backbone, path)
+            else:
+                torch.save(model.backbone.state_dict(), path)
+            paths.append(path)
+        return paths
