@@ -81,3 +81,48 @@ def save_covariance_file(path, covs: dict[str, torch.Tensor]):
     keys = {name: f"cov.{i}" for i, name in enumerate(sorted(covs))}
     save_covariances(path, {keys[n]: c for n, c in covs.items()}, CovarianceMetadata(layer_map=keys))
     return str(path)
+
+
+def load_tiny(path: str) -> nn.Module:
+    """Model-pool loader used through ``_target_`` (a pool that instantiates models on load)."""
+    m = TinyNet()
+    m.load_state_dict(torch.load(path, weights_only=True))
+    return m
+
+
+def task_dataset(name: str, n: int = 40):
+    """Per-task inputs as a dataset (used as a model pool's train dataset)."""
+    return torch.utils.data.TensorDataset(inputs_for(name, n))
+
+
+class FakeCovarianceSet:
+    """Stand-in for pave_plugins.collect's CovarianceSet: ``get(layer)``; counts examples seen."""
+
+    def __init__(self, covs, n_examples):
+        self.covs, self.n_examples = covs, n_examples
+
+    def get(self, layer):
+        return self.covs[layer]
+
+
+def fake_collect_covariances(model, batches):
+    xs = [b[0] if isinstance(b, (list, tuple)) else b for b in batches]
+    x = torch.cat(xs)
+    return FakeCovarianceSet(covariances_of(model, x), x.shape[0])
+
+
+class OutputMatchTaskPool:
+    """A task pool scoring a model per task by -MSE to the individual fine-tuned model's outputs."""
+
+    def __init__(self, fts):
+        self.fts = fts
+        self.calls = 0
+
+    def evaluate(self, model):
+        self.calls += 1
+        rep = {}
+        with torch.no_grad():
+            for n, ft in self.fts.items():
+                x = inputs_for(n, 32, seed=7)
+                rep[n] = {"accuracy": -float(((model(x) - ft(x)) ** 2).mean())}
+        return rep
