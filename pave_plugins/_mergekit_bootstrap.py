@@ -1,0 +1,176 @@
+"""Plugin discovery for mergekit: register merge methods from the ``mergekit.merge_methods`` entry points.
+
+mergekit 0.1.5 has a registry (``mergekit.merge_methods.registry.register``) but no plugin
+discovery. This module adds it without touching mergekit:
+
+* ``pave_plugins_mergekit.pth`` (installed at the site-packages root) imports this module at
+  interpreter start-up. All it does then is put a tiny finder at the front of ``sys.meta_path``
+  that reacts to exactly one module name, ``mergekit.merge_methods`` (cost: a few microseconds;
+  nothing else is imported, see ``benchmarks/bench_mergekit.py --startup``).
+* When a program imports ``mergekit.merge_methods`` (``mergekit-yaml`` and every other mergekit
+  entry point do), the finder lets the normal import run and then loads every entry point of the
+  group ``mergekit.merge_methods``: each resolves to a ``MergeMethod``, an iterable of them, or a
+  zero-argument callable returning one of those. Any installed package can register methods the
+  same way::
+
+      [project.entry-points."mergekit.merge_methods"]
+      my_method = "my_package.mergekit:my_merge_method"
+
+Rules: a method whose name mergekit (or an earlier plugin) already has is *not* registered (a
+warning says so: never a silent override); a plugin that fails to import is skipped with a
+warning (mergekit keeps working); ``PAVE_PLUGINS_DISABLE=1`` turns the whole mechanism off
+(neither the finder nor any plugin is installed).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ENV_DISABLE = "PAVE_PLUGINS_DISABLE"
+ENTRY_POINT_GROUP = "mergekit.merge_methods"
+_TARGET = "mergekit.merge_methods"
+_LOADED_FLAG = "_entry_point_plugins_loaded"
+
+
+def disabled() -> bool:
+    """True when ``PAVE_PLUGINS_DISABLE`` is set to anything but ``''``, ``0``, ``false``, ``no``."""
+    return os.environ.get(ENV_DISABLE, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _warn(message: str) -> None:
+    import logging
+
+    logging.getLogger("pave_plugins.mergekit").warning(message)
+
+
+def _as_methods(obj):
+    """Normalise an entry point's object to a list of merge methods."""
+    from mergekit.merge_methods.base import MergeMethod
+
+    if isinstance(obj, MergeMethod):
+        return [obj]
+    if callable(obj) and not isinstance(obj, type):
+        obj = obj()
+        if isinstance(obj, MergeMethod):
+            return [obj]
+    methods = list(obj)
+    for m in methods:
+        if not isinstance(m, MergeMethod):
+            raise TypeError(f"expected mergekit MergeMethod objects, got {type(m).__name__}")
+    return methods
+
+
+def load_plugins() -> list[str]:
+    """Register the merge methods of all ``mergekit.merge_methods`` entry points (once per process).
+
+    Returns the names registered by this call. Never raises: failures become warnings.
+    """
+    if disabled():
+        return []
+    try:
+        from mergekit.merge_methods import registry
+    except Exception as exc:  # mergekit itself broken: not ours to report
+        _warn(f"mergekit plugins not loaded: cannot import mergekit.merge_methods.registry ({exc!r})")
+        return []
+    if getattr(registry, _LOADED_FLAG, False):
+        return []
+    setattr(registry, _LOADED_FLAG, True)
+    registered: list[str] = []
+    try:
+        from importlib.metadata import entry_points
+
+        eps = entry_points(group=ENTRY_POINT_GROUP)
+    except Exception as exc:
+        _warn(f"mergekit plugins not loaded: cannot read entry points ({exc!r})")
+        return []
+    for ep in eps:
+        try:
+            methods = _as_methods(ep.load())
+        except Exception as exc:
+            _warn(
+                f"mergekit plugin {ep.name!r} ({ep.value}) failed to load and was skipped: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            continue
+        for method in methods:
+            name = method.spec.name
+            if any(m.spec.name == name for m in registry.registered_methods()):
+                _warn(
+                    f"merge method {name!r} from plugin {ep.value} was not registered: "
+                    "mergekit already has a method of that name (set a different name in the plugin)"
+                )
+                continue
+            try:
+                registry.register(method)
+            except Exception as exc:
+                _warn(f"merge method {name!r} from plugin {ep.value} could not be registered: {exc}")
+                continue
+            registered.append(name)
+    return registered
+
+
+class _LoaderProxy:
+    """Delegates to the real loader and loads the plugins right after the module has executed."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        # give the module its real loader back before anything else can look at it
+        if getattr(module, "__spec__", None) is not None:
+            module.__spec__.loader = self._loader
+        module.__loader__ = self._loader
+        self._loader.exec_module(module)
+        _remove_finder()
+        try:
+            load_plugins()
+        except Exception as exc:  # pragma: no cover - load_plugins already guards itself
+            _warn(f"mergekit plugins not loaded: {exc!r}")
+
+
+class _MergekitFinder:
+    """A meta-path finder that only ever answers for ``mergekit.merge_methods``."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != _TARGET:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or isinstance(finder, _MergekitFinder):
+                continue
+            find = getattr(finder, "find_spec", None)
+            if find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        spec.loader = _LoaderProxy(spec.loader)
+        return spec
+
+
+def _remove_finder() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _MergekitFinder)]
+
+
+def install() -> None:
+    """Install the finder (or load the plugins now if mergekit.merge_methods is already imported)."""
+    if disabled():
+        return
+    if _TARGET in sys.modules:
+        load_plugins()
+        return
+    if not any(isinstance(f, _MergekitFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _MergekitFinder())
+
+
+install()

@@ -1,0 +1,224 @@
+"""mergekit merge method ``pave``: PAVE-purified task vectors fed to any mergekit method.
+
+For each tensor (PAVE paper, Sec. 3.2-3.3): every fine-tuned model's weight is purified with its
+own covariance, ``dW_PAVE = SVD_r(W_ft C) C^{-1} - W_base`` (eq. 5-6), with ranks chosen across
+the K models by spectral rank allocation (Algorithm 1) from the singular values of the same single
+SVD; then the ``inner`` method (``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,
+``tsv``, or any other registered mergekit method) is run, through mergekit's own implementation,
+on the purified weights ``W_base + dW_PAVE``: exactly what it would do on purified checkpoints.
+Tensors without a covariance (embeddings, norms, biases, heads) keep the plain task vector.
+
+YAML: per model ``weight``, ``covariance`` (a ``pave_plugins.io.covariance`` file), ``density``,
+``epsilon``; global ``inner``, ``rho``, ``gamma``, ``rank_allocation``, ``target``, ``lambda``,
+``normalize``, ``rescale``, ``int8_mask``, ``alpha``, ``compute_dtype``. Inner-method parameters
+left unset take the inner method's own defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import torch
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    GroupMergeMethod,
+    InputContract,
+    MergeMethod,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    PerInputValues,
+    TensorEntry,
+    TensorGroup,
+)
+from pydantic import AfterValidator
+from typing_extensions import Annotated, Literal
+
+from pave_plugins.core.rank_allocation import check_rho_gamma
+
+from .covariances import CovarianceStore
+from .purification import COMPUTE_DTYPES, purify_tensor
+from .report import current_report
+
+logger = logging.getLogger("pave_plugins.mergekit")
+
+PAVE_URL = "https://arxiv.org/abs/2510.14697"
+# parameters handed to the inner method when it declares them (unset ones: its own default)
+FORWARDED = ("weight", "density", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "alpha")
+
+
+def available_inner_methods() -> list[str]:
+    from mergekit.merge_methods import registry
+
+    names = {m.spec.name for m in registry.registered_methods()} | {"tsv"}
+    names.discard("pave")
+    return sorted(names)
+
+
+def _check_inner(name: str) -> str:
+    if name == "pave":
+        raise ValueError("pave cannot be its own inner method")
+    known = available_inner_methods()
+    if name not in known:
+        raise ValueError(f"unknown inner method {name!r} for pave; choose one of: {', '.join(known)}")
+    return name
+
+
+def _check_rho(rho: float) -> float:
+    check_rho_gamma(rho, None)
+    return rho
+
+
+def _check_covariance(path: Optional[str]) -> Optional[str]:
+    if path is not None and not os.path.isfile(os.path.expanduser(path)):
+        raise ValueError(f"covariance file not found: {path}")
+    return path
+
+
+def resolve_inner(name: str) -> MergeMethod:
+    """The mergekit method object used as inner method (``tsv`` is always ours)."""
+    if name == "tsv":
+        from .tsv import tsv_merge_method
+
+        return tsv_merge_method
+    from mergekit.merge_methods import registry
+
+    return registry.get(_check_inner(name))
+
+
+class PaveMerge(GroupMergeMethod):
+    """The ``pave`` method; holds the per-merge covariance cache (see :mod:`.covariances`)."""
+
+    spec = MergeMethodSpec(
+        name="pave",
+        pretty_name="PAVE (Purifying Task Vectors in Knowledge-Aware Subspace)",
+        reference_url=PAVE_URL,
+        contract=InputContract(base=BasePolicy.REQUIRED),
+        parameters=(
+            ParameterSpec("weight", Optional[float], ParameterScope.NON_BASE, default=None),
+            ParameterSpec(
+                "covariance",
+                Annotated[Optional[str], AfterValidator(_check_covariance)],
+                ParameterScope.NON_BASE,
+                default=None,
+            ),
+            ParameterSpec("density", Optional[float], ParameterScope.NON_BASE, default=None),
+            ParameterSpec("epsilon", Optional[float], ParameterScope.NON_BASE, default=None),
+            ParameterSpec(
+                "inner", Annotated[str, AfterValidator(_check_inner)], ParameterScope.SHARED, default="task_arithmetic"
+            ),
+            ParameterSpec("rho", Annotated[float, AfterValidator(_check_rho)], ParameterScope.SHARED, default=0.9375),
+            ParameterSpec("gamma", Optional[float], ParameterScope.SHARED, default=None),
+            ParameterSpec("rank_allocation", Literal["spectral", "uniform"], ParameterScope.SHARED, default="spectral"),
+            ParameterSpec("target", Literal["weight", "delta"], ParameterScope.SHARED, default="weight"),
+            ParameterSpec("compute_dtype", Literal["float64", "float32"], ParameterScope.SHARED, default="float64"),
+            ParameterSpec("lambda", Optional[float], ParameterScope.SHARED, default=None),
+            ParameterSpec("normalize", Optional[bool], ParameterScope.SHARED, default=None),
+            ParameterSpec("rescale", Optional[bool], ParameterScope.SHARED, default=None),
+            ParameterSpec("int8_mask", Optional[bool], ParameterScope.SHARED, default=None),
+            ParameterSpec("alpha", Optional[float], ParameterScope.SHARED, default=None),
+        ),
+    )
+
+    def __init__(self) -> None:
+        self.store = CovarianceStore()
+
+    def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
+        base_entry = group.base
+        assert base_entry is not None  # InputContract(base=REQUIRED)
+        name = group.metadata.name or "tensor"
+        inner = resolve_inner(params["inner"])
+        gamma = params["gamma"]
+        check_rho_gamma(params["rho"], gamma)
+
+        report = current_report()
+        if self.store.clear not in report.on_close:
+            self.store.clear()  # a new merge: drop the caches of the previous one
+            report.on_close.append(self.store.clear)
+
+        purified_group, record = self._purify(group, name, params)
+        settings = {
+            k: params[k] for k in ("inner", "rho", "gamma", "rank_allocation", "target", "compute_dtype")
+        }
+        report.add_tensor(name, record, settings)
+        if record["purified"]:
+            ranks = {m: r.get("rank") for m, r in record["models"].items() if r.get("purified")}
+            logger.info("pave: purified %s, ranks %s of %d", name, list(ranks.values()), record["full_rank"])
+        else:
+            logger.debug("pave: %s uses the plain task vector", name)
+
+        supplied = self._inner_parameters(inner, purified_group, params)
+        (result,) = inner((purified_group,), parameters=supplied)
+        return result.to(base_entry.tensor.dtype)
+
+    def _purify(self, group: TensorGroup, name: str, params: dict[str, Any]) -> tuple[TensorGroup, dict]:
+        base = group.base.tensor  # type: ignore[union-attr]
+        entries = group.non_base
+        labels = [str(e.id) for e in entries]
+        cov_paths: PerInputValues = params["covariance"]
+        prepared, keys, sources = [], [], []
+        compute_dtype = COMPUTE_DTYPES[params["compute_dtype"]]
+        for entry in entries:
+            path = cov_paths.get(entry.id)
+            p = key = None
+            if path is not None and base.ndim == 2 and base.is_floating_point():
+                cf = self.store.file(entry.id, path)
+                layer = cf.resolve(name)
+                if layer is not None:
+                    p, key = self.store.prepared(
+                        cf, layer, device=entry.tensor.device, compute_dtype=compute_dtype
+                    )
+            prepared.append(p)
+            keys.append(key)
+            sources.append(path)
+        result = purify_tensor(
+            name,
+            base,
+            [e.tensor for e in entries],
+            prepared,
+            labels=labels,
+            rho=params["rho"],
+            gamma=params["gamma"],
+            rank_allocation=params["rank_allocation"],
+            target=params["target"],
+            compute_dtype=compute_dtype,
+            cov_keys=keys,
+            sources=sources,
+        )
+        del prepared
+        purified = {e.id: w for e, w in zip(entries, result.weights)}
+        new_entries = tuple(
+            TensorEntry(id=e.id, tensor=purified[e.id], is_base=False)
+            if not e.is_base and purified.get(e.id) is not None
+            else e
+            for e in group.entries
+        )
+        return TensorGroup(entries=new_entries, metadata=group.metadata), result.record
+
+    @staticmethod
+    def _inner_parameters(inner: MergeMethod, group: TensorGroup, params: dict[str, Any]) -> dict[str, Any]:
+        supplied: dict[str, Any] = {}
+        for spec in inner.spec.parameters:
+            if spec.name not in FORWARDED:
+                continue
+            value = params[spec.name]
+            if spec.scope == ParameterScope.SHARED:
+                if value is not None:
+                    supplied[spec.name] = value
+                continue
+            entries = group.non_base if spec.scope == ParameterScope.NON_BASE else group.entries
+            per_input = {}
+            for e in entries:
+                v = value.get(e.id) if isinstance(value, PerInputValues) else None
+                if v is None and not spec.required:
+                    v = spec.default
+                if v is not None:
+                    per_input[e.id] = v
+            if per_input:
+                supplied[spec.name] = per_input
+        return supplied
+
+
+pave_merge_method = PaveMerge()

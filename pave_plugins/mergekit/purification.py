@@ -1,0 +1,113 @@
+"""Purify one tensor of K fine-tuned models: the step shared by the ``pave`` merge method and
+``pave purify``.
+
+For one weight name: one context-oriented SVD per model (PAVE eq. 5, :func:`core.co_svd`), ranks
+for the K models from Algorithm 1 on those singular values (or the uniform baseline), then the
+purified task vector of eq. 6 from the same decomposition (:func:`core.purify_from_cosvd`). The
+purified *weight* ``W_base + dW_PAVE`` is returned in the input dtype, so that merging it with any
+task-vector method gives exactly what that method gives on a checkpoint holding it.
+
+No mergekit import here (``pave purify`` uses it without mergekit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from pave_plugins.core import PreparedCovariance, co_svd, purify_from_cosvd
+from pave_plugins.core.rank_allocation import check_rho_gamma, spectral_rank_allocation, uniform_rank_allocation
+
+ALLOCATIONS = ("spectral", "uniform")
+COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass
+class TensorPurification:
+    """Result for one tensor: purified weights (None = model not purified) and the report record."""
+
+    weights: list[Tensor | None]
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def purify_tensor(
+    name: str,
+    base: Tensor,
+    fine_tuned: Sequence[Tensor],
+    covariances: Sequence[PreparedCovariance | None],
+    *,
+    labels: Sequence[str],
+    rho: float,
+    gamma: float | None = None,
+    rank_allocation: str = "spectral",
+    target: str = "weight",
+    compute_dtype: torch.dtype = torch.float64,
+    cov_keys: Sequence[str | None] | None = None,
+    sources: Sequence[str | None] | None = None,
+) -> TensorPurification:
+    """Purify ``fine_tuned[i]`` with ``covariances[i]`` (models with ``None`` keep their weight).
+
+    Algorithm 1 runs across the models that have a covariance for this tensor. ``labels`` name
+    the models in errors and in the record; ``sources`` (covariance file paths) are named in
+    errors about a covariance that does not fit the weight.
+    """
+    check_rho_gamma(rho, gamma)
+    if rank_allocation not in ALLOCATIONS:
+        raise ValueError(f"{name}: unknown rank_allocation {rank_allocation!r}, expected one of {ALLOCATIONS}")
+    k = len(fine_tuned)
+    cov_keys = list(cov_keys) if cov_keys is not None else [None] * k
+    sources = list(sources) if sources is not None else [None] * k
+    models: dict[str, dict[str, Any]] = {}
+    if base.ndim != 2:
+        models = {lab: {"purified": False, "reason": f"not a 2-D weight ({base.ndim}-D)"} for lab in labels}
+        return TensorPurification(weights=[None] * k, record={"purified": False, "models": models})
+    todo = [i for i in range(k) if covariances[i] is not None]
+    for i in range(k):
+        if covariances[i] is None:
+            models[labels[i]] = {"purified": False, "reason": "no covariance for this layer"}
+    if not todo:
+        return TensorPurification(weights=[None] * k, record={"purified": False, "models": models})
+
+    decompositions = {}
+    for i in todo:
+        try:
+            decompositions[i] = co_svd(
+                fine_tuned[i],
+                base,
+                covariances[i],
+                target=target,  # type: ignore[arg-type]
+                compute_dtype=compute_dtype,
+                name=f"{name} of model {labels[i]}",
+            )
+        except ValueError as exc:
+            where = f" (covariance {cov_keys[i]!r} in {sources[i]})" if sources[i] else ""
+            hint = "; was the covariance collected for another model?" if "covariance is" in str(exc) else ""
+            raise ValueError(f"{exc}{where}{hint}") from exc
+    full = decompositions[todo[0]].full_rank
+    if rank_allocation == "spectral":
+        ranks = spectral_rank_allocation([decompositions[i].s for i in todo], rho, gamma)
+    else:
+        ranks = uniform_rank_allocation(full, len(todo), rho)
+    budget_met = sum(ranks) <= rho * len(todo) * full + 1e-9
+
+    weights: list[Tensor | None] = [None] * k
+    for i, r in zip(todo, ranks):
+        p = purify_from_cosvd(decompositions.pop(i), r, name=name)
+        weights[i] = (base.to(p.task_vector.dtype) + p.task_vector).to(fine_tuned[i].dtype)
+        models[labels[i]] = {
+            "purified": True,
+            "rank": p.rank,
+            "full_rank": p.full_rank,
+            "damping": p.damping,
+            "relative_damping": covariances[i].relative_damping,  # type: ignore[union-attr]
+            "relative_change": p.relative_change,
+            "pruning_error": p.pruning_error,
+            "covariance_key": cov_keys[i],
+        }
+        del p
+    models = {lab: models[lab] for lab in labels}
+    record = {"purified": True, "full_rank": full, "budget_met": budget_met, "models": models}
+    return TensorPurification(weights=weights, record=record)

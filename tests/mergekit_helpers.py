@@ -1,0 +1,137 @@
+"""Tiny local models and covariance files for the mergekit tests (no hub access)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from pave_plugins.io.covariance import CovarianceMetadata, save_covariances
+
+MERGEKIT_YAML = str(Path(sys.executable).with_name("mergekit-yaml"))
+
+
+def tiny_llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_bert_config():
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+    )
+
+
+def build_family(kind: str, root: Path, n_models: int = 2, scale: float = 0.02, seed: int = 0) -> tuple[Path, list[Path]]:
+    """Save a random base model and ``n_models`` fine-tunes (base + small random deltas)."""
+    from transformers import BertModel, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        base = LlamaForCausalLM(tiny_llama_config())
+    elif kind == "bert":
+        base = BertModel(tiny_bert_config(), add_pooling_layer=True)
+    else:
+        raise ValueError(kind)
+    base = base.float().eval()
+    base_dir = root / f"{kind}_base"
+    base.save_pretrained(base_dir, safe_serialization=True)
+    ft_dirs = []
+    for i in range(n_models):
+        g = torch.Generator().manual_seed(seed * 100 + i + 1)
+        ft = type(base)(base.config) if kind == "llama" else BertModel(base.config, add_pooling_layer=True)
+        ft.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in ft.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=g) * (1 + p.abs().mean()))
+        d = root / f"{kind}_ft{i}"
+        ft.save_pretrained(d, safe_serialization=True)
+        ft_dirs.append(d)
+    return base_dir, ft_dirs
+
+
+def shared_input_groups(model_dir: Path) -> dict[str, list[str]]:
+    """Linear layer names grouped by the input they read (q/k/v and gate/up share one)."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        names = [k[: -len(".weight")] for k in f.keys() if k.endswith(".weight") and f.get_slice(k).get_shape().__len__() == 2]
+    groups: dict[str, list[str]] = {}
+    for layer in names:
+        leaf = layer.rsplit(".", 1)[-1]
+        parent = layer.rsplit(".", 1)[0]
+        if "embed" in layer or "lm_head" in layer or "embeddings" in layer or "pooler" in layer:
+            continue
+        if leaf in ("q_proj", "k_proj", "v_proj"):
+            key = parent + ".qkv"
+        elif leaf in ("gate_proj", "up_proj"):
+            key = parent + ".gate_up"
+        elif leaf in ("query", "key", "value"):
+            key = parent + ".qkv"
+        else:
+            key = layer
+        groups.setdefault(key, []).append(layer)
+    return groups
+
+
+def write_covariances(model_dir: Path, path: Path, seed: int, tokens_factor: int = 3, skip: tuple[str, ...] = ()) -> Path:
+    """Covariance file for ``model_dir`` from random anisotropic activations (tokens > features)."""
+    from safetensors import safe_open
+
+    groups = shared_input_groups(model_dir)
+    g = torch.Generator().manual_seed(seed)
+    covs, layer_map = {}, {}
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        for i, (key, layers) in enumerate(sorted(groups.items())):
+            layers = [lay for lay in layers if not any(s in lay for s in skip)]
+            if not layers:
+                continue
+            n_in = f.get_slice(layers[0] + ".weight").get_shape()[1]
+            scales = torch.logspace(0, -2, n_in, dtype=torch.float64)
+            x = torch.randn(tokens_factor * n_in, n_in, generator=g, dtype=torch.float64) * scales
+            covs[f"cov.{i}"] = x.T @ x
+            for lay in layers:
+                layer_map[lay] = f"cov.{i}"
+    save_covariances(path, covs, CovarianceMetadata(layer_map=layer_map, model_path=str(model_dir), n_tokens=1))
+    return path
+
+
+def run_mergekit_yaml(config: str, out: Path, *extra: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    cfg = out.parent / (out.name + ".yaml")
+    cfg.write_text(config)
+    return subprocess.run(
+        [MERGEKIT_YAML, str(cfg), str(out), "--no-copy-tokenizer", *extra],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
