@@ -76,7 +76,6 @@ def load_plugins() -> list[str]:
     if getattr(registry, _LOADED_FLAG, False):
         return []
     setattr(registry, _LOADED_FLAG, True)
-    registered: list[str] = []
     try:
         from importlib.metadata import entry_points
 
@@ -84,6 +83,15 @@ def load_plugins() -> list[str]:
     except Exception as exc:
         _warn(f"mergekit plugins not loaded: cannot read entry points ({exc!r})")
         return []
+    return register_entry_points(eps, registry)
+
+
+def register_entry_points(eps, registry) -> list[str]:
+    """Load each entry point and register its methods in ``registry``; returns the names registered.
+
+    A failing entry point, a non-method object or a name clash gives a warning, never an error.
+    """
+    registered: list[str] = []
     for ep in eps:
         try:
             methods = _as_methods(ep.load())

@@ -44,13 +44,15 @@ def tiny_bert_config():
 
 def build_family(kind: str, root: Path, n_models: int = 2, scale: float = 0.02, seed: int = 0) -> tuple[Path, list[Path]]:
     """Save a random base model and ``n_models`` fine-tunes (base + small random deltas)."""
-    from transformers import BertModel, LlamaForCausalLM
+    from transformers import BertForSequenceClassification, LlamaForCausalLM
 
     torch.manual_seed(seed)
     if kind == "llama":
         base = LlamaForCausalLM(tiny_llama_config())
     elif kind == "bert":
-        base = BertModel(tiny_bert_config(), add_pooling_layer=True)
+        # BertForSequenceClassification: mergekit 0.1.5's plain "bert" architecture (BertModel) fails
+        # in its planner (optional weight with aliases: list + tuple TypeError), for every method
+        base = BertForSequenceClassification(tiny_bert_config())
     else:
         raise ValueError(kind)
     base = base.float().eval()
@@ -59,7 +61,7 @@ def build_family(kind: str, root: Path, n_models: int = 2, scale: float = 0.02, 
     ft_dirs = []
     for i in range(n_models):
         g = torch.Generator().manual_seed(seed * 100 + i + 1)
-        ft = type(base)(base.config) if kind == "llama" else BertModel(base.config, add_pooling_layer=True)
+        ft = type(base)(base.config)
         ft.load_state_dict(base.state_dict())
         with torch.no_grad():
             for p in ft.parameters():
@@ -80,7 +82,7 @@ def shared_input_groups(model_dir: Path) -> dict[str, list[str]]:
     for layer in names:
         leaf = layer.rsplit(".", 1)[-1]
         parent = layer.rsplit(".", 1)[0]
-        if "embed" in layer or "lm_head" in layer or "embeddings" in layer or "pooler" in layer:
+        if any(s in layer for s in ("embed", "lm_head", "pooler", "classifier")):
             continue
         if leaf in ("q_proj", "k_proj", "v_proj"):
             key = parent + ".qkv"
@@ -94,8 +96,14 @@ def shared_input_groups(model_dir: Path) -> dict[str, list[str]]:
     return groups
 
 
-def write_covariances(model_dir: Path, path: Path, seed: int, tokens_factor: int = 3, skip: tuple[str, ...] = ()) -> Path:
-    """Covariance file for ``model_dir`` from random anisotropic activations (tokens > features)."""
+def write_covariances(
+    model_dir: Path, path: Path, seed: int, tokens_factor: int = 3, strip_prefix: str = ""
+) -> Path:
+    """Covariance file for ``model_dir`` from random anisotropic activations (tokens > features).
+
+    Layer names are module names; ``strip_prefix`` removes a model prefix (as a covariance
+    collected on the bare encoder would have them).
+    """
     from safetensors import safe_open
 
     groups = shared_input_groups(model_dir)
@@ -103,15 +111,13 @@ def write_covariances(model_dir: Path, path: Path, seed: int, tokens_factor: int
     covs, layer_map = {}, {}
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
         for i, (key, layers) in enumerate(sorted(groups.items())):
-            layers = [lay for lay in layers if not any(s in lay for s in skip)]
-            if not layers:
-                continue
             n_in = f.get_slice(layers[0] + ".weight").get_shape()[1]
             scales = torch.logspace(0, -2, n_in, dtype=torch.float64)
             x = torch.randn(tokens_factor * n_in, n_in, generator=g, dtype=torch.float64) * scales
             covs[f"cov.{i}"] = x.T @ x
             for lay in layers:
-                layer_map[lay] = f"cov.{i}"
+                name = lay[len(strip_prefix):] if strip_prefix and lay.startswith(strip_prefix) else lay
+                layer_map[name] = f"cov.{i}"
     save_covariances(path, covs, CovarianceMetadata(layer_map=layer_map, model_path=str(model_dir), n_tokens=1))
     return path
 

@@ -16,6 +16,7 @@ from typing import Sequence
 # name -> module; each module provides add_parser(subparsers)
 COMMANDS: dict[str, str] = {
     "demo": "pave_plugins.cli.demo",
+    "purify": "pave_plugins.cli.purify",
 }
 
 

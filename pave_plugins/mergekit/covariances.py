@@ -81,14 +81,17 @@ class CovarianceStore:
             self._files.clear()
             self._prepared.clear()
 
-    def file(self, model: Hashable, path: str) -> CovarianceFile:
-        """Open ``path`` once per (model, path) and check that it belongs to ``model``."""
+    def file(self, model: Hashable, path: str, *, tensor_names: list[str] | None = None) -> CovarianceFile:
+        """Open ``path`` once per (model, path) and check that it belongs to ``model``.
+
+        ``tensor_names`` (the model's tensor names) default to those of mergekit's loader.
+        """
         key = (model, path)
         with self._lock:
             cf = self._files.get(key)
             if cf is None:
                 cf = CovarianceFile(os.path.expanduser(path))
-                names = model_tensor_names(model)
+                names = tensor_names if tensor_names is not None else model_tensor_names(model)
                 if names is not None:
                     check_file_matches_model(cf, model, names)
                 self._files[key] = cf
