@@ -397,3 +397,40 @@ def test_purify_cli_bad_input(llama, purified, tmp_path):
     assert not (tmp_path / "o").exists()
     weights = load_file(str(purified / llama["fts"][0].name / "model.safetensors"))
     assert len(weights) == 21
+
+
+# --------------------------------------------------------------------------------------------
+# shipped recipes
+# --------------------------------------------------------------------------------------------
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "mergekit"
+
+
+@pytest.mark.parametrize("recipe", ["pave_ta.yaml", "pave_ties.yaml", "pave_dare.yaml", "tsv_m.yaml"])
+def test_shipped_recipes_run(llama, tmp_path, recipe):
+    text = (CONFIGS / recipe).read_text()
+    for placeholder, real in [
+        ("/models/base", llama["base"]),
+        ("/models/ft_task_a", llama["fts"][0]),
+        ("/models/ft_task_b", llama["fts"][1]),
+        ("/covs/task_a.safetensors", llama["covs"][0]),
+        ("/covs/task_b.safetensors", llama["covs"][1]),
+    ]:
+        assert placeholder in text or (recipe == "tsv_m.yaml" and placeholder.startswith("/covs"))
+        text = text.replace(placeholder, str(real))
+    out = run_inprocess(text, tmp_path / "out", seed=0)
+    assert len(load_tensors(out)) == 21
+    assert (out / "pave_rank_report.json").exists() == recipe.startswith("pave")
+
+
+def test_tsv_exclude_filter_gives_mean_task_vector(llama, tmp_path):
+    extra = "  alpha: 0.5\n  exclude:\n    - filter: embed_tokens\n      value: true\n    - value: false\n"
+    cfg = stock_yaml("tsv", llama["base"], llama["fts"], extra=extra).replace("    parameters: {weight: 1.0}\n", "")
+    cfg = cfg.replace("    parameters: {weight: 0.7}\n", "")
+    merged = load_tensors(run_inprocess(cfg, tmp_path / "tsv"))
+    base = load_tensors(llama["base"])
+    fts = [load_tensors(d) for d in llama["fts"]]
+    name = "model.embed_tokens.weight"
+    mean = sum(ft[name] - base[name] for ft in fts) / 2
+    torch.testing.assert_close(merged[name], base[name] + 0.5 * mean)
+    head = "lm_head.weight"  # 2-D, not excluded: TSV-M (not the mean)
+    assert not torch.allclose(merged[head], base[head] + 0.5 * sum(ft[head] - base[head] for ft in fts) / 2)
