@@ -1,0 +1,572 @@
+"""Hugging Face side of LoRA-DV spectral rethinking (no maths here; see pave_plugins.core.rethink).
+
+Calibration data, one jsonl file per task:
+
+* text-to-text models (causal LM, seq2seq): fields ``input`` and ``target``; the loss is on the
+  target tokens only (``ce``); ``entropy`` (eq. 14) uses the predicted distributions at the target
+  positions when a target is given, otherwise at every input position (causal LM) or at the first
+  decoder step (seq2seq);
+* sequence classifiers: field ``text`` (or ``template``, a Python format string over the record,
+  e.g. ``"{sentence1} [SEP] {sentence2}"``) and ``label`` (an int, or a name in the head's
+  ``config.label2id``); every task is evaluated through its own classification head, taken from
+  that task's fine-tuned model (``heads={task: model dir}``); without heads every task uses the
+  merged model's head.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from pave_plugins.core import rethink as core
+
+log = logging.getLogger(__name__)
+
+TASK_TYPES = ("seq-cls", "seq2seq", "causal-lm")
+PAPER = (
+    "LoRA-DV: Spectral Rethinking for Reducing Task Interference via Difference Vector in Model Merging",
+    "anonymous ACL submission; no public URL known",
+)
+LAMBDA_FILE = "rethink_lambda.safetensors"
+RECIPE_FILE = "rethink.json"
+
+
+# ----------------------------------------------------------------------------- data
+def read_calibration(path: str | os.PathLike, *, limit: int | None = None, seed: int = 0) -> list[dict]:
+    """Records of a jsonl calibration file; ``limit`` keeps a seeded random subset of that size
+    (the paper samples 32 per task)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file not found: {path}")
+    records = []
+    with path.open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{i}: each line must be a JSON object, got {type(rec).__name__}")
+            records.append(rec)
+    if not records:
+        raise ValueError(f"calibration file {path} has no records")
+    if limit is not None and len(records) > limit:
+        g = torch.Generator().manual_seed(int(seed))
+        keep = sorted(torch.randperm(len(records), generator=g)[:limit].tolist())
+        records = [records[i] for i in keep]
+    return records
+
+
+def model_kind(config: Any) -> str:
+    """``seq-cls`` | ``seq2seq`` | ``causal-lm`` from a transformers config."""
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "seq-cls"
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or not archs:
+        return "causal-lm"
+    raise ValueError(
+        f"cannot tell the task type of architecture {archs}: pass task_type (seq-cls, seq2seq or causal-lm)"
+    )
+
+
+def auto_class(kind: str):
+    import transformers
+
+    return {
+        "seq-cls": transformers.AutoModelForSequenceClassification,
+        "seq2seq": transformers.AutoModelForSeq2SeqLM,
+        "causal-lm": transformers.AutoModelForCausalLM,
+    }[kind]
+
+
+def _label_id(value: Any, label2id: Mapping[str, int] | None, where: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: label must be an int or a label name, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        if label2id and value in label2id:
+            return int(label2id[value])
+        if value.lstrip("-").isdigit():
+            return int(value)
+    raise ValueError(f"{where}: label {value!r} is neither an int nor a name in the head's label2id {dict(label2id or {})}")
+
+
+def _text(rec: dict, template: str | None, field_name: str, where: str) -> str:
+    if template is not None:
+        try:
+            return template.format_map(rec)
+        except KeyError as exc:
+            raise ValueError(f"{where}: template needs field {exc} (record has {sorted(rec)})") from exc
+    if field_name not in rec:
+        raise ValueError(f"{where}: missing field {field_name!r} (record has {sorted(rec)}); give a template")
+    return str(rec[field_name])
+
+
+def build_batches(
+    task: str,
+    records: Sequence[dict],
+    tokenizer: Any,
+    kind: str,
+    *,
+    loss: str = "ce",
+    batch_size: int = 8,
+    max_length: int = 256,
+    template: str | None = None,
+    text_field: str = "text",
+    label_field: str = "label",
+    input_field: str = "input",
+    target_field: str = "target",
+    label2id: Mapping[str, int] | None = None,
+    decoder_start_token_id: int | None = None,
+) -> list[dict]:
+    """Tokenised batches of one task (batches never mix tasks: each task may have its own head)."""
+    if kind not in TASK_TYPES:
+        raise ValueError(f"task type must be one of {TASK_TYPES}, got {kind!r}")
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    batches = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        where = f"task {task!r}, records {start}-{start + len(chunk) - 1}"
+        if kind == "seq-cls":
+            texts = [_text(r, template, text_field, where) for r in chunk]
+            enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            batch = dict(enc)
+            if loss == "ce":
+                if any(label_field not in r for r in chunk):
+                    raise ValueError(f"{where}: missing field {label_field!r} (needed by loss=ce)")
+                batch["labels"] = torch.tensor([_label_id(r[label_field], label2id, where) for r in chunk])
+        else:
+            prompts = [_text(r, template, input_field, where) for r in chunk]
+            has_target = all(target_field in r for r in chunk)
+            if loss == "ce" and not has_target:
+                raise ValueError(f"{where}: missing field {target_field!r} (needed by loss=ce)")
+            targets = [str(r[target_field]) for r in chunk] if has_target else None
+            batch = _text_to_text(tokenizer, kind, prompts, targets, max_length, decoder_start_token_id)
+        batch["task"] = task
+        batches.append(batch)
+    return batches
+
+
+def _text_to_text(tokenizer, kind, prompts, targets, max_length, decoder_start_token_id) -> dict:
+    pad = tokenizer.pad_token_id
+    if kind == "seq2seq":
+        enc = tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch = dict(enc)
+        if targets is not None:
+            lab = tokenizer(text_target=targets, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            labels = lab["input_ids"].masked_fill(lab["attention_mask"] == 0, -100)
+            batch["labels"] = labels
+        else:
+            start = decoder_start_token_id if decoder_start_token_id is not None else pad
+            batch["decoder_input_ids"] = torch.full((len(prompts), 1), int(start), dtype=torch.long)
+        return batch
+    # causal LM: prompt + target, loss on the target tokens
+    rows, label_rows = [], []
+    for i, p in enumerate(prompts):
+        ids = tokenizer(p, add_special_tokens=True)["input_ids"]
+        labels = [-100] * len(ids)
+        if targets is not None:
+            tgt = tokenizer(targets[i], add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                tgt = tgt + [tokenizer.eos_token_id]
+            ids, labels = ids + tgt, labels + tgt
+        if len(ids) > max_length:  # keep the end (the target)
+            ids, labels = ids[-max_length:], labels[-max_length:]
+        rows.append(ids)
+        label_rows.append(labels)
+    n = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), n), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), n), dtype=torch.long)
+    labels = torch.full((len(rows), n), -100, dtype=torch.long)
+    for i, (r, l) in enumerate(zip(rows, label_rows)):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        attention[i, : len(r)] = 1
+        labels[i, : len(l)] = torch.tensor(l)
+    batch = {"input_ids": input_ids, "attention_mask": attention}
+    if targets is not None:
+        if not bool((labels != -100).any()):
+            raise ValueError("causal LM calibration batch has no target token left after truncation; raise max_length")
+        batch["labels"] = labels
+    return batch
+
+
+def _to(batch: Mapping[str, Any], device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def hf_loss_fn(
+    kind: str,
+    loss: str,
+    *,
+    heads: Mapping[str, Mapping[str, Tensor]] | None = None,
+    device: torch.device | str | None = None,
+    model: nn.Module | None = None,
+) -> core.LossFn:
+    """``loss_fn(forward, batch)`` for :func:`pave_plugins.core.rethink.rethink` on the batches of
+    :func:`build_batches` (``heads[task]`` replaces the classification head of that task)."""
+    if loss not in core.LOSSES:
+        raise ValueError(f"loss must be one of {core.LOSSES}, got {loss!r}")
+
+    def fn(forward: core.Forward, batch: Mapping[str, Any]) -> Tensor:
+        batch = _to(batch, device) if device is not None else dict(batch)
+        task = batch.pop("task", None)
+        labels = batch.pop("labels", None)
+        extra = heads.get(task) if heads and task is not None else None
+        if kind == "seq-cls":
+            logits = forward(**batch, params=extra).logits
+            return core.classification_loss(logits, labels if loss == "ce" else None, loss)
+        if kind == "seq2seq":
+            if labels is not None and "decoder_input_ids" not in batch:
+                batch["decoder_input_ids"] = forward.model.prepare_decoder_input_ids_from_labels(labels=labels)
+            logits = forward(**batch, params=extra).logits
+            if labels is None:
+                return core.entropy_loss(logits[:, 0])
+            return core.token_loss(logits, labels, loss, shift=False)
+        logits = forward(**batch, params=extra).logits
+        return core.token_loss(logits, labels, loss, shift=True, mask=batch.get("attention_mask"))
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- models
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Parameters of a sequence classifier outside its body (``base_model_prefix``): the head."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    names = [n for n, _ in model.named_parameters() if not (prefix and n.startswith(prefix + "."))]
+    if not names:
+        raise ValueError(f"cannot find the classification head of {type(model).__name__} (base_model_prefix={prefix!r})")
+    return names
+
+
+def embedding_parameter_names(model: nn.Module) -> set[str]:
+    """Weights of input/output embeddings (excluded from rethinking unless asked)."""
+    out = set()
+    ids = set()
+    for mod in (getattr(model, "get_input_embeddings", lambda: None)(), getattr(model, "get_output_embeddings", lambda: None)()):
+        if mod is not None and getattr(mod, "weight", None) is not None:
+            ids.add(id(mod.weight))
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Embedding):
+            ids.add(id(m.weight))
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in ids:
+            out.add(n)
+    return out
+
+
+@dataclass
+class LoraAdapter:
+    """One PEFT LoRA adapter: ``{weight name: (B, A)}`` with the LoRA scaling folded into ``B``."""
+
+    path: Path
+    factors: dict[str, tuple[Tensor, Tensor]]
+    scaling: float
+    ignored: list[str] = field(default_factory=list)
+
+
+def load_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
+    """Read a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``delta W = scaling * B @ A`` with ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA);
+    ``fan_in_fan_out`` (GPT-2 Conv1D) adapters are transposed to the weight's layout.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_path, w_path = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise FileNotFoundError(f"{path} is not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors)")
+    cfg = json.loads(cfg_path.read_text())
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise ValueError(f"{path}: only LoRA adapters are supported, got peft_type={cfg.get('peft_type')}")
+    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ValueError(f"{path}: adapters with rank_pattern/alpha_pattern are not supported")
+    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    fan = bool(cfg.get("fan_in_fan_out", False))
+    tensors = load_file(str(w_path))
+    factors, ignored = {}, []
+    for key, a in tensors.items():
+        if ".lora_A." not in key:
+            if ".lora_B." not in key:
+                ignored.append(key)
+            continue
+        bkey = key.replace(".lora_A.", ".lora_B.")
+        if bkey not in tensors:
+            raise ValueError(f"{path}: {key} has no matching {bkey}")
+        module = key.split(".lora_A.")[0]
+        for prefix in ("base_model.model.",):
+            module = module.removeprefix(prefix)
+        b = tensors[bkey]
+        b, a = b.float() * scaling, a.float()
+        if fan:  # stored weight is (in x out): delta^T = A^T B^T
+            b, a = a.T.contiguous(), b.T.contiguous()
+        factors[f"{module}.weight"] = (b, a)
+    if not factors:
+        raise ValueError(f"{path}: no lora_A/lora_B tensors found")
+    if ignored:
+        log.warning("LoRA adapter %s: %d non-LoRA tensors ignored (e.g. %s)", path, len(ignored), ignored[0])
+    return LoraAdapter(path=path, factors=factors, scaling=scaling, ignored=ignored)
+
+
+# ----------------------------------------------------------------------------- the job
+@dataclass
+class RethinkJob:
+    """Everything ``pave rethink`` does, as data (see :func:`run_job`)."""
+
+    base: str
+    out: str
+    calib: Mapping[str, str]
+    merged: str | None = None
+    lora: Mapping[str, str] | None = None
+    lora_weights: Sequence[float] | None = None
+    heads: Mapping[str, str] | None = None
+    task_type: str = "auto"
+    loss: str = "ce"
+    iterations: int = 3
+    epochs: int = 10
+    lr: float = 5e-3
+    mode: str = "anisotropic"
+    top_k: int | None = None
+    keep_tail: bool = False
+    redecompose: str = "factored"
+    compute_dtype: str = "float32"
+    samples: int | None = 32
+    batch_size: int = 8
+    max_length: int = 256
+    template: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    input_field: str = "input"
+    target_field: str = "target"
+    include_embeddings: bool = False
+    seed: int = 0
+    device: str = "auto"
+    overwrite: bool = False
+    progress: bool = True
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _load_tokenizer(*dirs: str | None):
+    from transformers import AutoTokenizer
+
+    errors = []
+    for d in dirs:
+        if d is None:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(d), d
+        except Exception as exc:  # try the next folder
+            errors.append(f"{d}: {exc}")
+    raise ValueError("no tokenizer found in " + "; ".join(errors))
+
+
+def run_job(job: RethinkJob) -> dict:
+    """Load, rethink, save (atomic). Returns the recipe dict written to ``rethink.json``."""
+    from transformers import AutoConfig
+
+    from pave_plugins.io.atomic import atomic_directory
+
+    if (job.merged is None) == (not job.lora):
+        raise ValueError("give either a merged model folder (--merged) or LoRA adapters (--lora), not both")
+    if not job.calib:
+        raise ValueError("no calibration file (--calib task=file.jsonl ...)")
+    out = Path(job.out)
+    if out.exists() and any(out.iterdir()) and not job.overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
+    for d in [job.base, job.merged, *(job.lora or {}).values(), *(job.heads or {}).values()]:
+        if d is not None and not Path(d).exists():
+            raise FileNotFoundError(f"model folder not found: {d}")
+    torch.manual_seed(int(job.seed))
+    device = _device(job.device)
+    src = job.merged if job.merged is not None else job.base
+    config = AutoConfig.from_pretrained(src)
+    kind = model_kind(config) if job.task_type == "auto" else job.task_type
+    if kind not in TASK_TYPES:
+        raise ValueError(f"task_type must be auto or one of {TASK_TYPES}, got {job.task_type!r}")
+    cls = auto_class(kind)
+    log.info("rethink: %s model from %s (%s)", kind, src, cls.__name__)
+    model = cls.from_pretrained(src, dtype="auto")
+    base_model = cls.from_pretrained(job.base, dtype="auto") if job.merged is not None else None
+    base_state = {k: v.detach() for k, v in (base_model or model).state_dict().items()}
+    if base_model is not None:
+        del base_model
+    else:
+        base_state = {k: v.clone() for k, v in base_state.items()}
+
+    # LoRA experts: merged = base + sum_i w_i B_i A_i, fast path
+    low_rank: dict[str, core.LowRankDelta] = {}
+    if job.lora:
+        names = list(job.lora)
+        weights = list(job.lora_weights) if job.lora_weights else [1.0] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"{len(weights)} --lora-weights for {len(names)} adapters")
+        adapters = [load_lora_adapter(job.lora[n]) for n in names]
+        params = dict(model.named_parameters())
+        keys = sorted(set().union(*(a.factors for a in adapters)))
+        for key in keys:
+            if key not in params:
+                raise ValueError(f"LoRA adapter targets {key!r}, which the base model {job.base} does not have")
+            pairs = [(w, a.factors[key]) for w, a in zip(weights, adapters) if key in a.factors]
+            low_rank[key] = core.LowRankDelta([p[1][0] for p in pairs], [p[1][1] for p in pairs], [p[0] for p in pairs])
+            with torch.no_grad():
+                p = params[key]
+                p.copy_((p.to(torch.float32) + low_rank[key].dense(torch.float32)).to(p.dtype))
+        log.info("rethink: %d LoRA adapters merged (weights %s) on %d layers", len(names), weights, len(low_rank))
+
+    tokenizer, tok_dir = _load_tokenizer(job.merged, job.base)
+    model.to(device)
+
+    # per-task heads (sequence classification)
+    heads: dict[str, dict[str, Tensor]] = {}
+    head_names: list[str] = head_parameter_names(model) if kind == "seq-cls" else []
+    label2ids: dict[str, Mapping[str, int] | None] = {}
+    for task in job.calib:
+        label2ids[task] = getattr(config, "label2id", None)
+    if job.heads:
+        if kind != "seq-cls":
+            raise ValueError("--heads applies to sequence classifiers only")
+        missing = [t for t in job.calib if t not in job.heads]
+        if missing:
+            raise ValueError(f"no head for task(s) {missing}: give --heads {missing[0]}=<fine-tuned model dir> for each task")
+        for task in job.calib:
+            ft = cls.from_pretrained(job.heads[task], dtype="auto")
+            sd = dict(ft.named_parameters())
+            heads[task] = {n: sd[n].detach().to(device) for n in head_names if n in sd}
+            if len(heads[task]) != len(head_names):
+                raise ValueError(f"fine-tuned model {job.heads[task]} lacks head parameters {set(head_names) - set(heads[task])}")
+            label2ids[task] = getattr(ft.config, "label2id", None)
+            del ft
+    elif kind == "seq-cls" and len(job.calib) > 1:
+        log.warning("rethink: no --heads given; every task is evaluated through the merged model's own head")
+
+    batches: list[dict] = []
+    for task, path in job.calib.items():
+        records = read_calibration(path, limit=job.samples, seed=job.seed)
+        batches += build_batches(
+            task, records, tokenizer, kind, loss=job.loss, batch_size=job.batch_size, max_length=job.max_length,
+            template=job.template, text_field=job.text_field, label_field=job.label_field,
+            input_field=job.input_field, target_field=job.target_field, label2id=label2ids[task],
+            decoder_start_token_id=getattr(config, "decoder_start_token_id", None),
+        )
+
+    exclude = set(head_names)
+    if not job.include_embeddings:
+        exclude |= embedding_parameter_names(model)
+    if job.lora:
+        layers: list[str] = []
+    else:
+        layers = core.default_layers(model, base_state, exclude=exclude)
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(job.compute_dtype)
+    if dtype is None:
+        raise ValueError(f"compute_dtype must be float32 or float64, got {job.compute_dtype!r}")
+    result = core.rethink(
+        model, base_state, batches, hf_loss_fn(kind, job.loss, heads=heads, device=device),
+        layers=layers, low_rank=low_rank,
+        iterations=job.iterations, epochs=job.epochs, lr=job.lr, mode=job.mode, top_k=job.top_k,
+        keep_tail=job.keep_tail, redecompose=job.redecompose, compute_dtype=dtype, seed=job.seed,
+        progress=job.progress,
+    )
+    recipe = {
+        "method": "LoRA-DV spectral rethinking (pave_plugins)",
+        "base": str(job.base),
+        "merged": str(job.merged) if job.merged else None,
+        "lora": {k: str(v) for k, v in (job.lora or {}).items()} or None,
+        "lora_weights": list(job.lora_weights) if job.lora_weights else ([1.0] * len(job.lora) if job.lora else None),
+        "heads": dict(job.heads) if job.heads else None,
+        "task_type": kind,
+        "calibration": {t: str(p) for t, p in job.calib.items()},
+        "samples_per_task": job.samples,
+        "loss": job.loss,
+        "iterations": job.iterations,
+        "epochs": job.epochs,
+        "lr": job.lr,
+        "mode": job.mode,
+        "top_k": job.top_k,
+        "keep_tail": job.keep_tail,
+        "redecompose": job.redecompose,
+        "compute_dtype": job.compute_dtype,
+        "seed": job.seed,
+        "layers": len(result.layers),
+        "low_rank_layers": sum(v == "low_rank" for v in result.paths.values()),
+        "changed_layers": len(result.changed),
+        "losses": result.losses,
+    }
+    with atomic_directory(out, overwrite=job.overwrite) as tmp:
+        model.to("cpu")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_lambdas(result, tmp / LAMBDA_FILE, recipe)
+        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2), encoding="utf-8")
+        card = Path(job.merged) / "README.md" if job.merged else None
+        prior = card.read_text(encoding="utf-8") if card is not None and card.is_file() else ""
+        (tmp / "README.md").write_text(prior.rstrip() + ("\n\n" if prior else "") + model_card_section(recipe), encoding="utf-8")
+    log.info("rethink: wrote %s", out)
+    return recipe
+
+
+def save_lambdas(result: core.RethinkResult, path: Path, recipe: Mapping[str, Any] | None = None) -> None:
+    """Learned Lambda per layer and iteration (``<layer>.lambda.<t>``), the singular values they
+    scale (``<layer>.sigma.<t>``) and the overall gain (``<layer>.gain``), as safetensors."""
+    from safetensors.torch import save_file
+
+    meta = {"format": "pave_plugins.rethink/1"}
+    if recipe is not None:
+        meta["recipe"] = json.dumps({k: v for k, v in recipe.items() if k != "losses"})
+    tensors = result.lambda_tensors()
+    if not tensors:
+        tensors = {"_empty": torch.zeros(0)}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def model_card_section(recipe: Mapping[str, Any]) -> str:
+    """The ``## LoRA-DV spectral rethinking`` section of the output model card."""
+    src = f"merged model `{recipe['merged']}`" if recipe.get("merged") else (
+        f"LoRA adapters {recipe['lora']} merged with weights {recipe['lora_weights']}"
+    )
+    losses = recipe.get("losses") or []
+    loss_line = (
+        ", ".join(f"iteration {i + 1}: {l[0]:.4g} -> {l[-1]:.4g}" for i, l in enumerate(losses) if l) or "no training (epochs 0)"
+    )
+    lines = [
+        "## LoRA-DV spectral rethinking",
+        "",
+        f"Produced by `pave rethink` (pave_plugins) from the {src} on base `{recipe['base']}`:",
+        "for every 2-D layer, the difference vector to the base was decomposed by SVD, U and V frozen,",
+        "and an anisotropic scale Lambda of the singular values (eq. 8) learned on a small calibration",
+        "set for all layers jointly (eq. 13), repeated with a re-decomposition each iteration.",
+        "",
+        f"- {PAPER[0]}",
+        f"- task type: {recipe['task_type']}; loss: {recipe['loss']} ({'cross-entropy' if recipe['loss'] == 'ce' else 'Shannon entropy, eq. 14'})",
+        f"- iterations T={recipe['iterations']}, epochs {recipe['epochs']}, Adam lr {recipe['lr']}, mode {recipe['mode']}, "
+        f"top_k {recipe['top_k']}, seed {recipe['seed']}",
+        f"- calibration: {recipe['calibration']} ({recipe['samples_per_task']} samples per task)",
+        f"- layers rethought: {recipe['layers']} ({recipe['low_rank_layers']} via the LoRA low-rank fast path), changed: {recipe['changed_layers']}",
+        f"- calibration loss per iteration: {loss_line}",
+        f"- learned Lambda per layer: `{LAMBDA_FILE}`; full recipe: `{RECIPE_FILE}`",
+        "",
+    ]
+    return "\n".join(lines)
