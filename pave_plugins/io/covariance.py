@@ -115,6 +115,23 @@ def _layer_of(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
+def resolve_layer_name(name: str, layer_map: Mapping[str, str], where: str = "covariances") -> str | None:
+    """Layer of ``layer_map`` for a layer or weight name, tolerating a different model prefix.
+
+    ``model.layers.0.mlp.up_proj.weight`` and ``layers.0.mlp.up_proj`` both find
+    ``model.layers.0.mlp.up_proj``; an ambiguous suffix match raises :class:`CovarianceFileError`.
+    """
+    layer = _layer_of(name)
+    if layer in layer_map:
+        return layer
+    candidates = [k for k in layer_map if layer.endswith("." + k) or k.endswith("." + layer)]
+    if len(candidates) == 1:
+        return candidates[0]
+    if len(candidates) > 1:
+        raise CovarianceFileError(f"{where}: {name!r} matches several layers: {candidates[:4]}")
+    return None
+
+
 class CovarianceFile:
     """Lazy reader of a covariance file. ``get(name)`` accepts a layer or a weight tensor name."""
 
@@ -139,17 +156,8 @@ class CovarianceFile:
 
     def resolve(self, name: str) -> str | None:
         """Layer name in this file for a layer or weight name, or ``None`` if it has none."""
-        layer = _layer_of(name)
-        lm = self.metadata.layer_map
-        if layer in lm:
-            return layer
-        # tolerate a model prefix on either side (e.g. "bert." or "model."), if unique
-        candidates = [k for k in lm if layer.endswith("." + k) or k.endswith("." + layer)]
-        if len(candidates) == 1:
-            return candidates[0]
-        if len(candidates) > 1:
-            raise CovarianceFileError(f"{self.path}: {name!r} matches several layers: {candidates[:4]}")
-        return None
+        # tolerates a model prefix on either side (e.g. "bert." or "model."), if unique
+        return resolve_layer_name(name, self.metadata.layer_map, str(self.path))
 
     def __contains__(self, name: str) -> bool:
         return self.resolve(name) is not None

@@ -1,0 +1,29 @@
+"""Covariance collection: ``C = X^T X`` at the input of every linear layer of a fine-tuned model.
+
+API (used by ``pave collect`` and by the mergekit / FusionBench adapters):
+
+* :func:`collect_covariances` ``(model, batches) -> CovarianceSet`` (in memory; ``.save(path, ...)``);
+* :func:`collect_from_texts` ``(model, tokenizer, texts, max_length=..., batch_size=...)``;
+* :func:`model_fingerprint` ``(module | state dict | checkpoint dir) -> str``;
+* :func:`sum_covariance_files` (collection in parts), :func:`all_reduce_covariances` (torchrun).
+"""
+
+from .collector import (
+    CollectionError,
+    CovarianceCollector,
+    CovarianceSet,
+    collect_covariances,
+    hookable_layers,
+    peak_memory,
+)
+from .fingerprint import model_fingerprint
+
+__all__ = [
+    "CollectionError",
+    "CovarianceCollector",
+    "CovarianceSet",
+    "collect_covariances",
+    "hookable_layers",
+    "model_fingerprint",
+    "peak_memory",
+]

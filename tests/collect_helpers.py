@@ -1,0 +1,105 @@
+"""Tiny models and an offline tokenizer for the covariance-collection tests (no hub)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "the a an cat dog bird fish runs jumps sleeps eats quickly slowly red blue green big small "
+    "on under over house tree river and or not very happy sad good bad today yesterday sentence"
+).split()
+
+
+def make_tokenizer(padding_side: str = "right"):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.padding_side = padding_side
+    return fast
+
+
+def vocab_size() -> int:
+    return 4 + len(WORDS)
+
+
+def tiny_llama(seed: int = 0, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size(), hidden_size=16, intermediate_size=24, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=vocab_size(), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=24, max_position_embeddings=64, pad_token_id=0,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size(), n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                     bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def save_model_dir(path: Path, model=None) -> Path:
+    model = model if model is not None else tiny_llama()
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+TEXTS = [
+    "the cat runs quickly",
+    "a big red dog jumps over the small house",
+    "the bird sleeps",
+    "fish eats very slowly under the green tree today",
+    "the happy cat and the sad dog",
+    "a river",
+    "blue bird jumps on the big tree and sleeps",
+    "the bad fish",
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def capture_inputs(model, batch):
+    """Independent reference: ``{module name: [inputs]}`` of every nn.Linear via our own pre-hooks."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, args, name=name: seen.setdefault(name, []).append(args[0].detach().clone())))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
