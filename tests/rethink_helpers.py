@@ -134,3 +134,45 @@ def build_llama_lora(tmp: Path, n_adapters: int = 2):
     recs = [{"input": s, "target": t} for s, t in zip(random_sentences(8, 3), random_sentences(8, 4, (1, 3)))]
     calib = write_jsonl(tmp / "gen.jsonl", recs)
     return adapters, calib
+
+
+# ----------------------------------------------------------------------------- FusionBench toys
+class ToyMLP(torch.nn.Module):
+    def __init__(self, d: int = 8, h: int = 16, c: int = 2):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(d, h)
+        self.fc2 = torch.nn.Linear(h, h)
+        self.head = torch.nn.Linear(h, c)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+def toy_xy(task: str, n: int = 32, seed: int = 0):
+    """Task ``a``: class = sign of x0; task ``b``: class = sign of x1."""
+    g = torch.Generator().manual_seed(seed + (0 if task == "a" else 1))
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0 if task == "a" else 1] > 0).long()
+    return x, y
+
+
+def toy_dataset(task: str, n: int = 32, seed: int = 0):
+    return torch.utils.data.TensorDataset(*toy_xy(task, n, seed))
+
+
+def toy_pool_models(seed: int = 0):
+    """base + two fine-tuned ToyMLPs (40 Adam steps each on their task)."""
+    torch.manual_seed(seed)
+    base = ToyMLP()
+    fts = {}
+    for task in ("a", "b"):
+        m = ToyMLP()
+        m.load_state_dict(base.state_dict())
+        x, y = toy_xy(task, 128, seed=100)
+        opt = torch.optim.Adam(m.parameters(), lr=0.05)
+        for _ in range(40):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+        fts[task] = m
+    return base, fts

@@ -21,3 +21,4 @@ try:  # PAVE is added once its module exists
 except ImportError as _exc:  # pragma: no cover
     if "pave_plugins.fusion_bench.pave" not in str(_exc) and "No module named" not in str(_exc):
         raise
+from .rethink import SpectralRethinking  # noqa: E402,F401  (LoRA-DV, `pave/rethink`)

@@ -1,0 +1,342 @@
+"""FusionBench algorithm ``pave/rethink``: LoRA-DV spectral rethinking (eq. 8-14) after ANY
+FusionBench merging method.
+
+The inner method (``task_arithmetic``, ``ties_merging``, ``dare/task_arithmetic``, ``pave/tsv_m``,
+``pave/pave_ta``, ...) merges the pool; then, for every 2-D layer of the merged model, the difference
+vector to the pre-trained model is decomposed (``U Sigma V^T``), ``U`` and ``V`` frozen, and an
+anisotropic scale ``Lambda`` of the singular values is learned on the pool's validation data
+(``n_samples`` per task, 32 as in the paper), cross-entropy (``loss: ce``) or entropy of the
+predictions (``loss: entropy``, eq. 14), all layers jointly, ``iterations`` times. The maths lives
+in :mod:`pave_plugins.core.rethink`; this module only turns the pool's datasets into batches and
+batches into losses.
+
+Batches: Hugging Face style dicts (``input_ids``, ``attention_mask``, optional ``labels``) for
+sequence classifiers, seq2seq (e.g. Flan-T5 GLUE pools) and causal LMs; ``(inputs, labels)`` pairs
+for plain classifiers. Override :meth:`SpectralRethinking.compute_loss` for other model kinds
+(e.g. CLIP with zero-shot heads).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from fusion_bench import BaseAlgorithm, BaseModelPool
+from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
+
+from pave_plugins.core import rethink as core
+
+from .common import (
+    algorithm_log_dir,
+    inner_method_config,
+    instantiate_algorithm,
+    program_config_yaml,
+    program_save_path,
+    resolve_dtype,
+    write_json,
+    write_model_card,
+)
+
+log = logging.getLogger(__name__)
+
+LORA_DV_PAPER = (
+    "LoRA-DV: Spectral Rethinking for Reducing Task Interference via Difference Vector in Model Merging",
+    "anonymous ACL submission (no public URL known)",
+)
+SPLITS = ("train", "val", "test")
+
+
+class RethinkConfigError(ValueError):
+    """Bad parameter of ``pave/rethink``."""
+
+
+@auto_register_config
+class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
+    """LoRA-DV spectral rethinking around any FusionBench merging method.
+
+    Args:
+        inner: the merging method: a FusionBench method config name, a dict with ``_target_``,
+            or a dict with ``name`` plus overrides (as ``pave/pave``'s ``inner``).
+        loss: ``ce`` (needs labels in the data) or ``entropy`` (eq. 14, no labels).
+        iterations, epochs, lr: T, epochs per iteration, Adam learning rate (paper: 3, 10, 5e-3;
+            LLMs lr 1e-4 and 5 epochs).
+        n_samples: calibration samples per task (seeded random subset of the split).
+        batch_size: calibration batch size (batches never mix tasks).
+        calibration_split: which datasets of the pool: ``val`` (paper), ``train`` or ``test``.
+        mode: ``anisotropic`` (paper), ``scalar`` (one scale per layer) or ``random`` (Table 4).
+        top_k, keep_tail, redecompose, compute_dtype: see :class:`pave_plugins.core.rethink.RethinkConfig`.
+        include_embeddings: also rethink ``nn.Embedding`` weights (off: only linear-type layers).
+        exclude_keys: parameter names (substrings) never rethought, e.g. task heads.
+        seed: calibration subset, batch order and random Lambda.
+        lambda_save_path: safetensors of the learned Lambda (default ``<log_dir>/rethink_lambda.safetensors``).
+        report_path: JSON report (default ``<log_dir>/rethink_report.json``).
+        write_model_card: README.md beside the saved merged model (method, paper, Hydra config).
+    """
+
+    def __init__(
+        self,
+        inner: Any = "task_arithmetic",
+        loss: str = "ce",
+        iterations: int = 3,
+        epochs: int = 10,
+        lr: float = 5e-3,
+        n_samples: int = 32,
+        batch_size: int = 8,
+        calibration_split: str = "val",
+        mode: str = "anisotropic",
+        top_k: int | None = None,
+        keep_tail: bool = False,
+        redecompose: str = "factored",
+        compute_dtype: str = "float32",
+        include_embeddings: bool = False,
+        exclude_keys: list[str] | None = None,
+        seed: int = 0,
+        lambda_save_path: str | None = None,
+        report_path: str | None = None,
+        write_model_card: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if loss not in core.LOSSES:
+            raise RethinkConfigError(f"rethink: loss must be one of {core.LOSSES}, got {loss!r}")
+        if calibration_split not in SPLITS:
+            raise RethinkConfigError(f"rethink: calibration_split must be one of {SPLITS}, got {calibration_split!r}")
+        if isinstance(n_samples, bool) or int(n_samples) != n_samples or int(n_samples) < 1:
+            raise RethinkConfigError(f"rethink: n_samples must be a positive integer, got {n_samples!r}")
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or int(batch_size) < 1:
+            raise RethinkConfigError(f"rethink: batch_size must be a positive integer, got {batch_size!r}")
+        self._core_cfg = core.RethinkConfig(
+            iterations=iterations, epochs=epochs, lr=float(lr), mode=mode, top_k=top_k, keep_tail=keep_tail,
+            redecompose=redecompose, compute_dtype=resolve_dtype(compute_dtype), seed=int(seed),
+        )
+        try:
+            self._core_cfg.validate()
+        except ValueError as exc:
+            raise RethinkConfigError(f"rethink: {exc}") from exc
+        self._inner_cfg = inner_method_config(inner)
+        self.last_result: core.RethinkResult | None = None
+        self.last_report: dict | None = None
+
+    # ------------------------------------------------------------------ run
+    def run(self, modelpool: BaseModelPool | dict[str, nn.Module]):
+        if not isinstance(modelpool, BaseModelPool):
+            modelpool = BaseModelPool(modelpool)
+        if not modelpool.has_pretrained:
+            raise RethinkConfigError("rethink: the model pool needs a `_pretrained_` model (theta_pre)")
+        names = list(modelpool.model_names)
+        t0 = time.perf_counter()
+        # theta_pre first: TA / TIES / TSV-M may change the pool's pretrained model in place
+        with self.profile("load base"), torch.no_grad():
+            base = modelpool.load_pretrained_model()
+            base_state = {k: v.detach().clone() for k, v in base.state_dict().items() if v.ndim == 2}
+            del base
+        with self.profile("inner method"):
+            merged = self._run_inner(modelpool)
+        if not isinstance(merged, nn.Module):
+            raise RethinkConfigError(
+                f"rethink: the inner method {self._inner_cfg._target_} returned {type(merged).__name__}, not one "
+                "merged torch module (methods with per-task modulators such as EMR cannot be rethought)"
+            )
+        t_inner = time.perf_counter() - t0
+        batches = self._calibration_batches(modelpool, names)
+        device = self.fabric.device
+        before = next(merged.parameters()).device
+        merged.to(device)
+        layers = self._layers(merged, base_state)
+        loss_fn = self._loss_fn(merged, device)
+        t1 = time.perf_counter()
+        with self.profile("spectral rethinking"):
+            result = core.rethink(merged, base_state, batches, loss_fn, layers=layers, config=self._core_cfg)
+        t_rethink = time.perf_counter() - t1
+        merged.to(before)
+        self.last_result = result
+        self._finish(result, names, {"inner_s": t_inner, "rethink_s": t_rethink})
+        return merged
+
+    def _run_inner(self, pool: BaseModelPool):
+        inner = instantiate_algorithm(self._inner_cfg, fabric=self._fabric_instance, program=None)
+        log.info("rethink: running inner method %s", self._inner_cfg._target_)
+        if hasattr(inner, "on_run_start"):
+            inner.on_run_start()
+        result = inner.run(pool)
+        if hasattr(inner, "on_run_end"):
+            inner.on_run_end()
+        return result
+
+    # ----------------------------------------------------------------- data
+    def _calibration_batches(self, modelpool: BaseModelPool, names: list[str]) -> list[Any]:
+        split = self.calibration_split
+        available = {
+            "train": modelpool.train_dataset_names if modelpool.has_train_dataset else [],
+            "val": modelpool.val_dataset_names if modelpool.has_val_dataset else [],
+            "test": modelpool.test_dataset_names if modelpool.has_test_dataset else [],
+        }[split]
+        tasks = [n for n in names if n in available] or list(available)
+        if not tasks:
+            raise RethinkConfigError(
+                f"rethink: the model pool has no {split} datasets (calibration_split={split!r}); add "
+                f"{split}_datasets with one entry per task, or choose another calibration_split"
+            )
+        missing = [n for n in names if n not in available]
+        if missing:
+            log.warning("rethink: no %s dataset for model(s) %s; calibrating on %s", split, missing, tasks)
+        loader = {"train": modelpool.load_train_dataset, "val": modelpool.load_val_dataset, "test": modelpool.load_test_dataset}[split]
+        collate = self._collate_fn(modelpool)
+        g = torch.Generator().manual_seed(int(self.seed))
+        batches = []
+        for task in tasks:
+            dataset = loader(task)
+            n = min(int(self.n_samples), len(dataset))
+            idx = sorted(torch.randperm(len(dataset), generator=g)[:n].tolist())
+            subset = torch.utils.data.Subset(dataset, idx)
+            for batch in torch.utils.data.DataLoader(subset, batch_size=int(self.batch_size), shuffle=False, collate_fn=collate):
+                batches.append((task, batch))
+            log.info("rethink: %d calibration samples of task %s (%s split)", n, task, split)
+        return batches
+
+    @staticmethod
+    def _collate_fn(modelpool):
+        tokenizer = None
+        if hasattr(modelpool, "load_tokenizer"):
+            try:
+                tokenizer = modelpool.load_tokenizer()
+            except Exception:
+                tokenizer = None
+        if tokenizer is not None:
+            from transformers import DataCollatorWithPadding
+
+            if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+                tokenizer.pad_token = tokenizer.eos_token
+            return DataCollatorWithPadding(tokenizer)
+        return None
+
+    def _layers(self, model: nn.Module, base_state: Mapping[str, Tensor]) -> list[str]:
+        exclude = set()
+        if not self.include_embeddings:
+            for n, m in model.named_modules():
+                if isinstance(m, nn.Embedding):
+                    exclude.add(f"{n}.weight" if n else "weight")
+        keys = list(self.exclude_keys or [])
+        layers = core.default_layers(model, base_state, exclude=exclude)
+        return [n for n in layers if not any(k in n for k in keys)]
+
+    # ----------------------------------------------------------------- loss
+    def _loss_fn(self, model: nn.Module, device) -> core.LossFn:
+        def fn(forward: core.Forward, item) -> Tensor:
+            task, batch = item
+            return self.compute_loss(forward, _to_device(batch, device), task)
+
+        return fn
+
+    def compute_loss(self, forward: core.Forward, batch: Any, task: str) -> Tensor:
+        """Calibration loss of one batch (override for other model kinds).
+
+        * ``(inputs, labels)``: ``forward(inputs)`` gives class logits;
+        * dict for a sequence classifier: ``logits`` ``[B, C]``;
+        * dict for a seq2seq model: CE on the ``labels`` tokens (padding ignored), or the entropy
+          of the first decoder step (the FusionBench Flan-T5 convention);
+        * dict for a causal LM: CE on ``labels`` (shifted), or entropy over the attention mask.
+        """
+        loss = self.loss
+        if isinstance(batch, (tuple, list)):
+            inputs, labels = batch[0], (batch[1] if len(batch) > 1 else None)
+            out = forward(inputs)
+            logits = out.logits if hasattr(out, "logits") else out
+            return core.classification_loss(logits, labels if loss == "ce" else None, loss)
+        if not isinstance(batch, Mapping):
+            raise RethinkConfigError(f"rethink: cannot compute a loss on a batch of type {type(batch).__name__}; override compute_loss")
+        batch = dict(batch)
+        labels = batch.pop("labels", None)
+        if labels is None:
+            labels = batch.pop("label", None)
+        model = forward.model
+        config = getattr(model, "config", None)
+        if getattr(config, "is_encoder_decoder", False):
+            pad = getattr(config, "pad_token_id", None)
+            start = getattr(config, "decoder_start_token_id", None)
+            start = start if start is not None else (pad if pad is not None else 0)
+            if loss == "ce":
+                if labels is None:
+                    raise RethinkConfigError("rethink: loss=ce needs labels in the calibration data (or use loss=entropy)")
+                if pad is not None and not bool((labels == -100).any()):
+                    labels = labels.masked_fill(labels == pad, -100)
+                dec = model.prepare_decoder_input_ids_from_labels(labels=labels)
+                logits = forward(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), decoder_input_ids=dec).logits
+                return core.token_loss(logits, labels, "ce", shift=False)
+            dec = torch.full((batch["input_ids"].shape[0], 1), int(start), dtype=torch.long, device=batch["input_ids"].device)
+            logits = forward(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), decoder_input_ids=dec).logits
+            return core.entropy_loss(logits[:, 0])
+        logits = forward(**batch).logits
+        if logits.ndim == 2:  # sequence classification
+            return core.classification_loss(logits, labels if loss == "ce" else None, loss)
+        if loss == "ce" and labels is None:
+            raise RethinkConfigError("rethink: loss=ce needs labels in the calibration data (or use loss=entropy)")
+        return core.token_loss(logits, labels if loss == "ce" else None, loss, shift=True, mask=batch.get("attention_mask"))
+
+    # --------------------------------------------------------------- output
+    def _finish(self, result: core.RethinkResult, names: list[str], timings: dict) -> None:
+        from safetensors.torch import save_file
+
+        log_dir = algorithm_log_dir(self)
+        report = {
+            "method": "pave/rethink (LoRA-DV spectral rethinking)",
+            "inner": str(self._inner_cfg._target_),
+            "models": names,
+            "loss": self.loss,
+            "iterations": self.iterations,
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "mode": self.mode,
+            "n_samples": self.n_samples,
+            "layers": len(result.layers),
+            "changed_layers": len(result.changed),
+            "losses": result.losses,
+            "timings": timings,
+        }
+        self.last_report = report
+        lam_path = self.lambda_save_path or (f"{log_dir}/rethink_lambda.safetensors" if log_dir else None)
+        if lam_path and result.layers:
+            from pathlib import Path
+
+            from pave_plugins.io.atomic import atomic_path
+
+            Path(lam_path).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(lam_path) as tmp:
+                save_file(result.lambda_tensors(), str(tmp), metadata={"format": "pave_plugins.rethink/1"})
+            log.info("rethink: learned Lambda written to %s", lam_path)
+        rep_path = self.report_path or (f"{log_dir}/rethink_report.json" if log_dir else None)
+        if rep_path:
+            write_json(rep_path, report)
+        save_path = program_save_path(self)
+        if save_path is not None and self.write_model_card:
+            program = self._program
+            file_save = type(program.modelpool).save_model is BaseModelPool.save_model
+            losses = ", ".join(f"{l[0]:.4g} -> {l[-1]:.4g}" for l in result.losses if l) or "no training"
+            write_model_card(
+                save_path,
+                method=f"LoRA-DV spectral rethinking of {str(self._inner_cfg._target_).rsplit('.', 1)[-1]} (pave_plugins `pave/rethink`)",
+                description=(
+                    f"{len(names)} models ({', '.join(names)}) merged with `{self._inner_cfg._target_}`, then every 2-D "
+                    f"difference vector to the pre-trained model rescaled in its singular basis (U, V frozen, Lambda "
+                    f"learned with loss={self.loss}, T={self.iterations}, {self.epochs} epochs, lr={self.lr}, "
+                    f"{self.n_samples} {self.calibration_split} samples per task, mode={self.mode})."
+                ),
+                papers=[LORA_DV_PAPER],
+                config_yaml=program_config_yaml(self),
+                details={"layers rethought": len(result.layers), "calibration loss per iteration": losses},
+                is_file=file_save,
+            )
+
+
+def _to_device(batch: Any, device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch

@@ -1,0 +1,111 @@
+"""FusionBench algorithm pave/rethink (LoRA-DV after any merge) through the Python API."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from fusion_bench import BaseModelPool
+from fusion_bench.method import TaskArithmeticAlgorithm
+
+from pave_plugins.fusion_bench.rethink import RethinkConfigError, SpectralRethinking
+
+from rethink_helpers import toy_pool_models, toy_xy
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return toy_pool_models()
+
+
+def _pool(base, fts):
+    val = {t: OmegaConf.create({"_target_": "rethink_helpers.toy_dataset", "task": t, "n": 32}) for t in fts}
+    return BaseModelPool(
+        {"_pretrained_": copy.deepcopy(base), **{k: copy.deepcopy(v) for k, v in fts.items()}}, val_datasets=val
+    )
+
+
+def _calib_ce(model):
+    tot = 0.0
+    with torch.no_grad():
+        for t in ("a", "b"):
+            x, y = toy_xy(t, 32)
+            tot += float(torch.nn.functional.cross_entropy(model(x), y))
+    return tot / 2
+
+
+def test_epochs_zero_is_the_inner_merge_bit_exact(models):
+    base, fts = models
+    ref = TaskArithmeticAlgorithm(scaling_factor=0.5).run(_pool(base, fts))
+    algo = SpectralRethinking(inner={"name": "task_arithmetic", "scaling_factor": 0.5}, epochs=0)
+    out = algo.run(_pool(base, fts))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, out.state_dict()[k]), k
+    assert algo.last_result.changed == [] and algo.last_report["layers"] == 3
+
+
+def test_rethinking_lowers_calibration_loss_keeps_singular_bases(models, tmp_path):
+    base, fts = models
+    ta = TaskArithmeticAlgorithm(scaling_factor=1.0).run(_pool(base, fts))
+    ref = {k: v.detach().clone() for k, v in ta.state_dict().items()}
+    lam_path = tmp_path / "lam.safetensors"
+    algo = SpectralRethinking(inner={"name": "task_arithmetic", "scaling_factor": 1.0}, iterations=2, epochs=10,
+                              lr=0.02, lambda_save_path=str(lam_path), report_path=str(tmp_path / "r.json"))
+    out = algo.run(_pool(base, fts))
+    assert _calib_ce(out) < _calib_ce(ta) - 0.02
+    for name in ("fc1.weight", "fc2.weight", "head.weight"):
+        d0 = (ref[name] - base.state_dict()[name]).double()
+        d1 = (out.state_dict()[name] - base.state_dict()[name]).double()
+        u, s, vh = torch.linalg.svd(d0, full_matrices=False)
+        core = u.T @ d1 @ vh.T
+        assert float((core - torch.diag(torch.diagonal(core))).abs().max()) < 1e-5 * float(s[0])
+    for name in ("fc1.bias", "fc2.bias", "head.bias"):
+        assert torch.equal(ref[name], out.state_dict()[name])
+    lam = load_file(str(lam_path))
+    assert lam["fc1.weight.lambda.1"].numel() == 8 and (tmp_path / "r.json").is_file()
+
+
+def test_entropy_and_ablation_modes_run(models):
+    base, fts = models
+    ta = TaskArithmeticAlgorithm(scaling_factor=1.0).run(_pool(base, fts))
+
+    def ent(m):
+        with torch.no_grad():
+            p = torch.softmax(torch.cat([m(toy_xy(t, 32)[0]) for t in ("a", "b")]), -1)
+        return float(-(p * p.log()).sum(-1).mean())
+
+    out = SpectralRethinking(inner={"name": "task_arithmetic", "scaling_factor": 1.0}, loss="entropy", iterations=1,
+                             epochs=10, lr=0.02).run(_pool(base, fts))
+    assert ent(out) < ent(ta)
+    algo = SpectralRethinking(inner={"name": "task_arithmetic", "scaling_factor": 1.0}, mode="scalar", iterations=1, epochs=2)
+    algo.run(_pool(base, fts))
+    assert all(v.numel() == 1 for v in algo.last_result.lambdas[0].values())
+
+
+def test_hydra_configs_and_errors():
+    import fusion_bench
+
+    for name, loss, lr in (("pave/rethink", "ce", 0.005), ("pave/rethink_entropy", "entropy", 0.005), ("pave/rethink_llm", "ce", 1e-4)):
+        cfg = fusion_bench.initialize_hydra_config("fabric_model_fusion", overrides=[f"method={name}", "~taskpool"])
+        algo = fusion_bench.instantiate(cfg.method)
+        assert isinstance(algo, SpectralRethinking) and algo.loss == loss and algo.lr == lr and algo.n_samples == 32
+        assert OmegaConf.to_container(algo.config)["iterations"] == 3
+    with pytest.raises(RethinkConfigError, match="loss"):
+        SpectralRethinking(loss="mse")
+    with pytest.raises(RethinkConfigError, match="mode"):
+        SpectralRethinking(mode="foo")
+    base, fts = toy_pool_models()
+    with pytest.raises(RethinkConfigError, match="no val datasets"):
+        SpectralRethinking(epochs=1).run(BaseModelPool({"_pretrained_": base, **fts}))
