@@ -15,6 +15,7 @@ from typing import Sequence
 
 # name -> module; each module provides add_parser(subparsers)
 COMMANDS: dict[str, str] = {
+    "collect": "pave_plugins.cli.collect",
     "rethink": "pave_plugins.cli.rethink",
     "demo": "pave_plugins.cli.demo",
     "purify": "pave_plugins.cli.purify",

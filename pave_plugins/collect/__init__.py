@@ -16,9 +16,22 @@ from .collector import (
     hookable_layers,
     peak_memory,
 )
+from .data import DataError, load_texts, tokenize_batches
+from .distributed import all_reduce_covariances
+from .files import check_covariance_file, sum_covariance_files
 from .fingerprint import model_fingerprint
+from .pipeline import collect_from_texts, collect_to_file, load_model
 
 __all__ = [
+    "DataError",
+    "all_reduce_covariances",
+    "check_covariance_file",
+    "collect_from_texts",
+    "collect_to_file",
+    "load_model",
+    "load_texts",
+    "sum_covariance_files",
+    "tokenize_batches",
     "CollectionError",
     "CovarianceCollector",
     "CovarianceSet",

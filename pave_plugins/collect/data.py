@@ -1,0 +1,252 @@
+"""Calibration texts for covariance collection: local files or Hugging Face datasets, sampled and batched.
+
+Sources (``load_table``):
+
+* ``*.jsonl`` (one JSON object per line), ``*.json`` (a list of objects, or JSON lines),
+  ``*.csv`` / ``*.tsv`` (header row), ``*.txt`` (one example per non-empty line, field ``text``);
+* ``*.parquet`` / ``*.arrow`` files and folders written by ``datasets``' ``save_to_disk``
+  (a ``DatasetDict`` needs ``split``), loaded with ``datasets``;
+* a folder of such files (all of them, in name order).
+
+A text is one field (``text_field``; default ``text``, or the only string column) or a template
+filled with the row's fields (``"{sentence1} {sentence2}"``). ``sample_indices`` draws ``n`` rows
+without replacement with a seeded generator, so the same ``--seed`` picks the same rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import string
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet", ".arrow"}
+
+
+class DataError(ValueError):
+    """Calibration data is missing, empty, or lacks the field a text is built from."""
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {i} is not valid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                row = {"text": row} if isinstance(row, str) else None
+                if row is None:
+                    raise DataError(f"{path}: line {i} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _read_file(path: Path, split: str | None) -> Any:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        text = path.read_text(encoding="utf-8")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            return _read_jsonl(path)
+        if isinstance(obj, dict) and split is not None and isinstance(obj.get(split), list):
+            obj = obj[split]
+        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+            obj = obj["data"]
+        if not isinstance(obj, list):
+            raise DataError(f"{path}: expected a JSON list of objects (or JSON lines)")
+        return [r if isinstance(r, dict) else {"text": r} for r in obj]
+    if suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    if suffix == ".txt":
+        with path.open(encoding="utf-8") as f:
+            return [{"text": line.rstrip("\n")} for line in f if line.strip()]
+    if suffix in (".parquet", ".arrow"):
+        import datasets
+
+        builder = "parquet" if suffix == ".parquet" else "arrow"
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    raise DataError(f"{path}: unsupported data file type {suffix!r} (use {sorted(TEXT_SUFFIXES)})")
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def load_table(path: str | Path, *, split: str | None = None) -> Any:
+    """Rows of a data source: a list of dicts or a ``datasets.Dataset`` (``len`` and ``[i] -> dict``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.is_dir() and _is_saved_dataset(path):
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            names = list(ds.keys())
+            if split is None:
+                if "train" in ds:
+                    split = "train"
+                elif len(names) == 1:
+                    split = names[0]
+                else:
+                    raise DataError(f"{path}: a dataset with splits {names}; choose one with --split")
+            if split not in ds:
+                raise DataError(f"{path}: no split {split!r} (splits: {names})")
+            ds = ds[split]
+        elif split is not None:
+            log.info("%s is a single dataset; --split %s ignored", path, split)
+        return ds
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in TEXT_SUFFIXES and not p.name.startswith("."))
+        if split is not None:
+            chosen = [p for p in files if p.stem == split or p.stem.startswith(split + "-") or p.stem.startswith(split + ".")]
+            if not chosen:
+                raise DataError(f"{path}: no data file for split {split!r} (files: {[p.name for p in files]})")
+            files = chosen
+        if not files:
+            raise DataError(f"{path}: no data files ({sorted(TEXT_SUFFIXES)}) and not a saved dataset")
+        rows: list[Any] = []
+        for f in files:
+            part = _read_file(f, None)
+            rows.extend(part if isinstance(part, list) else [part[i] for i in range(len(part))])
+        return rows
+    return _read_file(path, split)
+
+
+def columns_of(table: Any) -> list[str]:
+    names = getattr(table, "column_names", None)
+    if names is not None:
+        return list(names)
+    return list(table[0].keys()) if len(table) else []
+
+
+def text_builder(table: Any, *, text_field: str | None = None, template: str | None = None, source: str = "data"):
+    """A function ``row -> text`` after checking that the fields exist in ``table``."""
+    cols = columns_of(table)
+    if text_field and template:
+        raise DataError("give either a text field or a template, not both")
+    if template is not None:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+        missing = [f for f in fields if f.split(".")[0].split("[")[0] not in cols]
+        if not fields:
+            raise DataError(f"template {template!r} names no field (use e.g. '{{sentence1}} {{sentence2}}')")
+        if missing:
+            raise DataError(f"{source}: template fields {missing} are not columns of the data (columns: {cols})")
+        return lambda row: template.format_map(row)
+    if text_field is None:
+        if "text" in cols:
+            text_field = "text"
+        else:
+            first = table[0] if len(table) else {}
+            str_cols = [c for c in cols if isinstance(first.get(c), str)]
+            if len(str_cols) != 1:
+                raise DataError(
+                    f"{source}: no 'text' column; choose one with --text-field or build one with --template "
+                    f"(columns: {cols})"
+                )
+            text_field = str_cols[0]
+    if text_field not in cols:
+        raise DataError(f"{source}: text field {text_field!r} is not a column of the data (columns: {cols})")
+    field = text_field
+    return lambda row: row[field] if isinstance(row[field], str) else ("" if row[field] is None else str(row[field]))
+
+
+def sample_indices(n_rows: int, n: int | None, seed: int) -> list[int]:
+    """``n`` distinct row indices drawn with ``random.Random(seed)`` (all rows if ``n`` is None or too big), sorted."""
+    if n is None or n >= n_rows:
+        return list(range(n_rows))
+    if n <= 0:
+        raise DataError(f"the number of samples must be positive, got {n}")
+    return sorted(random.Random(seed).sample(range(n_rows), n))
+
+
+def load_texts(
+    path: str | Path,
+    *,
+    text_field: str | None = None,
+    template: str | None = None,
+    split: str | None = None,
+    n_samples: int | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """Sampled, non-empty calibration texts from ``path`` (see the module doc for formats)."""
+    table = load_table(path, split=split)
+    if len(table) == 0:
+        raise DataError(f"{path}: the data is empty (no rows)")
+    build = text_builder(table, text_field=text_field, template=template, source=str(path))
+    texts = []
+    empty = 0
+    for i in sample_indices(len(table), n_samples, seed):
+        t = build(table[i])
+        if t.strip():
+            texts.append(t)
+        else:
+            empty += 1
+    if empty:
+        log.warning("%s: %d sampled row(s) have an empty text and were skipped", path, empty)
+    if not texts:
+        raise DataError(f"{path}: no non-empty text among the {len(table)} rows")
+    return texts
+
+
+def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """Rank ``rank``'s share (``items[rank::world_size]``); the shares of all ranks partition ``items``."""
+    return list(items[rank::world_size])
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Right padding (real tokens keep their positions) and a pad token (eos or unk if missing)."""
+    if getattr(tokenizer, "pad_token", None) is None:
+        for cand in ("eos_token", "unk_token", "bos_token"):
+            if getattr(tokenizer, cand, None) is not None:
+                tokenizer.pad_token = getattr(tokenizer, cand)
+                break
+        else:
+            raise DataError("the tokenizer has no pad, eos, unk or bos token to pad batches with")
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def tokenize_batches(
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    batch_size: int,
+    sort_by_length: bool = True,
+) -> list[dict[str, Any]]:
+    """Tokenised, right-padded batches (dicts of tensors with ``attention_mask``).
+
+    ``sort_by_length`` groups texts of similar length (less padding, faster); the covariance is a
+    sum over tokens, so the order does not change it.
+    """
+    if batch_size <= 0 or max_length <= 0:
+        raise DataError(f"batch size and max length must be positive (got {batch_size}, {max_length})")
+    prepare_tokenizer(tokenizer)
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    ids = enc["input_ids"]
+    order = list(range(len(ids)))
+    if sort_by_length:
+        order.sort(key=lambda i: -len(ids[i]))
+    keys = [k for k in enc.keys() if k in ("input_ids", "attention_mask", "token_type_ids")]
+    batches = []
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        feats = [{k: enc[k][i] for k in keys} for i in chunk]
+        batches.append(dict(tokenizer.pad(feats, padding=True, return_tensors="pt")))
+    return batches
+

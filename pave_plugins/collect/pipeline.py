@@ -1,0 +1,186 @@
+"""From a model directory and a data file to a covariance file (what ``pave collect`` runs)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .collector import CovarianceSet, collect_covariances
+from .data import load_texts, shard, tokenize_batches
+from .distributed import all_reduce_covariances, dist_info, init_from_env
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto`` -> ``cuda`` (this rank's GPU under torchrun) when available, else ``cpu``."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        return "cpu"
+    return device
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    adapter: str | os.PathLike | None = None,
+    device: str = "cpu",
+    device_map: str | None = None,
+    dtype: str = "auto",
+) -> nn.Module:
+    """Load a transformers model with the class named in its config (so heads are included).
+
+    ``dtype="auto"``: float32 on CPU, the checkpoint's dtype on GPU. ``device_map="auto"`` lets
+    accelerate spread a model that does not fit one device (the hooks follow each layer's device).
+    ``adapter``: a PEFT adapter directory loaded on top (not merged: covariances are the base
+    layers' inputs, named as in the merged model).
+    """
+    import transformers
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    cfg = AutoConfig.from_pretrained(str(path))
+    arch = (getattr(cfg, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        cls = transformers.AutoModel
+    if dtype == "auto":
+        torch_dtype: Any = torch.float32 if device == "cpu" and device_map is None else "auto"
+    else:
+        torch_dtype = _DTYPES[dtype]
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if device_map:
+        kwargs["device_map"] = device_map
+    model = cls.from_pretrained(str(path), **kwargs)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not Path(adapter).exists():
+            raise FileNotFoundError(f"adapter directory not found: {adapter}")
+        model = PeftModel.from_pretrained(model, str(adapter))
+    if not device_map:
+        model.to(device)
+    return model.eval()
+
+
+def collect_from_texts(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    batch_size: int = 8,
+    sort_by_length: bool = True,
+    distributed: bool | None = None,
+    **collect_kwargs: Any,
+) -> CovarianceSet:
+    """Tokenise ``texts`` (right padding, truncation at ``max_length``) and collect covariances.
+
+    ``distributed`` (default: whether a ``torch.distributed`` group with more than one rank is
+    initialised): this rank takes ``texts[rank::world_size]`` and the result is all-reduced, so
+    every rank returns the covariances of all ``texts``.
+    """
+    rank, world = dist_info()
+    if distributed is None:
+        distributed = world > 1
+    if distributed and world > 1:
+        if len(texts) < world:
+            raise ValueError(f"{len(texts)} texts for {world} ranks: give at least one text per rank")
+        texts = shard(texts, rank, world)
+    batches = tokenize_batches(tokenizer, texts, max_length=max_length, batch_size=batch_size, sort_by_length=sort_by_length)
+    collect_kwargs.setdefault("progress", rank == 0)
+    cs = collect_covariances(model, batches, **collect_kwargs)
+    if distributed and world > 1:
+        cs = all_reduce_covariances(cs)
+    return cs
+
+
+def collect_to_file(
+    model_path: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    text_field: str | None = None,
+    template: str | None = None,
+    split: str | None = None,
+    n_samples: int | None = 512,
+    seed: int = 0,
+    max_length: int = 512,
+    batch_size: int = 8,
+    adapter: str | os.PathLike | None = None,
+    tokenizer_path: str | os.PathLike | None = None,
+    accumulate_dtype: str = "float64",
+    compute_dtype: str | None = None,
+    device: str | None = "auto",
+    device_map: str | None = None,
+    model_dtype: str = "auto",
+    accumulate_device: str | None = None,
+    layer_filter: str | None = None,
+    dedupe: bool = True,
+    progress: bool = True,
+) -> CovarianceSet:
+    """Load model + tokenizer, sample texts, collect, write ``out`` atomically (rank 0 under torchrun)."""
+    from transformers import AutoTokenizer
+
+    from .fingerprint import model_fingerprint
+
+    if accumulate_dtype not in ("float64", "float32"):
+        raise ValueError(f"--dtype must be float64 or float32, got {accumulate_dtype!r}")
+    texts = load_texts(data, text_field=text_field, template=template, split=split, n_samples=n_samples, seed=seed)
+    dev = resolve_device(device)
+    created = init_from_env(dev)
+    try:
+        rank, world = dist_info()
+        if not Path(model_path).exists():
+            raise FileNotFoundError(f"model directory not found: {model_path}")
+        tok_src = tokenizer_path or model_path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
+        except Exception as exc:
+            raise ValueError(f"cannot load a tokenizer from {tok_src} ({exc}); pass --tokenizer") from exc
+        model = load_model(model_path, adapter=adapter, device=dev, device_map=device_map, dtype=model_dtype)
+        log.info("collecting on %d texts (%s), rank %d of %d, device %s", len(texts), data, rank, world, dev)
+        cs = collect_from_texts(
+            model, tokenizer, texts,
+            max_length=max_length, batch_size=batch_size,
+            accumulate_dtype=_DTYPES[accumulate_dtype],
+            compute_dtype=_DTYPES[compute_dtype] if compute_dtype else None,
+            device=None if device_map else dev,
+            accumulate_device=accumulate_device,
+            layer_filter=layer_filter, dedupe=dedupe,
+            progress=progress and rank == 0,
+        )
+        if rank == 0:
+            # an adapter's covariances serve the merged weights: fingerprint those
+            fp_model = model.merge_and_unload() if adapter is not None else model
+            fp = model_fingerprint(fp_model)
+            extra: dict[str, Any] = {
+                "data": str(data), "split": split, "text_field": text_field, "template": template,
+                "seed": seed, "n_samples_requested": n_samples, "batch_size": batch_size,
+                "adapter": str(adapter) if adapter else None, "model_dtype": model_dtype,
+                "device": dev, "device_map": device_map, "world_size": world,
+            }
+            cs.save(out, model_path=str(model_path), model_fingerprint=fp, max_length=max_length, extra=extra)
+            log.info("wrote %s (%d covariances, %d layers, %d samples, %d tokens)", out,
+                     len(cs.covariances), len(cs.layer_map), cs.n_samples, cs.n_tokens)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return cs
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
