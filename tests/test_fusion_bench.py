@@ -304,3 +304,19 @@ def test_hydra_configs_found_and_instantiated(setup):
     # TSV-C keeps rank floor(R / T) = 4 of fc1's task vector
     d = out["task0"].fc1.weight - base.fc1.weight
     assert int(torch.linalg.matrix_rank(d.double(), rtol=1e-6)) == 4
+
+
+def test_config_mirror_matches_shipped_configs():
+    """configs/fusion_bench/ mirrors pave_plugins/configs/ (every mirrored yaml is identical)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    mirror = root / "configs" / "fusion_bench"
+    shipped = root / "pave_plugins" / "configs"
+    files = sorted(mirror.rglob("*.yaml"))
+    assert len(files) >= 10
+    for f in files:
+        twin = shipped / f.relative_to(mirror)
+        assert twin.is_file() and twin.read_text() == f.read_text(), f
+    for name in ("pave", "pave_ta", "pave_ties", "pave_emr", "pave_dare_ta", "pave_dare_ties", "pave_tsv_m", "tsv_m", "tsv_c"):
+        assert (mirror / "method" / "pave" / f"{name}.yaml").is_file()
