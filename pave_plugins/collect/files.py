@@ -119,7 +119,8 @@ def check_covariance_file(
     *,
     on_fingerprint_mismatch: str = "error",
 ) -> CovarianceFile:
-    """Check that a covariance file fits ``model``: every layer exists with the right input size,
+    """Check that a covariance file fits ``model``: its layers exist with the right input size (a few
+    absent layers, such as a head tied to the embeddings, are a warning; most absent is an error),
     and (``on_fingerprint_mismatch="error"`` or ``"warn"``; ``"ignore"``) the weights' fingerprint matches.
 
     Raises :class:`CovarianceFileError` naming the file and the layer.
@@ -149,7 +150,11 @@ def check_covariance_file(
                 f"{f.path}: covariance of layer {layer!r} is {sizes[key][0]} x {sizes[key][0]} but the model's "
                 f"{target!r} takes {d} input features: this file was collected on another model"
             )
-    if absent:
+    if absent and len(absent) * 2 <= len(f.metadata.layer_map):
+        # a few missing layers: usually a head tied to the embeddings (saved once, under the embedding's name)
+        log.warning("%s: %d layer(s) of the file have no weight of their own in the model (tied heads?): %s",
+                    f.path, len(absent), absent[:4])
+    elif absent:
         raise CovarianceFileError(
             f"{f.path}: {len(absent)} layer(s) of the file are not in the model, e.g. {absent[:4]}: "
             "this file was collected on another model"
