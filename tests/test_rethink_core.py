@@ -181,7 +181,8 @@ def test_loss_decreases_and_u_v_frozen_and_manual_reconstruction():
     with torch.no_grad():
         loss_before = float(nn.functional.cross_entropy(merged(x), y))
     res = rt.rethink(merged, pre, batches, _ce, layers=LAYERS, iterations=3, epochs=10, lr=5e-2, progress=False)
-    loss_after = float(nn.functional.cross_entropy(merged(x), y))
+    with torch.no_grad():
+        loss_after = float(nn.functional.cross_entropy(merged(x), y))
     assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
     assert len(res.losses) == 3 and all(len(l) == 10 for l in res.losses)
     # other parameters untouched

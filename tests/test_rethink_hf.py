@@ -242,3 +242,39 @@ def test_build_batches_template_labels_and_errors(tmp_path):
         load_lora_adapter(tmp_path)
     bad = write_jsonl(tmp_path / "bad.jsonl", ["x"])
     assert main(["rethink", "--base", str(tmp_path), "--merged", str(tmp_path), "--calib", str(bad), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_gpt2_conv1d_lora_fan_in_fan_out_matches_peft(tmp_path):
+    """GPT-2 stores Conv1D weights as (in, out): PEFT's fan_in_fan_out adapters are transposed."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rethink_helpers import WORDS
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(WORDS) + 5, n_embd=16, n_layer=1, n_head=2, n_positions=32, eos_token_id=4, bos_token_id=2)
+    base = GPT2LMHeadModel(cfg)
+    base.save_pretrained(tmp_path / "base")
+    tiny_tokenizer(tmp_path / "base")
+    pm = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                        LoraConfig(r=2, lora_alpha=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.3)
+    pm.save_pretrained(tmp_path / "lora")
+    calib = write_jsonl(tmp_path / "g.jsonl", [{"input": "the cat", "target": "sat"}] * 4)
+    out = tmp_path / "out"
+    _cli("--base", tmp_path / "base", "--lora", f"t={tmp_path / 'lora'}", "--calib", calib, "--epochs", "0", "--out", out)
+    ref = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), str(tmp_path / "lora")).merge_and_unload()
+    got = _weights(out)
+    assert "transformer.h.0.attn.c_attn.weight" in got and "transformer.h.0.mlp.c_fc.weight" in got
+    assert not torch.equal(got["transformer.h.0.attn.c_attn.weight"], base.state_dict()["transformer.h.0.attn.c_attn.weight"])
+    for k, v in ref.state_dict().items():
+        if k in got:
+            torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6)
+    out2 = tmp_path / "out2"
+    _cli("--base", tmp_path / "base", "--lora", f"t={tmp_path / 'lora'}", "--calib", calib, "--epochs", "2",
+         "--iterations", "1", "--lr", "0.05", "--out", out2)
+    recipe = json.loads((out2 / "rethink.json").read_text())
+    assert recipe["low_rank_layers"] == 2 and recipe["losses"][0][-1] < recipe["losses"][0][0]
