@@ -16,13 +16,14 @@ discovery. This module adds it without touching mergekit:
       [project.entry-points."mergekit.merge_methods"]
       my_method = "my_package.mergekit:my_merge_method"
 
+:func:`when_imported` is the same mechanism for other modules: the ``pave`` plugin uses it to wrap
+mergekit's output writer (for its rank report) only once ``mergekit.io.tasks`` is imported.
+
 Rules: a method whose name mergekit (or an earlier plugin) already has is *not* registered (a
 warning says so: never a silent override); a plugin that fails to import is skipped with a
 warning (mergekit keeps working); ``PAVE_PLUGINS_DISABLE=1`` turns the whole mechanism off
 (neither the finder nor any plugin is installed).
 """
-
-from __future__ import annotations
 
 import os
 import sys
@@ -61,7 +62,7 @@ def _as_methods(obj):
     return methods
 
 
-def load_plugins() -> list[str]:
+def load_plugins() -> list:
     """Register the merge methods of all ``mergekit.merge_methods`` entry points (once per process).
 
     Returns the names registered by this call. Never raises: failures become warnings.
@@ -86,12 +87,12 @@ def load_plugins() -> list[str]:
     return register_entry_points(eps, registry)
 
 
-def register_entry_points(eps, registry) -> list[str]:
+def register_entry_points(eps, registry) -> list:
     """Load each entry point and register its methods in ``registry``; returns the names registered.
 
     A failing entry point, a non-method object or a name clash gives a warning, never an error.
     """
-    registered: list[str] = []
+    registered = []
     for ep in eps:
         try:
             methods = _as_methods(ep.load())
@@ -118,11 +119,38 @@ def register_entry_points(eps, registry) -> list[str]:
     return registered
 
 
-class _LoaderProxy:
-    """Delegates to the real loader and loads the plugins right after the module has executed."""
+# module name -> callbacks to run right after that module has been imported
+_post_import: dict = {}
 
-    def __init__(self, loader):
+
+def when_imported(module_name: str, callback) -> None:
+    """Run ``callback(module)`` right after ``module_name`` is imported (now, if it already is).
+
+    Lets a plugin attach to a mergekit module only when a program actually uses it, without
+    importing it early. Callback errors become warnings.
+    """
+    module = sys.modules.get(module_name)
+    if module is not None:
+        _run_callbacks(module_name, module, [callback])
+        return
+    _post_import.setdefault(module_name, []).append(callback)
+    _ensure_finder()
+
+
+def _run_callbacks(name, module, callbacks) -> None:
+    for cb in callbacks:
+        try:
+            cb(module)
+        except Exception as exc:
+            _warn(f"post-import hook for {name} failed: {type(exc).__name__}: {exc}")
+
+
+class _LoaderProxy:
+    """Delegates to the real loader and runs the post-import callbacks after the module executed."""
+
+    def __init__(self, loader, name):
         self._loader = loader
+        self._name = name
 
     def __getattr__(self, name):
         return getattr(self._loader, name)
@@ -136,18 +164,17 @@ class _LoaderProxy:
             module.__spec__.loader = self._loader
         module.__loader__ = self._loader
         self._loader.exec_module(module)
-        _remove_finder()
-        try:
-            load_plugins()
-        except Exception as exc:  # pragma: no cover - load_plugins already guards itself
-            _warn(f"mergekit plugins not loaded: {exc!r}")
+        callbacks = _post_import.pop(self._name, [])
+        if not _post_import:
+            _remove_finder()
+        _run_callbacks(self._name, module, callbacks)
 
 
 class _MergekitFinder:
-    """A meta-path finder that only ever answers for ``mergekit.merge_methods``."""
+    """A meta-path finder that only answers for the few module names that have post-import hooks."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != _TARGET:
+        if fullname not in _post_import:
             return None
         for finder in sys.meta_path:
             if finder is self or isinstance(finder, _MergekitFinder):
@@ -162,8 +189,13 @@ class _MergekitFinder:
             return None
         if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        spec.loader = _LoaderProxy(spec.loader)
+        spec.loader = _LoaderProxy(spec.loader, fullname)
         return spec
+
+
+def _ensure_finder() -> None:
+    if not any(isinstance(f, _MergekitFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _MergekitFinder())
 
 
 def _remove_finder() -> None:
@@ -171,14 +203,10 @@ def _remove_finder() -> None:
 
 
 def install() -> None:
-    """Install the finder (or load the plugins now if mergekit.merge_methods is already imported)."""
+    """Load the plugins when ``mergekit.merge_methods`` is imported (now, if it already is)."""
     if disabled():
         return
-    if _TARGET in sys.modules:
-        load_plugins()
-        return
-    if not any(isinstance(f, _MergekitFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _MergekitFinder())
+    when_imported(_TARGET, lambda _module: load_plugins())
 
 
 install()

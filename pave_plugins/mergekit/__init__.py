@@ -16,9 +16,13 @@ __all__ = ["pave_merge_method", "tsv_merge_method", "last_report", "PAVE_URL", "
 
 def __getattr__(name: str) -> Any:
     if name in ("pave_merge_method", "PAVE_URL"):
+        from pave_plugins._mergekit_bootstrap import when_imported
+
         from . import pave, report
 
-        report.install_output_hooks()
+        # attach the rank report to mergekit's output writer when (and only if) it is imported:
+        # mergekit.io.tasks pulls in transformers, too heavy for `import mergekit.merge_methods`
+        when_imported("mergekit.io.tasks", report.install_output_hooks)
         return getattr(pave, name)
     if name in ("tsv_merge_method", "TSV_URL"):
         from . import tsv

@@ -227,17 +227,19 @@ def _finish_output(out_path: str | None) -> None:
         _last = report
 
 
-def install_output_hooks() -> bool:
+def install_output_hooks(tasks: Any = None) -> bool:
     """Wrap mergekit's ``TensorWriterTask.execute`` and ``FinalizeModel.execute`` (idempotent).
 
-    Returns False (and logs why) when mergekit's output tasks do not look as expected; the merge
-    then still works and the report stays available through :func:`last_report`.
+    ``tasks`` is the ``mergekit.io.tasks`` module (imported if not given). Returns False (and
+    logs why) when mergekit's output tasks do not look as expected; the merge then still works
+    and the report stays available through :func:`last_report`.
     """
-    try:
-        from mergekit.io import tasks
-    except Exception as exc:  # pragma: no cover
-        logger.warning("pave: rank report hooks not installed (%r)", exc)
-        return False
+    if tasks is None:
+        try:
+            import mergekit.io.tasks as tasks
+        except Exception as exc:  # pragma: no cover
+            logger.warning("pave: rank report hooks not installed (%r)", exc)
+            return False
     if getattr(tasks, "_pave_output_hooks", False):
         return True
     writer_cls = getattr(tasks, "TensorWriterTask", None)
