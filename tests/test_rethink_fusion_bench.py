@@ -109,3 +109,58 @@ def test_hydra_configs_and_errors():
     base, fts = toy_pool_models()
     with pytest.raises(RethinkConfigError, match="no val datasets"):
         SpectralRethinking(epochs=1).run(BaseModelPool({"_pretrained_": base, **fts}))
+
+
+def test_compute_loss_matches_transformers_own_losses():
+    """Dict batches (FusionBench HF pools): CE equals the model's own loss; entropy by hand."""
+    from transformers import BertForSequenceClassification, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    from pave_plugins.core.rethink import Forward
+    from rethink_helpers import bert_config, llama_config
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    algo = SpectralRethinking(loss="ce")
+    ent_algo = SpectralRethinking(loss="entropy")
+    ids = torch.randint(5, 25, (3, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    # causal LM: labels with -100 on the prompt
+    lm = LlamaForCausalLM(llama_config()).eval()
+    labels = ids.clone()
+    labels[:, :3] = -100
+    with torch.no_grad():
+        ref = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        got = algo.compute_loss(Forward(lm, {}), {"input_ids": ids, "attention_mask": mask, "labels": labels}, "t")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    # seq2seq (Flan-T5 style): labels padded with the pad id
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=30, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                             decoder_start_token_id=0, pad_token_id=0)).eval()
+    tl = torch.tensor([[7, 8, 1], [9, 1, 0], [5, 1, 0]])
+    with torch.no_grad():
+        ref = t5(input_ids=ids, attention_mask=mask, labels=tl.masked_fill(tl == 0, -100)).loss
+        got = algo.compute_loss(Forward(t5, {}), {"input_ids": ids, "attention_mask": mask, "labels": tl}, "t")
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        first = t5(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.zeros(3, 1, dtype=torch.long)).logits[:, 0]
+        p = torch.softmax(first, -1)
+        got = ent_algo.compute_loss(Forward(t5, {}), {"input_ids": ids, "attention_mask": mask}, "t")
+        torch.testing.assert_close(got, -(p * p.log()).sum(-1).mean(), rtol=1e-5, atol=1e-6)
+    # sequence classifier
+    bert = BertForSequenceClassification(bert_config(3)).eval()
+    y = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        ref = bert(input_ids=ids, attention_mask=mask, labels=y).loss
+        got = algo.compute_loss(Forward(bert, {}), {"input_ids": ids, "attention_mask": mask, "labels": y}, "t")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_model_card_and_outputs_with_a_program(models, tmp_path):
+    from types import SimpleNamespace
+
+    base, fts = models
+    pool = _pool(base, fts)
+    algo = SpectralRethinking(inner="task_arithmetic", iterations=1, epochs=1, report_path=str(tmp_path / "rep.json"))
+    algo._program = SimpleNamespace(merged_model_save_path=str(tmp_path / "merged"), modelpool=pool, config=None, log_dir=str(tmp_path))
+    algo.run(pool)
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "LoRA-DV" in card and "pave/rethink" in card and "inner: task_arithmetic" in card
