@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -162,5 +163,8 @@ def test_model_card_and_outputs_with_a_program(models, tmp_path):
     algo = SpectralRethinking(inner="task_arithmetic", iterations=1, epochs=1, report_path=str(tmp_path / "rep.json"))
     algo._program = SimpleNamespace(merged_model_save_path=str(tmp_path / "merged"), modelpool=pool, config=None, log_dir=str(tmp_path))
     algo.run(pool)
-    card = (tmp_path / "merged" / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text()  # BaseModelPool saves one file: the card lies beside it
     assert "LoRA-DV" in card and "pave/rethink" in card and "inner: task_arithmetic" in card
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert rep["layers"] == 3 and len(rep["losses"]) == 1
+    assert (tmp_path / "rethink_lambda.safetensors").is_file()  # default: <log_dir>/

@@ -281,7 +281,7 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
     def _finish(self, result: core.RethinkResult, names: list[str], timings: dict) -> None:
         from safetensors.torch import save_file
 
-        log_dir = algorithm_log_dir(self)
+        log_dir = algorithm_log_dir(self) or getattr(getattr(self, "_program", None), "log_dir", None)
         report = {
             "method": "pave/rethink (LoRA-DV spectral rethinking)",
             "inner": str(self._inner_cfg._target_),
