@@ -170,9 +170,10 @@ def toy_pool_models(seed: int = 0):
         m.load_state_dict(base.state_dict())
         x, y = toy_xy(task, 128, seed=100)
         opt = torch.optim.Adam(m.parameters(), lr=0.05)
-        for _ in range(40):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(m(x), y).backward()
-            opt.step()
+        with torch.enable_grad():
+            for _ in range(40):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(m(x), y).backward()
+                opt.step()
         fts[task] = m
     return base, fts

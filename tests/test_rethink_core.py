@@ -302,3 +302,11 @@ def test_bad_inputs_have_clear_errors():
         rt.rethink(merged, {}, batches, _ce, layers=["fc1.weight"])
     with pytest.raises(ValueError, match="do not form"):
         rt.decompose_low_rank(rt.LowRankDelta([torch.ones(3, 2)], [torch.ones(3, 4)]))
+
+
+def test_runs_under_no_grad_like_a_model_pool_loader():
+    base, merged, batches, x, y = _setup()
+    with torch.no_grad():
+        before = float(nn.functional.cross_entropy(merged(x), y))
+        rt.rethink(merged, _state(base), batches, _ce, layers=LAYERS, iterations=1, epochs=5, lr=5e-2, progress=False)
+        assert float(nn.functional.cross_entropy(merged(x), y)) < before

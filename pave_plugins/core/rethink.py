@@ -465,7 +465,8 @@ def rethink(
             if t > 0:
                 _redecompose(states, params, base, cfg)
             lams = _init_lambdas(states, cfg, gen)
-            epoch_losses = _train(model, states, lams, batches, loss_fn, cfg, gen, t) if cfg.mode != "random" else []
+            with torch.enable_grad():  # callers (e.g. a model pool's loader) may run under no_grad
+                epoch_losses = _train(model, states, lams, batches, loss_fn, cfg, gen, t) if cfg.mode != "random" else []
             result.lambdas.append({n: lam.detach().clone() for n, lam in lams.items()})
             result.sigmas.append({n: st.spectrum.s.detach().clone() for n, st in states.items()})
             result.losses.append(epoch_losses)
