@@ -95,22 +95,6 @@ def task_dataset(name: str, n: int = 40):
     return torch.utils.data.TensorDataset(inputs_for(name, n))
 
 
-class FakeCovarianceSet:
-    """Stand-in for pave_plugins.collect's CovarianceSet: ``get(layer)``; counts examples seen."""
-
-    def __init__(self, covs, n_examples):
-        self.covs, self.n_examples = covs, n_examples
-
-    def get(self, layer):
-        return self.covs[layer]
-
-
-def fake_collect_covariances(model, batches):
-    xs = [b[0] if isinstance(b, (list, tuple)) else b for b in batches]
-    x = torch.cat(xs)
-    return FakeCovarianceSet(covariances_of(model, x), x.shape[0])
-
-
 class OutputMatchTaskPool:
     """A task pool scoring a model per task by -MSE to the individual fine-tuned model's outputs."""
 

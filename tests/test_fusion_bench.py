@@ -211,21 +211,22 @@ def test_progressive_search(setup, tmp_path):
 
 
 def test_in_run_covariances_from_pool_task_data(setup, monkeypatch):
-    """covariances: null -> each fine-tuned model is fed n_samples of its own task's train data."""
-    import sys
-    import types
+    """covariances: null -> each fine-tuned model is fed n_samples of its own task's train data
+    through pave_plugins.collect.collect_covariances; compared with X^T X from plain hooks."""
+    import pave_plugins.collect as collect_mod
 
     import fusion_bench_helpers as h
 
     base, fts, _, _ = setup
     fed = {}
+    real = collect_mod.collect_covariances
 
-    def collect(model, batches):
-        cs = h.fake_collect_covariances(model, batches)
-        fed[id(model)] = cs.n_examples
-        return cs
+    def spy(model, batches):
+        batches = list(batches)
+        fed[id(model)] = sum(b[0].shape[0] for b in batches)
+        return real(model, batches)
 
-    monkeypatch.setitem(sys.modules, "pave_plugins.collect", types.SimpleNamespace(collect_covariances=collect))
+    monkeypatch.setattr(collect_mod, "collect_covariances", spy)
     n = 24
     train = {k: {"_target_": "fusion_bench_helpers.task_dataset", "name": k} for k in fts}
     pool = BaseModelPool(pool_dict(base, fts), train_datasets=train)
