@@ -10,15 +10,7 @@ Found by the stock ``fusion_bench`` CLI through the Hydra search-path plugin
   (arXiv 2412.00081), same weights as FusionBench's TSVM, streamed.
 """
 
+from .pave import PAVEAlgorithm, PAVEConfigError
 from .tsv import TSVCompression, TSVMerging
 
-__all__ = ["TSVCompression", "TSVMerging"]
-
-try:  # PAVE is added once its module exists
-    from .pave import PAVEAlgorithm  # noqa: F401
-
-    __all__.append("PAVEAlgorithm")
-except ImportError as _exc:  # pragma: no cover
-    if "pave_plugins.fusion_bench.pave" not in str(_exc) and "No module named" not in str(_exc):
-        raise
-from .rethink import SpectralRethinking  # noqa: E402,F401  (LoRA-DV, `pave/rethink`)
+__all__ = ["PAVEAlgorithm", "PAVEConfigError", "TSVCompression", "TSVMerging"]
