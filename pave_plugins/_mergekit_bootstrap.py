@@ -104,7 +104,10 @@ def register_entry_points(eps, registry) -> list:
             continue
         for method in methods:
             name = method.spec.name
-            if any(m.spec.name == name for m in registry.registered_methods()):
+            same_name = [m for m in registry.registered_methods() if m.spec.name == name]
+            if same_name and same_name[0] is method:
+                continue
+            if same_name:
                 _warn(
                     f"merge method {name!r} from plugin {ep.value} was not registered: "
                     "mergekit already has a method of that name (set a different name in the plugin)"
@@ -117,6 +120,43 @@ def register_entry_points(eps, registry) -> list:
                 continue
             registered.append(name)
     return registered
+
+
+_deferred: set = set()
+
+
+def defer(name: str) -> None:
+    """An entry point found its plugin module half-way through its import: that module will call
+    :func:`register_late` for the method ``name`` when it has finished."""
+    _deferred.add(name)
+
+
+def register_late(method) -> None:
+    """Register ``method`` if the plugins were loaded while its module was still importing.
+
+    Happens when a program imports a plugin module before mergekit: that import pulls in
+    ``mergekit.merge_methods``, whose plugin loading finds the plugin module half-initialised (its
+    entry point then yields nothing). Same rules as :func:`register_entry_points`: no override,
+    respects the opt-out, never raises.
+    """
+    if disabled() or method.spec.name not in _deferred:
+        return  # the normal entry-point loading registers it
+    _deferred.discard(method.spec.name)
+    registry = sys.modules.get("mergekit.merge_methods.registry")
+    if registry is None:
+        return
+    try:
+        existing = [m for m in registry.registered_methods() if m.spec.name == method.spec.name]
+        if existing:
+            if existing[0] is not method:
+                _warn(
+                    f"merge method {method.spec.name!r} was not registered: "
+                    "mergekit already has a method of that name"
+                )
+            return
+        registry.register(method)
+    except Exception as exc:
+        _warn(f"merge method {getattr(method.spec, 'name', method)!r} could not be registered: {exc}")
 
 
 # module name -> callbacks to run right after that module has been imported

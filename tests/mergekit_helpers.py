@@ -141,3 +141,15 @@ def load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+def clashing_method():
+    """A plugin entry point that returns a new method named like one of mergekit's own."""
+    from mergekit.merge_methods.base import TensorGroup
+    from mergekit.merge_methods.easy_define import merge_method
+
+    def kernel(group: TensorGroup) -> torch.Tensor:
+        return group.entries[0].tensor
+
+    kernel.__annotations__ = {"group": TensorGroup, "return": torch.Tensor}
+    return merge_method(kernel, name="linear")

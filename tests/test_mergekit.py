@@ -128,6 +128,13 @@ def test_stock_mergekit_finds_methods_and_opt_out(tmp_path):
     env = dict(os.environ, PAVE_PLUGINS_DISABLE="1")
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert "'pave'" not in off.stdout and "'tsv'" not in off.stdout and "'ties'" in off.stdout
+    # importing our module first (it imports mergekit, which loads the plugins half-way through
+    # that import) still registers both methods, with no warning
+    first = subprocess.run(
+        [sys.executable, "-c", "import pave_plugins.mergekit.pave; " + code], capture_output=True, text=True, check=True
+    )
+    assert "'pave'" in first.stdout and "'tsv'" in first.stdout
+    assert "not registered" not in first.stderr and "failed" not in first.stderr
 
 
 def test_startup_cost_under_10ms():
@@ -154,7 +161,7 @@ def test_plugin_errors_warn_and_never_override(caplog):
     before = {m.spec.name: m for m in registry.registered_methods()}
     eps = [
         EntryPoint("broken", "pave_plugins_no_such_module:x", "mergekit.merge_methods"),
-        EntryPoint("clash", "mergekit.merge_methods.registry:linear_merge", "mergekit.merge_methods"),
+        EntryPoint("clash", "mergekit_helpers:clashing_method", "mergekit.merge_methods"),
         EntryPoint("notamethod", "os:sep", "mergekit.merge_methods"),
     ]
     with caplog.at_level("WARNING", logger="pave_plugins.mergekit"):
@@ -434,3 +441,20 @@ def test_tsv_exclude_filter_gives_mean_task_vector(llama, tmp_path):
     torch.testing.assert_close(merged[name], base[name] + 0.5 * mean)
     head = "lm_head.weight"  # 2-D, not excluded: TSV-M (not the mean)
     assert not torch.allclose(merged[head], base[head] + 0.5 * sum(ft[head] - base[head] for ft in fts) / 2)
+
+
+def test_target_delta_uniform_allocation(llama, tmp_path):
+    """target=delta, rank_allocation=uniform: SVD_r(dW C) C^{-1} with r = floor(rho R) for every model."""
+    extra = "  lambda: 1.0\n  target: delta\n  rank_allocation: uniform\n"
+    merged = load_tensors(run_inprocess(pave_yaml(llama, "task_arithmetic", extra, weights=(1.0, 1.0)), tmp_path / "d"))
+    base = load_tensors(llama["base"])
+    fts = [load_tensors(d) for d in llama["fts"]]
+    cfs = [CovarianceFile(c) for c in llama["covs"]]
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight"):
+        b = base[name].double()
+        r = int(RHO * min(b.shape))
+        tvs = [dense_purified_weight(ft[name].double() - b, cf.get(name), r) for ft, cf in zip(fts, cfs)]
+        torch.testing.assert_close(merged[name].double(), b + sum(tvs), rtol=1e-5, atol=2e-6, msg=name)
+    rep = json.loads((tmp_path / "d" / "pave_rank_report.json").read_text())
+    assert rep["settings"]["target"] == "delta" and rep["settings"]["rank_allocation"] == "uniform"
+    assert all(m["rank"] == int(RHO * m["full_rank"]) for t in rep["tensors"].values() if t["purified"] for m in t["models"].values())

@@ -9,22 +9,36 @@ import mergekit.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 __all__ = ["pave_merge_method", "tsv_merge_method", "last_report", "PAVE_URL", "TSV_URL"]
 
 
+def _being_imported(module: str, attribute: str) -> bool:
+    """True while ``module`` is half-way through its own import (it imported mergekit, which then
+    loaded the plugins): the entry point then yields nothing and the module registers itself at its
+    end (see ``register_late`` in the bootstrap)."""
+    mod = sys.modules.get(f"{__name__}.{module}")
+    return mod is not None and not hasattr(mod, attribute)
+
+
 def __getattr__(name: str) -> Any:
     if name in ("pave_merge_method", "PAVE_URL"):
-        from pave_plugins._mergekit_bootstrap import when_imported
+        if name == "pave_merge_method" and _being_imported("pave", name):
+            from pave_plugins._mergekit_bootstrap import defer
 
-        from . import pave, report
+            defer("pave")
+            return ()
+        from . import pave
 
-        # attach the rank report to mergekit's output writer when (and only if) it is imported:
-        # mergekit.io.tasks pulls in transformers, too heavy for `import mergekit.merge_methods`
-        when_imported("mergekit.io.tasks", report.install_output_hooks)
         return getattr(pave, name)
     if name in ("tsv_merge_method", "TSV_URL"):
+        if name == "tsv_merge_method" and _being_imported("tsv", name):
+            from pave_plugins._mergekit_bootstrap import defer
+
+            defer("tsv")
+            return ()
         from . import tsv
 
         return getattr(tsv, name)

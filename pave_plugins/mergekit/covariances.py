@@ -86,7 +86,11 @@ class CovarianceStore:
 
         ``tensor_names`` (the model's tensor names) default to those of mergekit's loader.
         """
-        key = (model, path)
+        try:  # a file rewritten between two merges in one process is opened again
+            st = os.stat(os.path.expanduser(path))
+            key = (model, path, st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = (model, path, None, None)
         with self._lock:
             cf = self._files.get(key)
             if cf is None:
@@ -107,7 +111,7 @@ class CovarianceStore:
     ) -> tuple[PreparedCovariance, str]:
         """The prepared covariance of ``layer`` (shared by the layers that read the same input)."""
         cov_key = cf.key_for(layer)
-        path = str(cf.path)
+        path = f"{cf.path}@{id(cf)}"  # one cache per opened file object
         ck = (cov_key, str(device), str(compute_dtype))
         with self._lock:
             cache = self._prepared.setdefault(path, OrderedDict())
@@ -118,7 +122,7 @@ class CovarianceStore:
             cov = cf.get(layer, device=device)
             try:
                 prepared = prepare_covariance(
-                    cov, compute_dtype=compute_dtype, name=f"covariance {cov_key!r} (layer {layer!r}) in {path}"
+                    cov, compute_dtype=compute_dtype, name=f"covariance {cov_key!r} (layer {layer!r}) in {cf.path}"
                 )
             except ValueError as exc:
                 raise CovarianceFileError(str(exc)) from exc

@@ -36,11 +36,12 @@ from mergekit.merge_methods.base import (
 from pydantic import AfterValidator
 from typing_extensions import Annotated, Literal
 
+from pave_plugins._mergekit_bootstrap import register_late, when_imported
 from pave_plugins.core.rank_allocation import check_rho_gamma
 
 from .covariances import CovarianceStore
 from .purification import COMPUTE_DTYPES, purify_tensor
-from .report import current_report
+from .report import current_report, install_output_hooks
 
 logger = logging.getLogger("pave_plugins.mergekit")
 
@@ -222,3 +223,8 @@ class PaveMerge(GroupMergeMethod):
 
 
 pave_merge_method = PaveMerge()
+
+# attach the rank report to mergekit's output writer when (and only if) it is imported:
+# mergekit.io.tasks pulls in transformers, too heavy for `import mergekit.merge_methods`
+when_imported("mergekit.io.tasks", install_output_hooks)
+register_late(pave_merge_method)

@@ -20,6 +20,7 @@ import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, TensorGroup
 from mergekit.merge_methods.easy_define import merge_method
 
+from pave_plugins._mergekit_bootstrap import register_late
 from pave_plugins.core import mean_task_vector, tsv_merge
 
 TSV_URL = "https://arxiv.org/abs/2412.00081"
@@ -43,3 +44,6 @@ def tsv_merge_method(group: TensorGroup, alpha: float = 1.0, exclude: bool = Fal
     else:
         update = mean_task_vector(task_vectors, alpha)
     return (base_w + update).to(base.dtype)
+
+
+register_late(tsv_merge_method)
