@@ -281,7 +281,6 @@ class CovarianceCollector:
         self.compute_dtype = compute_dtype or accumulate_dtype
         if self.compute_dtype not in (torch.float64, torch.float32):
             raise ValueError(f"compute_dtype must be torch.float64 or torch.float32, got {compute_dtype}")
-        self.accumulate_device = None if accumulate_device is None else torch.device(accumulate_device)
         self.device = None if device is None else torch.device(device)
         self.dedupe = dedupe
         self.layers = hookable_layers(model, layer_filter)
@@ -290,6 +289,9 @@ class CovarianceCollector:
                 f"{type(model).__name__} has no linear layer to hook (nn.Linear, GPT-2 Conv1D or PEFT-wrapped)"
                 + (" that passes layer_filter" if layer_filter is not None else "")
             )
+        if accumulate_device in (None, "auto"):
+            accumulate_device = self._auto_accumulate_device()
+        self.accumulate_device = None if accumulate_device is None else torch.device(accumulate_device)
         self.layer_map: dict[str, str] = {}
         self.owner: dict[str, str] = {}  # key -> layer that created it
         self.acc: dict[str, Tensor] = {}
@@ -299,6 +301,24 @@ class CovarianceCollector:
         self.unmasked: set[str] = set()
         self._handles: list[Any] = []
         self._reset_batch(None)
+
+    def _auto_accumulate_device(self) -> str | None:
+        """``None`` (each layer's device) when the accumulators fit in half the free GPU memory, else ``"cpu"``."""
+        need: dict[torch.device, int] = {}
+        item = torch.finfo(self.accumulate_dtype).bits // 8
+        for h in self.layers:
+            w = getattr(h.module, "weight", None)
+            if w is not None and w.device.type == "cuda":
+                need[w.device] = need.get(w.device, 0) + h.in_features**2 * item  # upper bound (before dedupe)
+        for dev, n in need.items():
+            free, _ = torch.cuda.mem_get_info(dev)
+            if n > 0.5 * free:
+                log.warning(
+                    "covariances need up to %.1f GiB on %s (%.1f GiB free): accumulating on the CPU "
+                    "(one device-to-host copy per layer and batch)", n / 2**30, dev, free / 2**30
+                )
+                return "cpu"
+        return None
 
     # -- hooks
     def __enter__(self) -> "CovarianceCollector":
@@ -512,8 +532,9 @@ def collect_covariances(
         accumulate_dtype: ``torch.float64`` (default) or ``torch.float32``; never half precision.
         compute_dtype: dtype of the per-batch ``X^T X`` product (default: ``accumulate_dtype``).
         device: where batch tensors are moved (default: the device of the model's first parameter).
-        accumulate_device: where the accumulators live (default: the device of each layer's input;
-            ``"cpu"`` keeps them off a GPU that is too small for them).
+        accumulate_device: where the accumulators live; default (``None`` / ``"auto"``): the device of
+            each layer's input when they fit in half the free GPU memory, else ``"cpu"`` (per-batch
+            products are computed on the GPU and added on the host).
         progress: tqdm bar with tokens/s.
         layer_filter: regex on layer names, or ``(name, module) -> bool``.
         dedupe: store one covariance per distinct input tensor (q/k/v, gate/up share one).
