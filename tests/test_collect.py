@@ -201,3 +201,18 @@ def test_save_roundtrip_and_fingerprint(tmp_path):
     assert model_fingerprint(tmp_path / "m") == fp == model_fingerprint(model.state_dict())
     assert model_fingerprint(copy.deepcopy(model).to(torch.bfloat16)) == fp
     assert model_fingerprint(tiny_llama(seed=5)) != fp
+
+
+def test_peft_bert_with_modules_to_save_names_match_merged():
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS",
+                     init_lora_weights=False)
+    torch.manual_seed(2)
+    peft_model = get_peft_model(tiny_bert(), cfg).eval()
+    batch = _batch(TEXTS[:3])
+    got = collect_covariances(peft_model, [batch], progress=False)
+    ref = collect_covariances(copy.deepcopy(peft_model).merge_and_unload().eval(), [batch], progress=False)
+    assert got.layer_map == ref.layer_map and "classifier" in got.layer_map
+    for name in ref.layer_map:
+        assert_rel(got.get(name), ref.get(name))

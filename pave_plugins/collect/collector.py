@@ -234,7 +234,9 @@ def hookable_layers(model: nn.Module, layer_filter: LayerFilter = None) -> list[
                 break
         for w in wrappers:
             if raw.startswith(w + ".modules_to_save."):
-                name = _strip_peft(w, peft)
+                # "<wrapper>.modules_to_save.<adapter>[.<child>]" -> "<wrapper>[.<child>]"
+                rest = raw[len(w) + len(".modules_to_save.") :].split(".", 1)
+                name = _strip_peft(w, peft) + ("." + rest[1] if len(rest) > 1 else "")
         if keep is not None and not keep(name, m):
             continue
         out.append(HookedLayer(raw, name, m, kind, int(d)))
