@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "rethink": "pave_plugins.cli.rethink",
     "demo": "pave_plugins.cli.demo",
     "purify": "pave_plugins.cli.purify",
+    "bench": "pave_plugins.cli.bench",
 }
 
 
