@@ -103,12 +103,16 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch default)")
-    ap.add_argument("--worker", choices=["fusionbench", "pave_plugins"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["fusionbench", "pave_plugins", "make"], help=argparse.SUPPRESS)
+    ap.add_argument("--tasks-arg", type=int, default=8, help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker == "make":
+        (args.dir / "paths.json").write_text(json.dumps(make_models(args.dir, args.layers, args.tasks)))
+        return
     if args.worker:
         worker(args.worker, args.dir, args.layers, args.out)
         return
@@ -116,9 +120,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_tsvm_") as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
-        paths = make_models(folder, args.layers, args.tasks)
-        (folder / "paths.json").write_text(json.dumps(paths))
-        n_params = sum(v.numel() for v in torch.load(paths["_pretrained_"], weights_only=True).values())
+        # the models are written by a subprocess so that this process stays small: a child's
+        # ru_maxrss starts from the parent's RSS at fork, which would otherwise inflate both figures
+        subprocess.run([sys.executable, __file__, "--worker", "make", "--dir", str(folder), "--layers",
+                        str(args.layers), "--tasks", str(args.tasks)], check=True)
+        paths = json.loads((folder / "paths.json").read_text())
+        n_params = sum(
+            (4 * (D * D + D) + 2 * D * FF + FF + D + 4 * D) for _ in range(args.layers))
         print(f"stack: {args.layers} layers, {n_params / 1e6:.1f} M parameters per model, {args.tasks} tasks "
               f"(models written in {time.perf_counter() - t0:.1f} s); torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, device cpu")
@@ -146,6 +154,17 @@ def main() -> None:
         print(f"speed-up {fb['seconds'] / ours['seconds']:.2f}x, peak RSS ratio {ours['peak_rss_mib'] / fb['peak_rss_mib']:.2f} "
               f"(over the RSS after imports: {(ours['peak_rss_mib'] - ours['rss_after_imports_mib']) / max(fb['peak_rss_mib'] - fb['rss_after_imports_mib'], 1):.2f})")
         print(f"merged update, relative error vs FusionBench: {num ** 0.5 / den ** 0.5:.2e} (worst tensor {worst:.2e})")
+        # ground truth for layer 0: FusionBench's own algorithm run in float64
+        from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
+
+        keys = [k for k in base if k.startswith("layers.0.") and base[k].ndim == 2]
+        fts = [torch.load(p, weights_only=True) for n, p in paths.items() if n != "_pretrained_"]
+        tvs = [{k: (ft[k] - base[k]).double() for k in keys} for ft in fts]
+        del fts
+        ref = compute_and_sum_svd_mem_reduction(tvs, accelerator="cpu")
+        for name, merged in (("FusionBench TSVM (float32)", a), ("pave_plugins pave/tsv_m", b)):
+            errs = [float(((merged[k] - base[k]).double() - ref[k]).norm() / ref[k].norm()) for k in keys]
+            print(f"layer 0 matrices, relative error vs FusionBench's algorithm in float64: {name}: max {max(errs):.2e}")
 
 
 if __name__ == "__main__":
