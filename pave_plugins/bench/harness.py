@@ -233,7 +233,7 @@ def finetune(base: nn.Module, tok, task: Task, head: Tensor, cfg: BenchConfig, s
         loss.backward()
         opt.step()
         if step % 25 == 0 or step == cfg.steps - 1:
-            log.info("  %s seed %d step %d/%d loss %.3f", task.name, seed, step + 1, cfg.steps, float(loss))
+            log.info("  %s seed %d step %d/%d loss %.3f", task.name, seed, step + 1, cfg.steps, float(loss.detach()))
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
