@@ -55,7 +55,7 @@ def test_bench_smoke_end_to_end(tmp_path, monkeypatch):
     cfg = BenchConfig(data_dir=str(DATA), tasks=TASKS, model_path=_tiny_bert(tmp_path / "model"),
                       out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), seeds=[0], steps=40,
                       lr=2e-3, max_length=32, cov_examples=64, val_per_class=10, test_per_class=40,
-                      methods=["ta", "pave_delta_spectral"], ta_grid=[0.5, 1.0], rho_grid=[0.9375],
+                      methods=["ta", "pave_delta_spectral", "loradv_ce_ta"], ta_grid=[0.5, 1.0], rho_grid=[0.9375],
                       pave_targets=["delta"], pave_allocations=["spectral"], pave_bases=["ta"])
     result = run(cfg)
 
@@ -64,7 +64,10 @@ def test_bench_smoke_end_to_end(tmp_path, monkeypatch):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     saved = json.loads((out / "results.json").read_text())
     summary = saved["summary"]
-    assert set(summary) == {"zero_shot", "individual", "ta", "pave_delta_spectral_ta"}
+    assert set(summary) == {"zero_shot", "individual", "ta", "pave_delta_spectral_ta", "loradv_ce_ta"}
+    # LoRA-DV ran through pave_plugins.core.rethink (T=3 iterations of 10 epochs) on the TA merge
+    lora = saved["per_seed"][0]["methods"]["loradv_ce_ta"]
+    assert len(lora["rethink_losses"]) == 3 and lora["rethink_layers"] > 0
     assert summary["individual"]["avg"] > summary["zero_shot"]["avg"] + 5.0, summary
     # hyper-parameters were chosen from the validation grid; the PAVE final went through pave/pave
     seed0 = saved["per_seed"][0]["methods"]

@@ -126,6 +126,10 @@ class BenchConfig:
     pave_targets: list[str] = field(default_factory=lambda: ["weight", "delta"])
     pave_allocations: list[str] = field(default_factory=lambda: ["spectral", "uniform"])
     pave_bases: list[str] = field(default_factory=lambda: ["ta", "ties", "dare", "emr", "tsvm"])
+    calib_per_task: int = 32  # LoRA-DV calibration samples per task
+    rethink_iterations: int = 3  # LoRA-DV T
+    rethink_epochs: int = 10
+    rethink_lr: float = 5e-3
     pave_host_final: list[str] | None = None  # PAVE+X finals through FusionBench pave/pave (None: every X)
     exclude_keys: list[str] = field(default_factory=lambda: ["embeddings.word_embeddings.weight"])
 
@@ -552,6 +556,19 @@ def run_seed(cfg: BenchConfig, seed: int, tasks: list[Task], tok, base: nn.Modul
         prov = run_method(kind, hp, base, base_sd, ft_sds, names, cfg, seed)
         record(kind, label, prov, hp, va, merge_s, {"val_trace": trace, "search_s": time.perf_counter() - t1})
 
+    # LoRA-DV spectral rethinking atop TA and TIES (CE on 32 labelled samples per task, or entropy)
+    for b in ("ta", "ties"):
+        for loss in ("ce", "entropy"):
+            key = f"loradv_{loss}_{b}"
+            if b not in selected or not wanted(key):
+                continue
+            t1 = time.perf_counter()
+            merged = run_method(b, selected[b], base, base_sd, ft_sds, names, cfg, seed)(names[0])
+            res = lora_dv(merged, base_sd, tasks, tok, heads, cfg, seed, loss)
+            label = f"LoRA-DV ({'CE, 32 labelled/task' if loss == 'ce' else 'entropy, unlabelled'}) on {BASE_METHODS[b]}"
+            record(key, label, lambda n, m=merged: m, dict(selected[b]), None, time.perf_counter() - t1,
+                   {"rethink_losses": res.losses, "rethink_layers": len(res.layers)})
+
     # PAVE + X: purify every fine-tune, then the host method X with X's validated hyper-parameters;
     # rho chosen on validation.
     covs = None
@@ -614,6 +631,37 @@ def run_seed(cfg: BenchConfig, seed: int, tasks: list[Task], tok, base: nn.Modul
         del cache
     timings["seed_total_s"] = time.perf_counter() - t_seed
     return {"seed": seed, "methods": results, "timings": timings}
+
+
+def lora_dv(merged: nn.Module, base_sd: dict[str, Tensor], tasks: list[Task], tok, heads: dict[str, Tensor],
+            cfg: BenchConfig, seed: int, loss: str):
+    """LoRA-DV (eq. 8-13) through :func:`pave_plugins.core.rethink.rethink`, in place on ``merged``.
+
+    Calibration: ``cfg.calib_per_task`` training examples per task (labels used only with CE);
+    each batch holds one task's examples and is scored with that task's frozen head.
+    """
+    from pave_plugins.core.rethink import RethinkConfig, entropy_loss, rethink
+
+    calib = []
+    for t in tasks:
+        g = torch.Generator().manual_seed(seed + 1000)
+        idx = torch.randperm(len(t.splits["train"]), generator=g)[: cfg.calib_per_task].tolist()
+        for ids, mask, y in make_batches(tok, [t.splits["train"][i] for i in idx], cfg.calib_per_task,
+                                         cfg.max_length, sort=False):
+            calib.append((t.name, ids, mask, y))
+
+    def loss_fn(forward, batch):
+        name, ids, mask, y = batch
+        out = forward(input_ids=ids, attention_mask=mask)
+        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        m = mask.unsqueeze(-1).to(h.dtype)
+        z = cfg.scale * F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1) @ heads[name].T
+        return F.cross_entropy(z, y) if loss == "ce" else entropy_loss(z)
+
+    layers = [k for k, v in merged.state_dict().items() if v.ndim == 2 and k not in cfg.exclude_keys]
+    return rethink(merged, base_sd, calib, loss_fn, layers=layers,
+                   config=RethinkConfig(iterations=cfg.rethink_iterations, epochs=cfg.rethink_epochs,
+                                        lr=cfg.rethink_lr, seed=seed, progress=False))
 
 
 def summarise(per_seed: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
