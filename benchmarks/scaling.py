@@ -127,7 +127,9 @@ def measure(spec: dict) -> dict:
     elif method == "tsvm_fb":
         from fusion_bench.method.task_singular_vector.TSVM import TaskSingularVectorMerging
 
-        TaskSingularVectorMerging(alpha=1.0).run(models)
+        from fusion_bench import BaseModelPool
+
+        TaskSingularVectorMerging(alpha=1.0).run(BaseModelPool(models))
     else:
         raise ValueError(method)
     dt = time.perf_counter() - t0
