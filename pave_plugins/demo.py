@@ -1,24 +1,28 @@
 """A small built-in example: tiny Llama models fine-tuned on toy tasks, purified and merged.
 
-Everything is built locally (no hub): a random tiny Llama base, K fine-tunes on K synthetic
-next-token tasks ("next token = token + step_k mod V"), per-task input covariances of every
-linear layer collected on the fine-tuned models, then Task Arithmetic, PAVE + Task Arithmetic
-(Algorithm 1 ranks) and TSV-M, each evaluated by next-token accuracy on every task.
+Everything is built locally (no hub) and goes through the same code paths a user runs:
+
+1. a random tiny Llama base and K fine-tunes on K synthetic next-token tasks
+   ("next token = token + step_k mod V"), saved as Hugging Face folders;
+2. per-task input covariances of every linear layer, collected on each *fine-tuned* model with
+   :func:`pave_plugins.collect.collect_covariances` and saved as covariance files (``pave collect``);
+3. merges with mergekit's own ``run_merge`` (what ``mergekit-yaml`` runs) and the recipes written
+   next to the models: stock ``task_arithmetic``, our ``pave`` (inner ``task_arithmetic``, Algorithm 1
+   ranks) and our ``tsv`` (TSV-M);
+4. next-token accuracy of every model on every task, and the rank report that ``pave`` wrote.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-
-from .core.purify import co_svd, prepare_covariance, purify_from_cosvd
-from .core.rank_allocation import allocate_ranks
-from .core.tsv import mean_task_vector, tsv_merge
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +32,13 @@ SEQ = 12
 
 @dataclass
 class DemoResult:
-    accuracy: dict[str, list[float]]  # method -> per-task accuracy
+    accuracy: dict[str, list[float]]  # model -> per-task accuracy
     model_ratios: list[float]
     ranks: dict[str, list[int]]
     full_ranks: dict[str, int]
     relative_change: float
     seconds: float
+    workdir: str
 
 
 def tiny_llama(seed: int) -> nn.Module:
@@ -77,25 +82,33 @@ def fine_tune(model: nn.Module, step: int, steps: int, seed: int) -> nn.Module:
     return model.eval()
 
 
-def linear_input_covariances(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``C = X^T X`` at the input of every ``nn.Linear`` (float64), one batch without padding."""
-    covs: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+def recipe(method: str, base: Path, models: list[Path], covs: list[Path] | None, **params) -> str:
+    """A mergekit YAML recipe (absolute paths: mergekit reads ``a/b`` as a hub id)."""
+    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
+    for i, m in enumerate(models):
+        lines.append(f"  - model: {m}")
+        per_model = {"weight": 1.0}
+        if covs is not None:
+            per_model["covariance"] = str(covs[i])
+        lines.append("    parameters: " + json.dumps(per_model))
+    if params:
+        lines.append("parameters: " + json.dumps(params))
+    lines.append("dtype: float32")
+    return "\n".join(lines) + "\n"
 
-            def hook(mod, args, name=name):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                covs[name] = covs.get(name, 0) + x.T @ x
 
-            handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(input_ids=ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return covs
+def merge_with_mergekit(config_yaml: str, out: Path) -> Path:
+    """What ``mergekit-yaml recipe.yaml out`` does, in-process."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    import pave_plugins.mergekit  # noqa: F401  (registers pave/tsv if the .pth hook is disabled)
+
+    cfg = MergeConfiguration.model_validate(yaml.safe_load(config_yaml))
+    run_merge(cfg, str(out), options=MergeOptions(copy_tokenizer=False, quiet=True), config_source=config_yaml)
+    return out
 
 
 def run_demo(
@@ -107,73 +120,100 @@ def run_demo(
     lam: float = 1.0,
     seed: int = 0,
 ) -> DemoResult:
-    """Build, fine-tune, purify and merge; optionally save the models under ``workdir``."""
+    """Build, fine-tune, collect, purify and merge; models and recipes go under ``workdir``."""
+    # the models are tiny: one thread is faster, and much faster on a busy machine
+    from transformers.utils import logging as hf_logging
+
+    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
+    torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()  # per-file save/load bars of tiny models are noise here
+    try:
+        if workdir is None:
+            with tempfile.TemporaryDirectory(prefix="pave-demo-") as tmp:
+                res = _run_demo(Path(tmp), num_tasks, steps, rho, lam, seed)
+            res.workdir = "not kept (pass --out DIR to keep them)"
+            return res
+        return _run_demo(Path(workdir), num_tasks, steps, rho, lam, seed)
+    finally:
+        torch.set_num_threads(threads)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _run_demo(root: Path, num_tasks: int, steps: int, rho: float, lam: float, seed: int) -> DemoResult:
+    from transformers import LlamaForCausalLM
+
+    from .collect import collect_covariances, model_fingerprint
+
     t0 = time.perf_counter()
+    root = root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
     task_steps = [1 + 2 * k for k in range(num_tasks)]
     base = tiny_llama(seed)
-    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
-    finetuned = []
-    for k, st in enumerate(task_steps):
-        model = tiny_llama(seed)
-        fine_tune(model, st, steps, seed + 1 + k)
-        finetuned.append(model)
-        logger.info("fine-tuned task %d (step %d)", k, st)
+    base_dir = root / "base"
+    base.save_pretrained(base_dir)
     g = torch.Generator().manual_seed(seed + 100)
     test_ids = [task_batch(st, 64, g) for st in task_steps]
-    calib_ids = [task_batch(st, 32, g) for st in task_steps]
-    covs = [linear_input_covariances(m, ids) for m, ids in zip(finetuned, calib_ids)]
-    ft_sds = [m.state_dict() for m in finetuned]
+    ft_dirs, cov_files, models = [], [], {"base": base}
+    for k, st in enumerate(task_steps):
+        model = fine_tune(tiny_llama(seed), st, steps, seed + 1 + k)
+        ft_dir = root / f"ft_task_{k}"
+        model.save_pretrained(ft_dir)
+        # covariances of task k's inputs, fed to fine-tuned model k (PAVE Sec. 3.2)
+        calib = [{"input_ids": task_batch(st, 16, g)} for _ in range(2)]
+        cov_set = collect_covariances(model, calib, progress=False)
+        cov_file = cov_set.save(
+            root / f"cov_task_{k}.safetensors", model_path=str(ft_dir), model_fingerprint=model_fingerprint(model)
+        )
+        ft_dirs.append(ft_dir)
+        cov_files.append(cov_file)
+        models[f"fine-tune {k}"] = model
+        logger.info("task %d: fine-tuned and %d covariances collected", k, len(cov_set.covariances))
 
-    # PAVE: one CO-SVD per layer per model, Algorithm 1 across models, eq. 6 in residual form
-    layers = sorted(covs[0])
-    prepared = [{n: prepare_covariance(c[n], name=n) for n in layers} for c in covs]
-    decs = {n: [co_svd(ft[n + ".weight"], base_sd[n + ".weight"], p[n], name=n) for ft, p in zip(ft_sds, prepared)]
-            for n in layers}
-    alloc = allocate_ranks({n: [d.s for d in decs[n]] for n in layers}, rho)
-    purified = [dict() for _ in finetuned]
-    changes = []
-    for n in layers:
-        for i, d in enumerate(decs[n]):
-            res = purify_from_cosvd(d, alloc.ranks[n][i], name=n)
-            purified[i][n + ".weight"] = res.task_vector
-            changes.append(res.relative_change)
-
-    def merged_model(task_vector_for) -> nn.Module:
-        model = tiny_llama(seed)
-        sd = {}
-        for key, w0 in base_sd.items():
-            sd[key] = w0 + task_vector_for(key)
-        model.load_state_dict(sd)
-        return model
-
-    def ta(key, vectors=None):
-        vs = [(ft[key] - base_sd[key]) for ft in ft_sds] if vectors is None else vectors
-        return lam * sum(vs)
-
-    def pave_ta(key):
-        return ta(key, [p.get(key, ft[key] - base_sd[key]) for p, ft in zip(purified, ft_sds)])
-
-    def tsv(key):
-        tvs = [ft[key] - base_sd[key] for ft in ft_sds]
-        return tsv_merge(tvs) if tvs[0].ndim == 2 else mean_task_vector(tvs)
-
-    models = {"base": base, **{f"fine-tune {k}": m for k, m in enumerate(finetuned)}}
-    models["task arithmetic"] = merged_model(ta)
-    models["PAVE + task arithmetic"] = merged_model(pave_ta)
-    models["TSV-M"] = merged_model(tsv)
+    recipes = {
+        "task arithmetic": recipe("task_arithmetic", base_dir, ft_dirs, None, **{"lambda": lam}),
+        "PAVE + task arithmetic": recipe(
+            "pave", base_dir, ft_dirs, cov_files, inner="task_arithmetic", rho=rho, **{"lambda": lam}
+        ),
+        "TSV-M": recipe("tsv", base_dir, ft_dirs, None, alpha=1.0),
+    }
+    for name, config in recipes.items():
+        slug = name.replace(" + ", "_").replace(" ", "_").replace("-", "_").lower()
+        (root / f"recipe_{slug}.yaml").write_text(config)
+        out = merge_with_mergekit(config, root / f"merged_{slug}")
+        models[name] = LlamaForCausalLM.from_pretrained(out).eval()
+    report = json.loads((root / "merged_pave_task_arithmetic" / "pave_rank_report.json").read_text())
     acc = {name: [accuracy(m, ids) for ids in test_ids] for name, m in models.items()}
-    if workdir is not None:
-        workdir = Path(workdir)
-        for name, m in models.items():
-            m.save_pretrained(workdir / name.replace(" ", "_").replace("+", "plus"))
+    ranks, full_ranks, changes = _ranks_from_report(report, len(ft_dirs))
     return DemoResult(
         accuracy=acc,
-        model_ratios=alloc.model_ratios,
-        ranks=alloc.ranks,
-        full_ranks=alloc.full_ranks,
-        relative_change=sum(changes) / len(changes),
+        model_ratios=[float(r) for r in _model_ratios(report, len(ft_dirs))],
+        ranks=ranks,
+        full_ranks=full_ranks,
+        relative_change=sum(changes) / max(len(changes), 1),
         seconds=time.perf_counter() - t0,
+        workdir=str(root),
     )
+
+
+def _ranks_from_report(report: dict, k: int) -> tuple[dict[str, list[int]], dict[str, int], list[float]]:
+    """Per purified tensor the rank of each model and the full rank, from ``pave_rank_report.json``."""
+    ranks: dict[str, list[int]] = {}
+    full: dict[str, int] = {}
+    changes: list[float] = []
+    order = report["models"]
+    for name, rec in report["tensors"].items():
+        if not rec.get("purified"):
+            continue
+        per_model = rec["models"]
+        ranks[name] = [int(per_model[m]["rank"]) for m in order]
+        full[name] = int(per_model[order[0]]["full_rank"])
+        changes += [float(per_model[m]["relative_change"]) for m in order]
+    return ranks, full, changes
+
+
+def _model_ratios(report: dict, k: int) -> list[float]:
+    return [report["model_ratios"][m] for m in report["models"]]
 
 
 def format_result(res: DemoResult) -> str:
@@ -188,5 +228,6 @@ def format_result(res: DemoResult) -> str:
         lines.append(f"  ... {len(res.ranks) - 6} more layers")
     lines.append("  per-model preserved rank ratio rho_i (line 15): " + ", ".join(f"{r:.4f}" for r in res.model_ratios))
     lines.append(f"  mean ||dW_PAVE - dW|| / ||dW|| over purified weights: {res.relative_change:.3f}")
+    lines.append(f"models, covariance files, recipes and the rank report: {res.workdir}")
     lines.append(f"done in {res.seconds:.1f} s")
     return "\n".join(lines)
