@@ -120,10 +120,11 @@ def measure(spec: dict) -> dict:
         from fusion_bench.method import TiesMergingAlgorithm
 
         TiesMergingAlgorithm(scaling_factor=0.5, threshold=20, remove_keys=[], merge_func="sum").run(models)
-    elif method == "tsvm_ours":
+    elif method in ("tsvm_ours", "tsvm_ours32"):
         from pave_plugins.fusion_bench.tsv import TSVMerging
 
-        TSVMerging(alpha=1.0, write_model_card=False).run(models)
+        TSVMerging(alpha=1.0, write_model_card=False,
+                   compute_dtype="float32" if method == "tsvm_ours32" else "float64").run(models)
     elif method == "tsvm_fb":
         from fusion_bench.method.task_singular_vector.TSVM import TaskSingularVectorMerging
 
@@ -183,11 +184,11 @@ def main() -> None:
         return
     if args.quick:
         grid = [(2, (512, 512)), (4, (512, 512)), (2, (1024, 1024)), (4, (1024, 1024)), (2, (1024, 2752))]
-        n_layers, methods = 2, ["floor", "pave_ta", "ties", "tsvm_ours", "tsvm_fb"]
+        n_layers, methods = 2, ["floor", "pave_ta", "ties", "tsvm_ours", "tsvm_ours32", "tsvm_fb"]
         coll = [(8, (256, 256), 4)]
     else:
         grid = [(k, s) for s in [(1024, 1024), (4096, 4096), (4096, 11008)] for k in (2, 4, 8)]
-        n_layers, methods = 2, ["floor", "pave_ta", "ties", "tsvm_ours", "tsvm_fb"]
+        n_layers, methods = 2, ["floor", "pave_ta", "ties", "tsvm_ours", "tsvm_ours32", "tsvm_fb"]
         coll = [(16, (384, 384), 6), (16, (768, 768), 12)]
     rows = []
     for k, shape in grid:
@@ -203,8 +204,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "quick": args.quick}, indent=1))
     # table
-    print("\n| K | layer (out x in) x %d | floor s | PAVE+TA s | PAVE/floor | TIES s | TSV-M ours s (peak MiB) | TSV-M FusionBench s (peak MiB) |" % n_layers)
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| K | layer (out x in) x %d | floor s | PAVE+TA s | PAVE/floor | TIES s | TSV-M ours f64 s (peak MiB) | TSV-M ours f32 s (peak MiB) | TSV-M FusionBench s (peak MiB) |" % n_layers)
+    print("|---|---|---|---|---|---|---|---|---|")
     for k, shape in grid:
         r = {x["method"]: x for x in rows if x.get("k") == k and tuple(x.get("shape", ())) == shape and "seconds" in x}
         if not all(m in r for m in methods):
@@ -212,6 +213,7 @@ def main() -> None:
         print(f"| {k} | {shape[0]}x{shape[1]} | {r['floor']['seconds']:.2f} | {r['pave_ta']['seconds']:.2f} | "
               f"{r['pave_ta']['seconds'] / r['floor']['seconds']:.2f} | {r['ties']['seconds']:.2f} | "
               f"{r['tsvm_ours']['seconds']:.2f} ({r['tsvm_ours']['peak_rss_mib']:.0f}) | "
+              f"{r['tsvm_ours32']['seconds']:.2f} ({r['tsvm_ours32']['peak_rss_mib']:.0f}) | "
               f"{r['tsvm_fb']['seconds']:.2f} ({r['tsvm_fb']['peak_rss_mib']:.0f}) |")
     for nb, shape, nl in coll:
         r = {x["method"]: x for x in rows if x.get("method") in ("forward", "collect") and tuple(x["shape"]) == shape}
