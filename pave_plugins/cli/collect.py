@@ -68,6 +68,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "names, input sizes, weight fingerprint) and exit")
     p.add_argument("--allow-fingerprint-mismatch", action="store_true",
                    help="--merge/--check: a different weight fingerprint (same shapes) is a warning, not an error")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load a model folder whose weights are a pickle (pytorch_model.bin); default: refused")
     p.set_defaults(func=run)
     return p
 
@@ -79,6 +81,9 @@ def _check_out(args: argparse.Namespace) -> None:
         raise ValueError("give the output file with -o/--out")
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    from pave_plugins.io.atomic import check_writable
+
+    check_writable(args.out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         accumulate_dtype=args.dtype, compute_dtype=args.compute_dtype,
         device=args.device, device_map=args.device_map, model_dtype=args.model_dtype,
         accumulate_device=args.accumulate_device, layer_filter=args.layers, dedupe=not args.no_dedupe,
+        allow_pickle=args.allow_pickle,
         progress=not args.no_progress,
     )
     if dist_info()[0] == 0:

@@ -50,31 +50,80 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=int, default=5 * 10**9, help="bytes per output safetensors shard")
     p.add_argument("--out", required=True, type=Path, help="output folder (one sub-folder per model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument(
+        "--allow-missing-covariance",
+        action="store_true",
+        help="a layer some models have a covariance for and others lack keeps the plain task vector of the "
+        "latter (default: error)",
+    )
+    p.add_argument(
+        "--allow-fingerprint-mismatch",
+        action="store_true",
+        help="a covariance file whose model fingerprint differs from its --model is a warning, not an error",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pickle checkpoints (pytorch_model.bin) with torch.load(weights_only=True) when a folder has "
+        "no safetensors (default: refused)",
+    )
     p.set_defaults(func=run)
     return p
 
 
 class _Checkpoint:
-    """Lazy reader of the safetensors weights of a Hugging Face folder."""
+    """Lazy reader of the safetensors weights of a Hugging Face folder.
 
-    def __init__(self, folder: Path):
+    Pickle checkpoints (``pytorch_model.bin``, ``*.pt``) are refused unless ``allow_pickle``; they are
+    then read eagerly with ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, folder: Path, *, allow_pickle: bool = False):
         from safetensors import safe_open
 
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"model folder not found: {self.folder}")
         files = sorted(self.folder.glob("*.safetensors"))
-        if not files:
-            pickles = [f.name for f in self.folder.iterdir() if f.suffix in (".bin", ".pt", ".pth")]
-            hint = f" (found {pickles[:2]}: pickle checkpoints are not loaded; save with safe_serialization=True)" if pickles else ""
-            raise FileNotFoundError(f"{self.folder}: no .safetensors weights{hint}")
         self.where: dict[str, Path] = {}
         self.dtypes: dict[str, str] = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():
-                    self.where[k] = f
         self._open: dict[Path, object] = {}
+        self._loaded: dict[str, object] | None = None
+        if not files:
+            pickles = sorted(f for f in self.folder.iterdir() if f.suffix in (".bin", ".pt", ".pth"))
+            if pickles and allow_pickle:
+                self._load_pickles(pickles)
+                return
+            hint = (
+                f" (found {[f.name for f in pickles[:2]]}: pickle checkpoints are not loaded unless you pass "
+                "--allow-pickle (allow_pickle=True); better, re-save with safe_serialization=True)"
+                if pickles
+                else ""
+            )
+            raise FileNotFoundError(f"{self.folder}: no .safetensors weights{hint}")
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    for k in st.keys():
+                        self.where[k] = f
+            except Exception as exc:  # SafetensorError, OSError: truncated or corrupt header
+                raise ValueError(f"{f}: cannot read safetensors checkpoint (truncated or corrupt?): {exc}") from exc
+
+    def _load_pickles(self, pickles: list[Path]) -> None:
+        import torch
+
+        self._loaded = {}
+        for f in pickles:
+            try:
+                sd = torch.load(str(f), map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise ValueError(f"{f}: cannot read pickle checkpoint ({exc})") from exc
+            if not isinstance(sd, dict):
+                raise ValueError(f"{f}: pickle checkpoint does not hold a state dict")
+            for k, v in sd.items():
+                if torch.is_tensor(v):
+                    self._loaded[k] = v
+                    self.where[k] = f
 
     def names(self) -> list[str]:
         return list(self.where)
@@ -85,9 +134,14 @@ class _Checkpoint:
         f = self.where.get(name)
         if f is None:
             raise KeyError(f"{self.folder}: has no tensor {name!r}")
-        if f not in self._open:
-            self._open[f] = safe_open(str(f), framework="pt", device="cpu")
-        return self._open[f].get_tensor(name)  # type: ignore[attr-defined]
+        if self._loaded is not None:
+            return self._loaded[name]
+        try:
+            if f not in self._open:
+                self._open[f] = safe_open(str(f), framework="pt", device="cpu")
+            return self._open[f].get_tensor(name)  # type: ignore[attr-defined]
+        except Exception as exc:  # data section truncated after a valid header
+            raise ValueError(f"{f}: cannot read tensor {name!r} (truncated or corrupt file?): {exc}") from exc
 
 
 def _output_names(models: Sequence[Path]) -> list[str]:
@@ -117,6 +171,9 @@ def purify_checkpoints(
     device: str = "cpu",
     max_shard_size: int = 5 * 10**9,
     overwrite: bool = False,
+    allow_missing_covariance: bool = False,
+    allow_fingerprint_mismatch: bool = False,
+    allow_pickle: bool = False,
 ) -> Path:
     """Write one purified checkpoint per model under ``out`` (see module docstring); returns ``out``."""
     import torch
@@ -136,14 +193,17 @@ def purify_checkpoints(
     if not models:
         raise ValueError("give at least one --model")
     check_rho_gamma(rho, gamma)
+    from pave_plugins.io.atomic import check_writable
+
+    check_writable(Path(out) / "x")
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"unknown compute dtype {compute_dtype!r}")
     for c in covariances:
         if not Path(c).is_file():
             raise FileNotFoundError(f"covariance file not found: {c}")
     dev = torch.device(device)
-    base_ck = _Checkpoint(base)
-    cks = [_Checkpoint(m) for m in models]
+    base_ck = _Checkpoint(base, allow_pickle=allow_pickle)
+    cks = [_Checkpoint(m, allow_pickle=allow_pickle) for m in models]
     labels = [str(Path(m)) for m in models]
     base_names = base_ck.names()
     for ck in cks:
@@ -156,6 +216,22 @@ def purify_checkpoints(
             )
     store = CovarianceStore()
     files = [store.file(lab, str(c), tensor_names=ck.names()) for lab, c, ck in zip(labels, covariances, cks)]
+    from pave_plugins.collect.files import check_covariance_file
+    from pave_plugins.io.covariance import CovarianceFileError
+
+    for cf, m, ck in zip(files, models, cks):
+        # layer input sizes and the model fingerprint written by `pave collect`
+        try:
+            check_covariance_file(
+                cf,
+                {n: ck.get(n) for n in ck.names()} if ck._loaded is not None else m,
+                on_fingerprint_mismatch="warn" if allow_fingerprint_mismatch else "error",
+            )
+        except CovarianceFileError as exc:
+            msg = str(exc).replace(
+                "pass on_fingerprint_mismatch='warn'", "pass --allow-fingerprint-mismatch (allow_fingerprint_mismatch=True)"
+            )
+            raise CovarianceFileError(f"{msg} (model {m})") from exc
     report = RankReport()
     settings = {
         "inner": None,
@@ -201,6 +277,7 @@ def purify_checkpoints(
                     compute_dtype=cdt,
                     cov_keys=keys,
                     sources=[str(c) for c in covariances],
+                    allow_missing_covariance=allow_missing_covariance,
                 )
                 report.add_tensor(name, res.record, settings)
                 outs = [w if w is not None else t for w, t in zip(res.weights, fts)]
@@ -240,5 +317,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
+        allow_missing_covariance=args.allow_missing_covariance,
+        allow_fingerprint_mismatch=args.allow_fingerprint_mismatch,
+        allow_pickle=args.allow_pickle,
     )
     return 0

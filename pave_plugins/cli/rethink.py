@@ -73,6 +73,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load model folders whose weights are a pickle (pytorch_model.bin); default: refused")
     p.set_defaults(func=run)
     return p
 
@@ -111,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        allow_pickle=args.allow_pickle,
     )
     recipe = run_job(job)
     print(f"rethought {recipe['layers']} layers ({recipe['changed_layers']} changed); wrote {args.out}")

@@ -36,13 +36,15 @@ def load_model(
     device: str = "cpu",
     device_map: str | None = None,
     dtype: str = "auto",
+    allow_pickle: bool = False,
 ) -> nn.Module:
     """Load a transformers model with the class named in its config (so heads are included).
 
     ``dtype="auto"``: float32 on CPU, the checkpoint's dtype on GPU. ``device_map="auto"`` lets
     accelerate spread a model that does not fit one device (the hooks follow each layer's device).
     ``adapter``: a PEFT adapter directory loaded on top (not merged: covariances are the base
-    layers' inputs, named as in the merged model).
+    layers' inputs, named as in the merged model). A pickle checkpoint (``pytorch_model.bin``)
+    is refused unless ``allow_pickle``.
     """
     import transformers
     from transformers import AutoConfig
@@ -62,7 +64,9 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if device_map:
         kwargs["device_map"] = device_map
-    model = cls.from_pretrained(str(path), **kwargs)
+    from pave_plugins.io.checkpoints import load_pretrained
+
+    model = load_pretrained(cls, path, allow_pickle=allow_pickle, **kwargs)
     if adapter is not None:
         from peft import PeftModel
 
@@ -126,6 +130,7 @@ def collect_to_file(
     device_map: str | None = None,
     model_dtype: str = "auto",
     accumulate_device: str | None = None,
+    allow_pickle: bool = False,
     layer_filter: str | None = None,
     dedupe: bool = True,
     progress: bool = True,
@@ -137,6 +142,9 @@ def collect_to_file(
 
     if accumulate_dtype not in ("float64", "float32"):
         raise ValueError(f"--dtype must be float64 or float32, got {accumulate_dtype!r}")
+    from pave_plugins.io.atomic import check_writable
+
+    check_writable(out)
     texts = load_texts(data, text_field=text_field, template=template, split=split, n_samples=n_samples, seed=seed)
     dev = resolve_device(device)
     created = init_from_env(dev)
@@ -149,7 +157,8 @@ def collect_to_file(
             tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
         except Exception as exc:
             raise ValueError(f"cannot load a tokenizer from {tok_src} ({exc}); pass --tokenizer") from exc
-        model = load_model(model_path, adapter=adapter, device=dev, device_map=device_map, dtype=model_dtype)
+        model = load_model(model_path, adapter=adapter, device=dev, device_map=device_map, dtype=model_dtype,
+                           allow_pickle=allow_pickle)
         log.info("collecting on %d texts (%s), rank %d of %d, device %s", len(texts), data, rank, world, dev)
         cs = collect_from_texts(
             model, tokenizer, texts,

@@ -138,6 +138,8 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         search_metric, search_higher_is_better: score read from the task pool's report per task.
         taskpool: task pool (config or instance) for the search when not run by ``fusion_bench``.
         report_path: JSON rank report (default ``<log_dir>/pave_report.json`` when there is one).
+        allow_missing_covariance: a layer some models have a covariance for and others lack is an
+            error unless true (then those models keep their plain task vector for that layer).
         write_model_card: README.md beside a saved merged model (method, papers, Hydra config).
     """
 
@@ -160,6 +162,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         taskpool: Any = None,
         report_path: str | None = None,
         write_model_card: bool = True,
+        allow_missing_covariance: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -350,16 +353,22 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             if not any(have):
                 skipped.append(layer)
                 continue
+            todo = names
             if not all(have):
                 lacking = [n for n, h in zip(names, have) if not h]
-                raise PAVEConfigError(
-                    f"PAVE: missing covariance for layer {layer!r} of model(s) {lacking} "
-                    f"({[sources[n].origin for n in lacking]}), while other models have one"
-                )
+                if not self.allow_missing_covariance:
+                    raise PAVEConfigError(
+                        f"PAVE: missing covariance for layer {layer!r} of model(s) {lacking} "
+                        f"({[sources[n].origin for n in lacking]}), while other models have one; set "
+                        "method.allow_missing_covariance=true to keep their plain task vector for this layer"
+                    )
+                log.warning("PAVE: no covariance for layer %r of model(s) %s: plain task vector kept", layer, lacking)
+                todo = [n for n, h in zip(names, have) if h]
+                keys = [k for k in keys if k is not None]
             w_base = base_modules[layer].weight
             decs = []
             with self.profile("co-svd"):
-                for n, key in zip(names, keys):
+                for n, key in zip(todo, keys):
                     mod = work_modules[n].get(layer)
                     if not isinstance(mod, nn.Linear) or mod.weight.shape != w_base.shape:
                         raise PAVEConfigError(f"PAVE: model {n!r} has no linear layer {layer!r} shaped like the base")
@@ -372,8 +381,12 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
                 alloc = allocate_ranks({layer: [d.s for d in decs]}, self.rho, self._gamma, method=self.rank_allocation)
             ranks = alloc.ranks[layer]
             entry = {"full_rank": alloc.full_ranks[layer], "budget_met": alloc.budget_met[layer], "models": {}}
+            for n in names:
+                if n not in todo:  # allow_missing_covariance: plain task vector = full rank, unchanged
+                    entry["models"][n] = {"rank": alloc.full_ranks[layer], "damping": 0.0, "relative_change": 0.0,
+                                          "pruning_error": 0.0, "purified": False, "reason": "no covariance"}
             with self.profile("purify"):
-                for n, dec, r in zip(names, decs, ranks):
+                for n, dec, r in zip(todo, decs, ranks):
                     pur = purify_from_cosvd(dec, r, name=f"{n}:{layer}")
                     entry["models"][n] = {
                         "rank": r,

@@ -39,6 +39,10 @@ class CovarianceFileError(ValueError):
     """A covariance file is missing, corrupt, or does not fit the model it is used with."""
 
 
+class MissingCovarianceError(CovarianceFileError):
+    """A layer that other models purify has no covariance for some model (see ``allow_missing_covariance``)."""
+
+
 @dataclass
 class CovarianceMetadata:
     layer_map: dict[str, str]

@@ -10,7 +10,9 @@ Tensors without a covariance (embeddings, norms, biases, heads) keep the plain t
 
 YAML: per model ``weight``, ``covariance`` (a ``pave_plugins.io.covariance`` file), ``density``,
 ``epsilon``; global ``inner``, ``rho``, ``gamma``, ``rank_allocation``, ``target``, ``lambda``,
-``normalize``, ``rescale``, ``int8_mask``, ``alpha``, ``compute_dtype``. Inner-method parameters
+``normalize``, ``rescale``, ``int8_mask``, ``alpha``, ``compute_dtype``, ``allow_missing_covariance``
+(default false: a tensor that some models have a covariance for and others lack is an error).
+Inner-method parameters
 left unset take the inner method's own defaults.
 """
 
@@ -120,6 +122,9 @@ class PaveMerge(GroupMergeMethod):
             ParameterSpec("rescale", Optional[bool], ParameterScope.SHARED, default=None),
             ParameterSpec("int8_mask", Optional[bool], ParameterScope.SHARED, default=None),
             ParameterSpec("alpha", Optional[float], ParameterScope.SHARED, default=None),
+            # a tensor some models have a covariance for and others lack: error unless true
+            # (then those models keep their plain task vector)
+            ParameterSpec("allow_missing_covariance", bool, ParameterScope.SHARED, default=False),
         ),
     )
 
@@ -187,6 +192,7 @@ class PaveMerge(GroupMergeMethod):
             compute_dtype=compute_dtype,
             cov_keys=keys,
             sources=sources,
+            allow_missing_covariance=bool(params.get("allow_missing_covariance", False)),
         )
         del prepared
         purified = {e.id: w for e, w in zip(entries, result.weights)}

@@ -12,6 +12,7 @@ No mergekit import here (``pave purify`` uses it without mergekit).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -20,6 +21,9 @@ from torch import Tensor
 
 from pave_plugins.core import PreparedCovariance, co_svd, purify_from_cosvd
 from pave_plugins.core.rank_allocation import check_rho_gamma, spectral_rank_allocation, uniform_rank_allocation
+from pave_plugins.io.covariance import MissingCovarianceError
+
+logger = logging.getLogger("pave_plugins.mergekit")
 
 ALLOCATIONS = ("spectral", "uniform")
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -47,12 +51,15 @@ def purify_tensor(
     compute_dtype: torch.dtype = torch.float64,
     cov_keys: Sequence[str | None] | None = None,
     sources: Sequence[str | None] | None = None,
+    allow_missing_covariance: bool = False,
 ) -> TensorPurification:
     """Purify ``fine_tuned[i]`` with ``covariances[i]`` (models with ``None`` keep their weight).
 
     Algorithm 1 runs across the models that have a covariance for this tensor. ``labels`` name
     the models in errors and in the record; ``sources`` (covariance file paths) are named in
-    errors about a covariance that does not fit the weight.
+    errors about a covariance that does not fit the weight. A 2-D tensor that some models have a
+    covariance for and others lack raises :class:`MissingCovarianceError` unless
+    ``allow_missing_covariance`` (then the models without one keep their plain task vector).
     """
     check_rho_gamma(rho, gamma)
     if rank_allocation not in ALLOCATIONS:
@@ -61,13 +68,27 @@ def purify_tensor(
     cov_keys = list(cov_keys) if cov_keys is not None else [None] * k
     sources = list(sources) if sources is not None else [None] * k
     models: dict[str, dict[str, Any]] = {}
+    if base.is_floating_point():  # also tensors that are not purified (norms, embeddings): never merge NaN
+        for lab, t in zip(["base model", *labels], [base, *fine_tuned]):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name}: the weight of {lab} contains NaN or Inf")
     if base.ndim != 2:
         models = {lab: {"purified": False, "reason": f"not a 2-D weight ({base.ndim}-D)"} for lab in labels}
         return TensorPurification(weights=[None] * k, record={"purified": False, "models": models})
     todo = [i for i in range(k) if covariances[i] is not None]
-    for i in range(k):
-        if covariances[i] is None:
-            models[labels[i]] = {"purified": False, "reason": "no covariance for this layer"}
+    lacking = [i for i in range(k) if covariances[i] is None]
+    if todo and lacking:
+        what = [f"{labels[i]} ({sources[i] if sources[i] else 'no covariance file given'})" for i in lacking]
+        if not allow_missing_covariance:
+            raise MissingCovarianceError(
+                f"{name}: missing covariance for model(s) {what}, while model(s) "
+                f"{[labels[i] for i in todo]} have one for this layer; give covariance files that cover it, "
+                "or set allow_missing_covariance (pave purify: --allow-missing-covariance) to keep the plain "
+                "task vector of the models without one"
+            )
+        logger.warning("pave: %s: no covariance for model(s) %s; their plain task vector is kept", name, what)
+    for i in lacking:
+        models[labels[i]] = {"purified": False, "reason": "no covariance for this layer"}
     if not todo:
         return TensorPurification(weights=[None] * k, record={"purified": False, "models": models})
 

@@ -362,6 +362,7 @@ class RethinkJob:
     device: str = "auto"
     overwrite: bool = False
     progress: bool = True
+    allow_pickle: bool = False
 
 
 def _device(name: str) -> torch.device:
@@ -388,7 +389,8 @@ def run_job(job: RethinkJob) -> dict:
     """Load, rethink, save (atomic). Returns the recipe dict written to ``rethink.json``."""
     from transformers import AutoConfig
 
-    from pave_plugins.io.atomic import atomic_directory
+    from pave_plugins.io.atomic import atomic_directory, check_writable
+    from pave_plugins.io.checkpoints import load_pretrained
 
     if (job.merged is None) == (not job.lora):
         raise ValueError("give either a merged model folder (--merged) or LoRA adapters (--lora), not both")
@@ -397,6 +399,7 @@ def run_job(job: RethinkJob) -> dict:
     out = Path(job.out)
     if out.exists() and any(out.iterdir()) and not job.overwrite:
         raise FileExistsError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
+    check_writable(out)
     for d in [job.base, job.merged, *(job.lora or {}).values(), *(job.heads or {}).values()]:
         if d is not None and not Path(d).exists():
             raise FileNotFoundError(f"model folder not found: {d}")
@@ -409,8 +412,8 @@ def run_job(job: RethinkJob) -> dict:
         raise ValueError(f"task_type must be auto or one of {TASK_TYPES}, got {job.task_type!r}")
     cls = auto_class(kind)
     log.info("rethink: %s model from %s (%s)", kind, src, cls.__name__)
-    model = cls.from_pretrained(src, dtype="auto")
-    base_model = cls.from_pretrained(job.base, dtype="auto") if job.merged is not None else None
+    model = load_pretrained(cls, src, allow_pickle=job.allow_pickle, dtype="auto")
+    base_model = load_pretrained(cls, job.base, allow_pickle=job.allow_pickle, dtype="auto") if job.merged is not None else None
     base_state = {k: v.detach() for k, v in (base_model or model).state_dict().items()}
     if base_model is not None:
         del base_model
@@ -453,7 +456,7 @@ def run_job(job: RethinkJob) -> dict:
         if missing:
             raise ValueError(f"no head for task(s) {missing}: give --heads {missing[0]}=<fine-tuned model dir> for each task")
         for task in job.calib:
-            ft = cls.from_pretrained(job.heads[task], dtype="auto")
+            ft = load_pretrained(cls, job.heads[task], allow_pickle=job.allow_pickle, dtype="auto")
             sd = dict(ft.named_parameters())
             heads[task] = {n: sd[n].detach().to(device) for n in head_names if n in sd}
             if len(heads[task]) != len(head_names):
@@ -466,12 +469,15 @@ def run_job(job: RethinkJob) -> dict:
     batches: list[dict] = []
     for task, path in job.calib.items():
         records = read_calibration(path, limit=job.samples, seed=job.seed)
-        batches += build_batches(
-            task, records, tokenizer, kind, loss=job.loss, batch_size=job.batch_size, max_length=job.max_length,
-            template=job.template, text_field=job.text_field, label_field=job.label_field,
-            input_field=job.input_field, target_field=job.target_field, label2id=label2ids[task],
-            decoder_start_token_id=getattr(config, "decoder_start_token_id", None),
-        )
+        try:
+            batches += build_batches(
+                task, records, tokenizer, kind, loss=job.loss, batch_size=job.batch_size, max_length=job.max_length,
+                template=job.template, text_field=job.text_field, label_field=job.label_field,
+                input_field=job.input_field, target_field=job.target_field, label2id=label2ids[task],
+                decoder_start_token_id=getattr(config, "decoder_start_token_id", None),
+            )
+        except ValueError as exc:  # name the file, not only the task and record numbers
+            raise ValueError(f"calibration file {path}: {exc}") from exc
 
     exclude = set(head_names)
     if not job.include_embeddings:
