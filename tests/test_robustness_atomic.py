@@ -1,0 +1,181 @@
+"""Robustness, issue 9 item 2: an interrupted ``pave collect`` / ``pave purify`` / ``pave rethink``
+leaves either the old output or the complete new one, never half of it.
+
+Each command runs in a subprocess over an existing (old) output with ``--overwrite`` and is killed
+with SIGKILL once it is working: ``pave purify`` as soon as its temporary output folder appears (it
+is then writing tensors into it), ``pave collect`` and ``pave rethink`` shortly after their "working"
+log line (collecting / training). The old output must then be byte-for-byte unchanged (or, had the
+command won the race, complete). The three subprocesses run concurrently to keep the test short.
+A rerun after the kill succeeds (a leftover ``.<name>.*.tmp`` sibling does not get in the way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+PAVE = [sys.executable, "-c", "import sys; from pave_plugins.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+def snapshot(path: Path):
+    if not path.exists():
+        return None
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+class Killer:
+    """Start a command; SIGKILL it ``delay`` s after ``ready()`` is true or ``line`` shows on stderr."""
+
+    def __init__(self, argv, *, line: str | None = None, ready=None, delay: float = 0.0, timeout: float = 120):
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.line, self.ready, self.delay, self.timeout = line, ready, delay, timeout
+        self.stderr: list[str] = []
+        self.killed_while_running = False
+        self._seen = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for ln in self.proc.stderr:  # type: ignore[union-attr]
+            self.stderr.append(ln)
+            if self.line and self.line in ln:
+                self._seen.set()
+
+    def run(self):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < self.timeout and self.proc.poll() is None:
+            if self._seen.is_set() or (self.ready is not None and self.ready()):
+                if self.delay:
+                    time.sleep(self.delay)
+                break
+            time.sleep(0.005)
+        self.t_kill = time.monotonic() - t0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.killed_while_running = True
+        self.proc.wait(timeout=30)
+        return self
+
+
+def _old_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text('{"old": true}')
+    (path / "model.safetensors").write_bytes(b"old weights")
+    return path
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Inputs big enough that each command works for a few seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from collect_helpers import TEXTS, save_model_dir, tiny_llama, write_jsonl
+    from mergekit_helpers import write_covariances
+    from rethink_helpers import build_seq_cls, random_sentences, write_jsonl as rwrite
+
+    root = tmp_path_factory.mktemp("kill")
+    # purify: a Llama with 4 layers of 128 x 256, two fine-tunes
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
+    base = LlamaForCausalLM(cfg).eval()
+    base.save_pretrained(root / "base")
+    fts, covs = [], []
+    for i in range(2):
+        ft = LlamaForCausalLM(cfg)
+        ft.load_state_dict(base.state_dict())
+        g = torch.Generator().manual_seed(i + 1)
+        with torch.no_grad():
+            for p in ft.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+        ft.save_pretrained(root / f"ft{i}")
+        fts.append(root / f"ft{i}")
+        covs.append(write_covariances(root / f"ft{i}", root / f"cov{i}.safetensors", seed=i))
+    # collect: a tiny Llama and many texts (one per batch)
+    cdir = save_model_dir(root / "cmodel", tiny_llama())
+    data = write_jsonl(root / "texts.jsonl", [{"text": t} for t in TEXTS * 500])
+    # rethink: tiny BERT classifiers, many epochs
+    rroot = root / "rethink"
+    rroot.mkdir()
+    dirs, calib, _ = build_seq_cls(rroot)
+    return {"root": root, "base": root / "base", "fts": fts, "covs": covs, "cdir": cdir, "data": data,
+            "rroot": rroot, "rdirs": dirs, "rcalib": calib}
+
+
+def _purify_complete(out: Path, fts) -> bool:
+    rep = out / "pave_rank_report.json"
+    return rep.is_file() and json.loads(rep.read_text()).get("complete", True) and all(
+        (out / f.name / "model.safetensors").is_file() for f in fts)
+
+
+def test_kill_mid_run_leaves_old_or_complete_output(work, tmp_path):
+    w = work
+    # old outputs
+    p_out = _old_dir(tmp_path / "purified")
+    c_out = tmp_path / "cov.safetensors"
+    c_out.write_bytes(b"old covariance file")
+    r_out = _old_dir(tmp_path / "rethought")
+    before = {k: snapshot(v) for k, v in (("p", p_out), ("c", c_out), ("r", r_out))}
+
+    p_argv = PAVE + ["purify", "--base", str(w["base"])]
+    for m, c in zip(w["fts"], w["covs"]):
+        p_argv += ["--model", str(m), "--covariance", str(c)]
+    p_argv += ["--rho", "0.875", "--out", str(p_out), "--overwrite"]
+    c_argv = PAVE + ["collect", "--model", str(w["cdir"]), "--data", str(w["data"]), "--n-samples", "0",
+                     "--batch-size", "1", "--max-length", "16", "--device", "cpu", "--no-progress",
+                     "-o", str(c_out), "--overwrite"]
+    r = w["rroot"]
+    r_argv = PAVE + ["rethink", "--base", str(r / "base"), "--merged", str(r / "merged"),
+                     "--calib", *[f"{t}={p}" for t, p in w["rcalib"].items()],
+                     "--heads", *[f"{t}={d}" for t, d in w["rdirs"].items()],
+                     "--epochs", "100000", "--iterations", "1", "--device", "cpu", "--no-progress",
+                     "--out", str(r_out), "--overwrite"]
+
+    def purify_tmp_exists():
+        return any(p.name.startswith(".purified.") and p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+    killers = [
+        Killer(p_argv, ready=purify_tmp_exists),
+        Killer(c_argv, line="collecting on", delay=0.5),
+        Killer(r_argv, line="rethink: seq-cls model", delay=2.0),
+    ]
+    threads = [threading.Thread(target=k.run) for k in killers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    kp, kc, kr = killers
+    # each was killed while running (else the test would prove nothing)
+    for k, name in zip(killers, ("purify", "collect", "rethink")):
+        assert k.killed_while_running, f"{name} finished before it could be killed: {''.join(k.stderr)[-2000:]}"
+
+    # purify: old folder untouched, or the complete new one
+    assert snapshot(p_out) == before["p"] or _purify_complete(p_out, w["fts"])
+    # collect: old file untouched, or a complete covariance file
+    if snapshot(c_out) != before["c"]:
+        from pave_plugins.io.covariance import CovarianceFile
+
+        assert CovarianceFile(c_out).layers
+    # rethink: 100000 epochs cannot finish: the old folder must be untouched
+    assert snapshot(r_out) == before["r"]
+    # what a SIGKILL can leave: only hidden temporary siblings, never a half-written output
+    for p in tmp_path.iterdir():
+        assert p.name in ("purified", "cov.safetensors", "rethought") or (p.name.startswith(".") and p.name.endswith(".tmp")), p
+
+    # a rerun over the leftovers completes (in-process, fast)
+    from pave_plugins.cli import main
+
+    assert main(p_argv[len(PAVE):]) == 0
+    assert _purify_complete(p_out, w["fts"])
