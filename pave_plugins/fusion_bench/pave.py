@@ -654,6 +654,9 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             if modelpool is not None:
                 modelpool.save_model(model.backbone, path)
             else:
-                torch.save(model.backbone.state_dict(), path)
+                from pave_plugins.io.atomic import atomic_path
+
+                with atomic_path(path) as tmp:  # an interrupted save leaves no half-written file
+                    torch.save(model.backbone.state_dict(), tmp)
             paths.append(path)
         return paths
