@@ -254,57 +254,13 @@ def linear_weight_names(model: nn.Module) -> dict[str, str]:
     return {n: f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-@torch.no_grad()
-def collect_covariances(model: nn.Module, batches: Iterable[Batch]) -> dict[str, Tensor]:
-    """``C = sum_t x_t x_t^T`` (float64) at the input of every linear layer, padding excluded.
-
-    Layers that read the same input tensor in a forward pass (q/k/v) share one matrix.
-    Used until/unless :mod:`pave_plugins.collect` provides the collector.
-    """
-    covs: dict[str, Tensor] = {}
-    alias: dict[str, str] = {}
-    state: dict[str, Any] = {"mask": None, "seen": {}}
-    handles = []
-
-    def hook(name):
-        def fn(mod, inputs):
-            x = inputs[0]
-            key = (x.data_ptr(), tuple(x.shape))
-            if key in state["seen"]:
-                alias[name] = state["seen"][key]
-                return
-            state["seen"][key] = name
-            m = state["mask"]
-            xs = x[m.bool()] if x.dim() == 3 else x
-            xs = xs.to(torch.float64)
-            covs[name] = covs.get(name, 0) + xs.T @ xs
-        return fn
-
-    for n, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            handles.append(m.register_forward_pre_hook(hook(n)))
-    try:
-        model.eval()
-        for ids, mask, _ in batches:
-            state["mask"], state["seen"] = mask, {}
-            model(input_ids=ids, attention_mask=mask)
-    finally:
-        for h in handles:
-            h.remove()
-    for n, src in alias.items():
-        covs[n] = covs[src]
-    return covs
-
-
 def task_covariances(model: nn.Module, tok, task: Task, cfg: BenchConfig):
     """``cfg.cov_examples`` training examples of the task fed to its fine-tuned model, collected
-    with :func:`pave_plugins.collect.collect_covariances` (falls back to the local hook collector)."""
+    with :func:`pave_plugins.collect.collect_covariances`."""
+    from pave_plugins.collect import collect_covariances as package_collect
+
     rows = task.splits["train"][: cfg.cov_examples]
     batches = make_batches(tok, rows, cfg.eval_batch_size, cfg.max_length, sort=False)
-    try:
-        from pave_plugins.collect import collect_covariances as package_collect
-    except ImportError:  # pragma: no cover - older checkouts
-        return collect_covariances(model, batches)
     inputs = [{"input_ids": ids, "attention_mask": mask} for ids, mask, _ in batches]
     return package_collect(model, inputs, progress=False)
 
