@@ -13,7 +13,6 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import torch
 
 DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "real" / "data"

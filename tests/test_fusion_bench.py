@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from fusion_bench import BaseModelPool
 from fusion_bench.method import TaskArithmeticAlgorithm, TaskSingularVectorMerging, TiesMergingAlgorithm
