@@ -34,6 +34,20 @@ _DTYPES = {
 _MODEL_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
+def checked_pool(modelpool: Any, who: str, error: type[Exception] = ValueError, *, need_models: bool = True):
+    """The pool as a ``BaseModelPool`` (a plain ``{name: module}`` dict is wrapped), with a
+    ``_pretrained_`` model and, if ``need_models``, at least one fine-tuned model; else ``error``."""
+    from fusion_bench import BaseModelPool
+
+    if not isinstance(modelpool, BaseModelPool):
+        modelpool = BaseModelPool(modelpool)
+    if need_models and not list(modelpool.model_names):
+        raise error(f"{who}: the model pool has no fine-tuned models")
+    if not modelpool.has_pretrained:
+        raise error(f"{who}: the model pool needs a `_pretrained_` model (the base of the task vectors)")
+    return modelpool
+
+
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     """``"float64"`` / ``"float32"`` (or a torch dtype) -> torch dtype, with a clear error."""
     if isinstance(name, torch.dtype):

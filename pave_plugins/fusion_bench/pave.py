@@ -46,6 +46,7 @@ from .common import (
     PAVE_PAPER,
     TSV_PAPER,
     algorithm_log_dir,
+    checked_pool,
     inner_method_config,
     instantiate_algorithm,
     program_config_yaml,
@@ -196,13 +197,8 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     # ------------------------------------------------------------------ run
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | dict[str, nn.Module]):
-        if not isinstance(modelpool, BaseModelPool):
-            modelpool = BaseModelPool(modelpool)
+        modelpool = checked_pool(modelpool, "PAVE", PAVEConfigError)
         names = list(modelpool.model_names)
-        if not names:
-            raise PAVEConfigError("PAVE: the model pool has no fine-tuned models")
-        if not modelpool.has_pretrained:
-            raise PAVEConfigError("PAVE: the model pool needs a `_pretrained_` model (the base of the task vectors)")
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
         instance = self._instance_pool(modelpool)

@@ -32,6 +32,7 @@ from pave_plugins.core import rethink as core
 
 from .common import (
     algorithm_log_dir,
+    checked_pool,
     inner_method_config,
     instantiate_algorithm,
     program_config_yaml,
@@ -123,10 +124,7 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
 
     # ------------------------------------------------------------------ run
     def run(self, modelpool: BaseModelPool | dict[str, nn.Module]):
-        if not isinstance(modelpool, BaseModelPool):
-            modelpool = BaseModelPool(modelpool)
-        if not modelpool.has_pretrained:
-            raise RethinkConfigError("rethink: the model pool needs a `_pretrained_` model (theta_pre)")
+        modelpool = checked_pool(modelpool, "rethink", RethinkConfigError, need_models=False)
         names = list(modelpool.model_names)
         t0 = time.perf_counter()
         # theta_pre first: TA / TIES / TSV-M may change the pool's pretrained model in place

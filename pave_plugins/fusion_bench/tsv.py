@@ -37,7 +37,7 @@ from pave_plugins.core.tsv import (
     tsv_merge,
 )
 
-from .common import TSV_PAPER, program_config_yaml, program_save_path, resolve_dtype, write_model_card
+from .common import TSV_PAPER, checked_pool, program_config_yaml, program_save_path, resolve_dtype, write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,8 @@ class TSVMerging(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
 
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | dict[str, nn.Module]) -> nn.Module:
-        if not isinstance(modelpool, BaseModelPool):
-            modelpool = BaseModelPool(modelpool)
+        modelpool = checked_pool(modelpool, "TSV-M")
         names = list(modelpool.model_names)
-        if not names:
-            raise ValueError("TSV-M needs at least one fine-tuned model in the model pool")
-        if not modelpool.has_pretrained:
-            raise ValueError("TSV-M needs a `_pretrained_` model in the model pool")
         alpha, alpha_list = _alphas(self.alpha, names)
         exclude = set(self.exclude_keys or [])
         dtype = resolve_dtype(self.compute_dtype)
