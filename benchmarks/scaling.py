@@ -16,7 +16,7 @@ and ``collect`` vs ``forward``: covariance collection (pave_plugins.collect) vs 
 over the same batches of a small random BERT.
 
     python benchmarks/scaling.py --quick          # ~2-4 minutes on 2 cores
-    python benchmarks/scaling.py                  # up to 4096x4096 and 4096x11008, K = 2, 4, 8 (long)
+    python benchmarks/scaling.py --threads 1      # K = 2, 4, 8 and shapes up to 4096x11008 (~1 h on one core)
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pave_plugins.io.atomic import atomic_path
 
 
 def _rss_mib() -> float:
@@ -59,22 +61,29 @@ def _pool(k: int, shape: tuple[int, int], n_layers: int, seed: int = 0):
     return models
 
 
-def _covariances(models, folder: Path, n_tokens: int = 2048):
+def _covariances(models, folder: Path):
     import torch
 
     from pave_plugins.io.covariance import CovarianceMetadata, save_covariances
 
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists():  # shared by the floor and PAVE runs of one grid point (written once)
+        return
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(1)
     for name, m in models.items():
         if name == "_pretrained_":
             continue
         covs, layer_map = {}, {}
         for i, lin in enumerate(m):
+            # twice as many tokens as inputs: full rank, like covariances of real calibration sets
+            n_tokens = max(2048, 2 * lin.in_features)
             x = torch.randn(n_tokens, lin.in_features, generator=g) * torch.linspace(0.1, 2.0, lin.in_features)
             covs[f"c{i}"] = (x.T @ x).to(torch.float64)
             layer_map[str(i)] = f"c{i}"
-        save_covariances(folder / f"{name}.safetensors", covs, CovarianceMetadata(layer_map=layer_map))
+            del x
+        save_covariances(tmp / f"{name}.safetensors", covs, CovarianceMetadata(layer_map=layer_map))
+    tmp.rename(folder)
 
 
 def measure(spec: dict) -> dict:
@@ -86,9 +95,9 @@ def measure(spec: dict) -> dict:
     if method in ("collect", "forward"):
         return _measure_collection(spec)
     models = _pool(k, shape, n_layers)
-    tmp = Path(tempfile.mkdtemp())
+    cov_dir = Path(spec["cov_dir"]) if spec.get("cov_dir") else Path(tempfile.mkdtemp()) / "covs"
     if method in ("floor", "pave_ta"):
-        _covariances(models, tmp / "covs")
+        _covariances(models, cov_dir)
     # imports outside the timed region (lightning / fusion_bench start-up is several seconds)
     import fusion_bench.method  # noqa: F401
     from fusion_bench.method.task_singular_vector.TSVM import TaskSingularVectorMerging  # noqa: F401
@@ -106,7 +115,7 @@ def measure(spec: dict) -> dict:
 
         base = models["_pretrained_"]
         for name in [n for n in models if n != "_pretrained_"]:
-            cf = CovarianceFile(tmp / "covs" / f"{name}.safetensors")
+            cf = CovarianceFile(cov_dir / f"{name}.safetensors")
             for i, lin in enumerate(models[name]):
                 c = cf.get(str(i)).to(torch.float64)
                 torch.linalg.svd(lin.weight.detach().to(torch.float64) @ c, full_matrices=False)
@@ -115,7 +124,7 @@ def measure(spec: dict) -> dict:
         from pave_plugins.fusion_bench.pave import PAVEAlgorithm
 
         PAVEAlgorithm(inner={"name": "task_arithmetic", "scaling_factor": 0.5}, rho=0.9375,
-                      covariances=str(tmp / "covs"), write_model_card=False, inplace=True).run(models)
+                      covariances=str(cov_dir), write_model_card=False, inplace=True).run(models)
     elif method == "ties":
         from fusion_bench.method import TiesMergingAlgorithm
 
@@ -183,34 +192,43 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.one))))
         return
     if args.quick:
-        grid = [(2, (512, 512)), (4, (512, 512)), (2, (1024, 1024)), (4, (1024, 1024)), (2, (1024, 2752))]
-        n_layers, methods = 2, ["floor", "pave_ta", "ties", "tsvm_ours", "tsvm_ours32", "tsvm_fb"]
+        grid = [(2, (512, 512), 2), (4, (512, 512), 2), (2, (1024, 1024), 2), (4, (1024, 1024), 2),
+                (2, (1024, 2752), 2)]
         coll = [(8, (256, 256), 4)]
     else:
-        grid = [(k, s) for s in [(1024, 1024), (4096, 4096), (4096, 11008)] for k in (2, 4, 8)]
-        n_layers, methods = 2, ["floor", "pave_ta", "ties", "tsvm_ours", "tsvm_ours32", "tsvm_fb"]
+        # growth with K at a mid-size shape (2 layers), then with layer size up to LLaMA-7B's
+        # attention (4096x4096, K = 2, 4, 8) and MLP (4096x11008, K = 2) shapes, one layer each:
+        # a float64 SVD of 4096x11008 alone takes ~95 s on one core, so the full factorial is days.
+        grid = [(k, (1024, 2752), 2) for k in (2, 4, 8)]
+        grid += [(2, (1024, 1024), 1)] + [(k, (4096, 4096), 1) for k in (2, 4, 8)] + [(2, (4096, 11008), 1)]
         coll = [(16, (384, 384), 6), (16, (768, 768), 12)]
+    methods = ["floor", "pave_ta", "ties", "tsvm_ours", "tsvm_ours32", "tsvm_fb"]
     rows = []
-    for k, shape in grid:
-        for m in methods:
-            r = run_child({"method": m, "k": k, "shape": list(shape), "n_layers": n_layers, "threads": args.threads})
-            rows.append(r)
-            print(json.dumps({x: r.get(x) for x in ("method", "k", "shape", "seconds", "peak_rss_mib", "error")}), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def add(r: dict) -> None:  # results are written after every measurement: a long run can be cut off
+        rows.append(r)
+        print(json.dumps({x: r.get(x) for x in ("method", "k", "shape", "n_layers", "seconds", "peak_rss_mib", "error")}),
+              flush=True)
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps({"rows": rows, "quick": args.quick, "threads": args.threads}, indent=1))
+
+    for k, shape, n_layers in grid:
+        with tempfile.TemporaryDirectory() as work:
+            for m in methods:
+                add(run_child({"method": m, "k": k, "shape": list(shape), "n_layers": n_layers, "threads": args.threads,
+                               "cov_dir": str(Path(work) / "covs")}))
     for nb, shape, nl in coll:
         for m in ("forward", "collect"):
-            r = run_child({"method": m, "k": nb, "shape": list(shape), "n_layers": nl, "threads": args.threads})
-            rows.append(r)
-            print(json.dumps({x: r.get(x) for x in ("method", "k", "shape", "seconds", "peak_rss_mib", "error")}), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "quick": args.quick}, indent=1))
+            add(run_child({"method": m, "k": nb, "shape": list(shape), "n_layers": nl, "threads": args.threads}))
     # table
-    print("\n| K | layer (out x in) x %d | floor s | PAVE+TA s | PAVE/floor | TIES s | TSV-M ours f64 s (peak MiB) | TSV-M ours f32 s (peak MiB) | TSV-M FusionBench s (peak MiB) |" % n_layers)
+    print("\n| K | layer (out x in) x layers | floor s | PAVE+TA s | PAVE/floor | TIES s | TSV-M ours f64 s (peak MiB) | TSV-M ours f32 s (peak MiB) | TSV-M FusionBench s (peak MiB) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for k, shape in grid:
+    for k, shape, n_layers in grid:
         r = {x["method"]: x for x in rows if x.get("k") == k and tuple(x.get("shape", ())) == shape and "seconds" in x}
         if not all(m in r for m in methods):
             continue
-        print(f"| {k} | {shape[0]}x{shape[1]} | {r['floor']['seconds']:.2f} | {r['pave_ta']['seconds']:.2f} | "
+        print(f"| {k} | {shape[0]}x{shape[1]} x {n_layers} | {r['floor']['seconds']:.2f} | {r['pave_ta']['seconds']:.2f} | "
               f"{r['pave_ta']['seconds'] / r['floor']['seconds']:.2f} | {r['ties']['seconds']:.2f} | "
               f"{r['tsvm_ours']['seconds']:.2f} ({r['tsvm_ours']['peak_rss_mib']:.0f}) | "
               f"{r['tsvm_ours32']['seconds']:.2f} ({r['tsvm_ours32']['peak_rss_mib']:.0f}) | "
