@@ -130,6 +130,9 @@ class BenchConfig:
     rethink_iterations: int = 3  # LoRA-DV T
     rethink_epochs: int = 10
     rethink_lr: float = 5e-3
+    lora_rank: int = 8  # LoRA experts (PEFT): rank r, alpha = 2r
+    lora_lr: float = 1e-3
+    mergekit_density: float = 0.2  # mergekit TIES trim (the FusionBench TIES threshold of 20 %)
     pave_host_final: list[str] | None = None  # PAVE+X finals through FusionBench pave/pave (None: every X)
     exclude_keys: list[str] = field(default_factory=lambda: ["embeddings.word_embeddings.weight"])
 
@@ -206,6 +209,32 @@ def finetune_key(cfg: BenchConfig, task: Task, seed: int, kind: str = "full") ->
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def train_steps(encoder: nn.Module, params: Sequence[nn.Parameter], tok, task: Task, head: Tensor, cfg: BenchConfig,
+                seed: int, lr: float) -> float:
+    """``cfg.steps`` AdamW steps of cross-entropy through the frozen zero-shot head (shared by the
+    full fine-tunes and the LoRA experts); returns the seconds taken."""
+    encoder.train()
+    opt = torch.optim.AdamW(list(params), lr=lr, weight_decay=0.0)
+    rows = task.splits["train"]
+    g = torch.Generator().manual_seed(seed)
+    perm: list[int] = []
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        if len(perm) < cfg.batch_size:
+            perm += torch.randperm(len(rows), generator=g).tolist()
+        idx, perm = perm[:cfg.batch_size], perm[cfg.batch_size:]
+        enc = tok([rows[i][0] for i in idx], padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt")
+        y = torch.tensor([rows[i][1] for i in idx])
+        loss = F.cross_entropy(logits(encoder, head, enc["input_ids"], enc["attention_mask"], cfg.scale), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 25 == 0 or step == cfg.steps - 1:
+            log.info("  %s seed %d step %d/%d loss %.3f", task.name, seed, step + 1, cfg.steps, float(loss.detach()))
+    encoder.eval()
+    return time.perf_counter() - t0
+
+
 def finetune(base: nn.Module, tok, task: Task, head: Tensor, cfg: BenchConfig, seed: int) -> dict[str, Tensor]:
     """Full fine-tuning with frozen word embeddings and the frozen zero-shot head; cached on disk."""
     from safetensors.torch import load_file, save_file
@@ -218,31 +247,15 @@ def finetune(base: nn.Module, tok, task: Task, head: Tensor, cfg: BenchConfig, s
         log.info("fine-tune of %s (seed %d) from cache %s", task.name, seed, path)
         return load_file(str(path))
     torch.manual_seed(seed)
-    model = copy.deepcopy(base).train()
+    model = copy.deepcopy(base)
     for n, p in model.named_parameters():
         p.requires_grad_("word_embeddings" not in n)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    rows = task.splits["train"]
-    g = torch.Generator().manual_seed(seed)
-    perm: list[int] = []
-    t0 = time.perf_counter()
-    for step in range(cfg.steps):
-        if len(perm) < cfg.batch_size:
-            perm += torch.randperm(len(rows), generator=g).tolist()
-        idx, perm = perm[:cfg.batch_size], perm[cfg.batch_size:]
-        enc = tok([rows[i][0] for i in idx], padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt")
-        y = torch.tensor([rows[i][1] for i in idx])
-        loss = F.cross_entropy(logits(model, head, enc["input_ids"], enc["attention_mask"], cfg.scale), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 25 == 0 or step == cfg.steps - 1:
-            log.info("  %s seed %d step %d/%d loss %.3f", task.name, seed, step + 1, cfg.steps, float(loss.detach()))
+    seconds = train_steps(model, [p for p in model.parameters() if p.requires_grad], tok, task, head, cfg, seed, cfg.lr)
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata={"task": task.name, "seed": str(seed), "seconds": f"{time.perf_counter() - t0:.1f}"})
-    log.info("fine-tuned %s (seed %d) in %.1f s -> %s", task.name, seed, time.perf_counter() - t0, path)
+        save_file(sd, str(tmp), metadata={"task": task.name, "seed": str(seed), "seconds": f"{seconds:.1f}"})
+    log.info("fine-tuned %s (seed %d) in %.1f s -> %s", task.name, seed, seconds, path)
     return sd
 
 
@@ -484,7 +497,7 @@ def run_seed(cfg: BenchConfig, seed: int, tasks: list[Task], tok, base: nn.Modul
 
     record("zero_shot", "zero-shot (base)", lambda n: base, {}, None, 0.0)
     ft_models = {n: _module(base, sd) for n, sd in zip(names, ft_sds)}
-    record("individual", "individual fine-tunes", lambda n: ft_models[n], {}, None, 0.0)
+    record("individual", "individual fine-tunes", ft_models.__getitem__, {}, None, 0.0)
     del ft_models
 
     def search(kind: str, sds, grid) -> tuple[dict, dict, float, list]:
@@ -527,18 +540,26 @@ def run_seed(cfg: BenchConfig, seed: int, tasks: list[Task], tok, base: nn.Modul
 
     # PAVE + X: purify every fine-tune, then the host method X with X's validated hyper-parameters;
     # rho chosen on validation.
-    covs = None
-    if any(wanted(f"pave_{t}_{a}_{b}") for t in cfg.pave_targets for a in cfg.pave_allocations for b in cfg.pave_bases):
-        t1 = time.perf_counter()
-        covs = []
-        cov_dir = Path(cfg.cache_dir) / "covariances" / f"s{seed}-{finetune_key(cfg, tasks[0], seed, 'cov')}"
-        cov_dir.mkdir(parents=True, exist_ok=True)
-        for t, sd in zip(tasks, ft_sds):
-            cs = task_covariances(_module(base, sd), tok, t, cfg)
-            covs.append(cs)
-            if hasattr(cs, "save"):  # the covariance file that `pave collect` would write, for the host path
+    collected: dict[str, Any] = {}
+
+    def covariances() -> tuple[list, Path]:
+        """Covariances of every fine-tune (once per seed) and the folder of their files."""
+        if not collected:
+            t1 = time.perf_counter()
+            covs = []
+            cov_dir = Path(cfg.cache_dir) / "covariances" / f"s{seed}-{finetune_key(cfg, tasks[0], seed, 'cov')}"
+            cov_dir.mkdir(parents=True, exist_ok=True)
+            for t, sd in zip(tasks, ft_sds):
+                cs = task_covariances(_module(base, sd), tok, t, cfg)
+                covs.append(cs)
+                # the covariance file that `pave collect` would write, for the host paths
                 cs.save(cov_dir / f"{t.name}.safetensors", model_path=cfg.model_path, max_length=cfg.max_length)
-        timings["covariances_s"] = time.perf_counter() - t1
+            timings["covariances_s"] = time.perf_counter() - t1
+            collected.update(covs=covs, dir=cov_dir)
+        return collected["covs"], collected["dir"]
+
+    if any(wanted(f"pave_{t}_{a}_{b}") for t in cfg.pave_targets for a in cfg.pave_allocations for b in cfg.pave_bases):
+        covs, cov_dir = covariances()
         layers = linear_weight_names(base)
         cache = PaveCache()
         for target in cfg.pave_targets:
@@ -585,8 +606,117 @@ def run_seed(cfg: BenchConfig, seed: int, tasks: list[Task], tok, base: nn.Modul
                     record(f"pave_{target}_{allocation}_{b}", label, prov, {**selected[b], "rho": rho}, va, merge_s,
                            {"pave": stats, "val_trace": tr})
         del cache
+    lora_selected = run_lora_experts(cfg, seed, tasks, tok, base, base_sd, heads, wanted, search, record, timings)
+    run_mergekit_paths(cfg, seed, tasks, base, base_sd, ft_sds, wanted, evaluate, val, record, covariances,
+                       lora_selected, timings)
     timings["seed_total_s"] = time.perf_counter() - t_seed
     return {"seed": seed, "methods": results, "timings": timings}
+
+
+def run_lora_experts(cfg: BenchConfig, seed: int, tasks: list[Task], tok, base: nn.Module, base_sd, heads, wanted,
+                     search, record, timings) -> dict[str, tuple[dict, list[Path]]]:
+    """LoRA experts of the tasks: individual, merged by TA / TIES (lambda on validation), and
+    LoRA-DV (CE, ``cfg.calib_per_task`` labelled samples per task) on those merges.
+    Returns ``{base method: (chosen hp, adapter folders)}`` for the mergekit ``base+adapter`` path."""
+    keys = ["lora_experts_individual"] + [f"lora_experts_{b}" for b in ("ta", "ties")] \
+        + [f"lora_experts_loradv_ce_{b}" for b in ("ta", "ties")] + ["mergekit_lora_ties"]
+    if not any(wanted(k) for k in keys):
+        return {}
+    from pave_plugins.bench import hosts
+
+    names = [t.name for t in tasks]
+    t1 = time.perf_counter()
+    adapters = [hosts.finetune_lora(base, tok, t, heads[t.name], cfg, seed) for t in tasks]
+    lora_sds = [hosts.lora_dense_state_dict(base, a) for a in adapters]
+    timings["lora_experts_s"] = time.perf_counter() - t1
+    rank = {"rank": cfg.lora_rank, "lr": cfg.lora_lr}
+    if wanted("lora_experts_individual"):
+        experts = {n: _module(base, sd) for n, sd in zip(names, lora_sds)}
+        record("lora_experts_individual", f"LoRA experts (r={cfg.lora_rank}), individual", experts.__getitem__,
+               rank, None, 0.0)
+        del experts
+    selected = {}
+    for b in ("ta", "ties"):
+        needed_by = [f"lora_experts_{b}", f"lora_experts_loradv_ce_{b}"] + (["mergekit_lora_ties"] if b == "ties" else [])
+        if not any(wanted(k) for k in needed_by):
+            continue
+        t1 = time.perf_counter()
+        hp, va, merge_s, trace = search(b, lora_sds, method_grid(b, cfg))
+        selected[b] = (hp, adapters)
+        record(f"lora_experts_{b}", f"LoRA experts + {BASE_METHODS[b]}",
+               run_method(b, hp, base, base_sd, lora_sds, names, cfg, seed), {**hp, **rank}, va, merge_s,
+               {"val_trace": trace, "search_s": time.perf_counter() - t1})
+        if wanted(f"lora_experts_loradv_ce_{b}"):
+            t1 = time.perf_counter()
+            merged = run_method(b, hp, base, base_sd, lora_sds, names, cfg, seed)(names[0])
+            res = lora_dv(merged, base_sd, tasks, tok, heads, cfg, seed, "ce")
+            record(f"lora_experts_loradv_ce_{b}", f"LoRA-DV (CE) on LoRA experts + {BASE_METHODS[b]}",
+                   lambda n, m=merged: m, {**hp, **rank}, None, time.perf_counter() - t1,
+                   {"rethink_losses": res.losses, "rethink_layers": len(res.layers)})
+    return selected
+
+
+def run_mergekit_paths(cfg: BenchConfig, seed: int, tasks: list[Task], base: nn.Module, base_sd, ft_sds, wanted,
+                       evaluate, val, record, covariances, lora_selected, timings) -> None:
+    """Merges through mergekit's own ``run_merge`` on Hugging Face folders of the fine-tunes:
+    stock ``ties`` (lambda on validation), ``pave`` + ``ties`` for each PAVE target (rho on
+    validation, TIES settings of the stock run) and stock ``ties`` on LoRA experts given as
+    ``base+adapter`` (mergekit merges the adapters with PEFT; lambda of ``lora_experts_ties``)."""
+    keys = ["mergekit_ties", "mergekit_lora_ties"] + [f"mergekit_pave_{t}_ties" for t in cfg.pave_targets]
+    if not any(wanted(k) for k in keys):
+        return
+    from pave_plugins.bench import hosts
+
+    t0 = time.perf_counter()
+    names = [t.name for t in tasks]
+    work = Path(cfg.cache_dir) / "mergekit" / f"s{seed}-{finetune_key(cfg, tasks[0], seed, 'hf')}"
+    template = hosts.seqcls_wrapper(base)
+    base_dir = str(hosts.save_hf_folder(template, base_sd, work / "base"))
+    ft_dirs = [str(hosts.save_hf_folder(template, sd, work / t.name)) for t, sd in zip(tasks, ft_sds)]
+    timings["mergekit_export_s"] = time.perf_counter() - t0
+    density = cfg.mergekit_density
+
+    def merged_provider(recipe: dict) -> tuple[Provider, float]:
+        t1 = time.perf_counter()
+        model = _module(base, hosts.run_mergekit(recipe, work))
+        return (lambda task: model), time.perf_counter() - t1
+
+    def choose(key: str, label: str, recipes: list[tuple[dict, dict]]) -> dict:
+        """Merge every recipe, keep the best on validation, record it; returns its hp."""
+        best = None
+        trace = []
+        for hp, recipe in recipes:
+            prov, merge_s = merged_provider(recipe)
+            va = evaluate(prov, val)
+            mean = sum(va.values()) / len(va)
+            trace.append({"hp": hp, "val_avg": mean})
+            if best is None or mean > best[2]:
+                best = (hp, va, mean, merge_s, prov, recipe)
+        hp, va, _, merge_s, prov, recipe = best
+        record(key, label, prov, hp, va, merge_s, {"val_trace": trace, "recipe": recipe})
+        return hp
+
+    ties_hp: dict = {}
+    if any(wanted(k) for k in keys if k != "mergekit_lora_ties"):  # the pave runs reuse its lambda
+        ties_hp = choose("mergekit_ties", f"mergekit ties (density {density})",
+               [({"lambda": v, "density": density}, hosts.ties_recipe(base_dir, ft_dirs, v, density))
+                for v in cfg.ties_grid])
+    for target in cfg.pave_targets:
+        key = f"mergekit_pave_{target}_ties"
+        if not wanted(key):
+            continue
+        _, cov_dir = covariances()
+        cov_files = [str(cov_dir / f"{n}.safetensors") for n in names]
+        lam = ties_hp["lambda"]
+        choose(key, f"mergekit pave({'eq.6' if target == 'weight' else 'task vec'}, spectral) + ties",
+               [({"lambda": lam, "density": density, "rho": rho},
+                 hosts.pave_recipe(base_dir, ft_dirs, cov_files, lam, density, rho, target, "spectral"))
+                for rho in cfg.rho_grid])
+    if wanted("mergekit_lora_ties") and "ties" in lora_selected:
+        hp, adapters = lora_selected["ties"]
+        choose("mergekit_lora_ties", "mergekit ties on LoRA experts (base+adapter)",
+               [({**hp, "density": density},
+                 hosts.ties_recipe(base_dir, [f"{base_dir}+{a}" for a in adapters], hp["lambda"], density))])
 
 
 def lora_dv(merged: nn.Module, base_sd: dict[str, Tensor], tasks: list[Task], tok, heads: dict[str, Tensor],
@@ -689,7 +819,6 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     tasks = [load_task(Path(cfg.data_dir) / n) for n in cfg.tasks]
     tok, base = load_base(cfg.model_path)
-    names = [t.name for t in tasks]
     per_seed = []
     for s in cfg.seeds:
         per_seed.append(run_seed(cfg, s, tasks, tok, base))
