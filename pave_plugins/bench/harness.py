@@ -296,7 +296,8 @@ def pave_purify_pool(base_sd: dict[str, Tensor], ft_sds: Sequence[dict[str, Tens
     Parameters without a covariance keep the plain task vector. Returns the purified state dicts
     and statistics (mean ``||dW_PAVE - dW|| / ||dW||`` over layers and models, rank ratios).
     """
-    from pave_plugins.core import allocate_ranks, co_svd, prepare_covariance, purify_from_cosvd
+    from pave_plugins.core import co_svd, model_rank_ratios, prepare_covariance
+    from pave_plugins.core.layer import purify_layer_from_cosvds
 
     svals: dict[str, list[Tensor]] = {}
     for mod, wkey in layers.items():
@@ -311,22 +312,28 @@ def pave_purify_pool(base_sd: dict[str, Tensor], ft_sds: Sequence[dict[str, Tens
                 cache.cosvd[ck] = dataclasses.replace(d, delta=None, w_ft=None)
             row.append(cache.cosvd[ck].s)
         svals[wkey] = row
-    alloc = allocate_ranks(svals, rho, method=allocation)
-    out, rel = [], []
-    for k, sd in enumerate(ft_sds):
-        new = dict(sd)
-        for wkey in svals:
-            d = cache.cosvd[(k, wkey, target)]
+    out = [dict(sd) for sd in ft_sds]
+    rel_by_model: list[list[float]] = [[] for _ in ft_sds]
+    ranks: dict[str, list[int]] = {}
+    full_ranks: dict[str, int] = {}
+    met: dict[str, bool] = {}
+    for wkey in svals:  # ranks (Algorithm 1 / uniform) and dW_PAVE (eq. 6) per layer: core.layer
+        b64 = base_sd[wkey].to(torch.float64)
+        decs = []
+        for k, sd in enumerate(ft_sds):
             ft64 = sd[wkey].to(torch.float64)
-            full = dataclasses.replace(d, w_ft=ft64, delta=ft64 - base_sd[wkey].to(torch.float64))
-            p = purify_from_cosvd(full, alloc.ranks[wkey][k], name=wkey)
-            new[wkey] = (base_sd[wkey].to(torch.float64) + p.task_vector.to(torch.float64)).to(sd[wkey].dtype)
+            decs.append(dataclasses.replace(cache.cosvd[(k, wkey, target)], w_ft=ft64, delta=ft64 - b64))
+        lp = purify_layer_from_cosvds(decs, rho=rho, allocation=allocation, names=[wkey] * len(decs), name=wkey,
+                                      release=True)
+        ranks[wkey], full_ranks[wkey], met[wkey] = lp.ranks, lp.full_rank, lp.budget_met
+        for k, p in enumerate(lp.purifications):
+            out[k][wkey] = (b64 + p.task_vector.to(torch.float64)).to(ft_sds[k][wkey].dtype)
             if math.isfinite(p.relative_change):
-                rel.append(p.relative_change)
-        out.append(new)
+                rel_by_model[k].append(p.relative_change)
+    rel = [r for rs in rel_by_model for r in rs]  # model-major order, as the statistics always used
     stats = {"mean_rel_change": float(sum(rel) / max(len(rel), 1)), "max_rel_change": float(max(rel, default=0.0)),
-             "model_rank_ratios": [float(r) for r in alloc.model_ratios],
-             "budget_met": bool(all(alloc.budget_met.values()))}
+             "model_rank_ratios": [float(r) for r in model_rank_ratios(ranks, full_ranks)],
+             "budget_met": bool(all(met.values()))}
     return out, stats
 
 
