@@ -5,11 +5,11 @@ pool to an inner FusionBench algorithm (``inner:``: task_arithmetic, ties_mergin
 emr_merging/emr_merging, dare/*, pave/tsv_m, or any method config / ``_target_`` dict):
 
 1. per ``nn.Linear`` layer l and model i: the context-oriented SVD of ``W_ft C_i`` (eq. 5; or of
-   ``dW C_i`` with ``target: delta``), ``core.co_svd``;
+   ``dW C_i`` with ``target: delta``), ``core.layer.layer_co_svds``;
 2. ranks of the K models for that layer by Algorithm 1 (spectral, budget ``rho``, floor ``gamma``)
-   or the uniform baseline, ``core.allocate_ranks``;
-3. the purified weight ``W_ft - U_{>r} U_{>r}^T A`` (eq. 6 in residual form),
-   ``core.purify_from_cosvd``; layers at full rank are left bit-for-bit untouched.
+   or the uniform baseline, and
+3. the purified weight ``W_ft - U_{>r} U_{>r}^T A`` (eq. 6 in residual form), both
+   ``core.layer.purify_layer_from_cosvds``; layers at full rank are left bit-for-bit untouched.
 
 Covariances come from files written by ``pave collect`` (``covariances: {model name: file}`` or a
 folder holding ``<model name>.safetensors``) or are collected in the run from the model pool's task
@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 from fusion_bench import BaseAlgorithm, BaseModelPool
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
 
-from pave_plugins.core.purify import TARGETS, co_svd, prepare_covariance, purify_from_cosvd
-from pave_plugins.core.rank_allocation import allocate_ranks, check_rho_gamma, model_rank_ratios
+from pave_plugins.core.layer import layer_co_svds, purify_layer_from_cosvds
+from pave_plugins.core.purify import TARGETS, prepare_covariance
+from pave_plugins.core.rank_allocation import check_rho_gamma, model_rank_ratios
 
 from .common import (
     PAVE_PAPER,
@@ -362,41 +363,41 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
                 todo = [n for n, h in zip(names, have) if h]
                 keys = [k for k in keys if k is not None]
             w_base = base_modules[layer].weight
-            decs = []
+            mods = [work_modules[n].get(layer) for n in todo]
+            for n, mod in zip(todo, mods):
+                if not isinstance(mod, nn.Linear) or mod.weight.shape != w_base.shape:
+                    raise PAVEConfigError(f"PAVE: model {n!r} has no linear layer {layer!r} shaped like the base")
+            model_names = [f"{n}:{layer}" for n in todo]
             with self.profile("co-svd"):
-                for n, key in zip(todo, keys):
-                    mod = work_modules[n].get(layer)
-                    if not isinstance(mod, nn.Linear) or mod.weight.shape != w_base.shape:
-                        raise PAVEConfigError(f"PAVE: model {n!r} has no linear layer {layer!r} shaped like the base")
-                    prepared = sources[n].prepared(layer, key, device=device, dtype=dtype, name=f"{n}:{layer}")
-                    decs.append(
-                        co_svd(mod.weight.detach().to(device), w_base.detach().to(device), prepared,
-                               target=self.target, compute_dtype=dtype, name=f"{n}:{layer}")
-                    )
-            with self.profile("rank allocation"):
-                alloc = allocate_ranks({layer: [d.s for d in decs]}, self.rho, self._gamma, method=self.rank_allocation)
-            ranks = alloc.ranks[layer]
-            entry = {"full_rank": alloc.full_ranks[layer], "budget_met": alloc.budget_met[layer], "models": {}}
+                prepared = [
+                    sources[n].prepared(layer, key, device=device, dtype=dtype, name=f"{n}:{layer}")
+                    for n, key in zip(todo, keys)
+                ]
+                decs = layer_co_svds(w_base.detach(), [m.weight.detach() for m in mods], prepared,
+                                     target=self.target, compute_dtype=dtype, names=model_names, device=device)
+            with self.profile("purify"):
+                res = purify_layer_from_cosvds(decs, rho=self.rho, gamma=self._gamma, allocation=self.rank_allocation,
+                                               names=model_names, name=layer, release=True)
+            entry = {"full_rank": res.full_rank, "budget_met": res.budget_met, "models": {}}
             for n in names:
                 if n not in todo:  # allow_missing_covariance: plain task vector = full rank, unchanged
-                    entry["models"][n] = {"rank": alloc.full_ranks[layer], "damping": 0.0, "relative_change": 0.0,
+                    entry["models"][n] = {"rank": res.full_rank, "damping": 0.0, "relative_change": 0.0,
                                           "pruning_error": 0.0, "purified": False, "reason": "no covariance"}
-            with self.profile("purify"):
-                for n, dec, r in zip(todo, decs, ranks):
-                    pur = purify_from_cosvd(dec, r, name=f"{n}:{layer}")
-                    entry["models"][n] = {
-                        "rank": r,
-                        "damping": pur.damping,
-                        "relative_change": pur.relative_change,
-                        "pruning_error": pur.pruning_error,
-                    }
-                    if r < dec.full_rank:
-                        weight = work_modules[n][layer].weight
-                        weight.data.copy_(self._purified(dec.w_ft, pur.tail_left, pur.tail_right, weight))
-                        if tails is not None:
-                            tails[n][layer] = (pur.tail_left.cpu(), pur.tail_right.cpu())
+            for n, mod, pur in zip(todo, mods, res.purifications):
+                entry["models"][n] = {
+                    "rank": pur.rank,
+                    "damping": pur.damping,
+                    "relative_change": pur.relative_change,
+                    "pruning_error": pur.pruning_error,
+                }
+                if pur.rank < pur.full_rank:
+                    weight = mod.weight
+                    w_ft = weight.detach().to(device)
+                    weight.data.copy_(self._purified(w_ft, pur.tail_left, pur.tail_right, weight))
+                    if tails is not None:
+                        tails[n][layer] = (pur.tail_left.cpu(), pur.tail_right.cpu())
             report[layer] = entry
-            del decs
+            del decs, res
         if not report:
             raise PAVEConfigError(
                 "PAVE: no linear layer of the model has a covariance (layer names do not match the covariance "

@@ -1,11 +1,12 @@
 """Purify one tensor of K fine-tuned models: the step shared by the ``pave`` merge method and
 ``pave purify``.
 
-For one weight name: one context-oriented SVD per model (PAVE eq. 5, :func:`core.co_svd`), ranks
-for the K models from Algorithm 1 on those singular values (or the uniform baseline), then the
-purified task vector of eq. 6 from the same decomposition (:func:`core.purify_from_cosvd`). The
-purified *weight* ``W_base + dW_PAVE`` is returned in the input dtype, so that merging it with any
-task-vector method gives exactly what that method gives on a checkpoint holding it.
+For one weight name, :func:`pave_plugins.core.layer.purify_layer`: one context-oriented SVD per
+model (PAVE eq. 5), ranks for the K models from Algorithm 1 on those singular values (or the
+uniform baseline), then the purified task vector of eq. 6 from the same decomposition. This module
+adds the checks, errors and report record of the mergekit side. The purified *weight*
+``W_base + dW_PAVE`` is returned in the input dtype, so that merging it with any task-vector method
+gives exactly what that method gives on a checkpoint holding it.
 
 No mergekit import here (``pave purify`` uses it without mergekit).
 """
@@ -19,8 +20,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from pave_plugins.core import PreparedCovariance, co_svd, purify_from_cosvd
-from pave_plugins.core.rank_allocation import check_rho_gamma, spectral_rank_allocation, uniform_rank_allocation
+from pave_plugins.core import PreparedCovariance
+from pave_plugins.core.layer import LayerModelError, purify_layer
+from pave_plugins.core.rank_allocation import check_rho_gamma
 from pave_plugins.io.covariance import MissingCovarianceError
 
 logger = logging.getLogger("pave_plugins.mergekit")
@@ -92,32 +94,31 @@ def purify_tensor(
     if not todo:
         return TensorPurification(weights=[None] * k, record={"purified": False, "models": models})
 
-    decompositions = {}
-    for i in todo:
-        try:
-            decompositions[i] = co_svd(
-                fine_tuned[i],
-                base,
-                covariances[i],
-                target=target,  # type: ignore[arg-type]
-                compute_dtype=compute_dtype,
-                name=f"{name} of model {labels[i]}",
-            )
-        except ValueError as exc:
-            where = f" (covariance {cov_keys[i]!r} in {sources[i]})" if sources[i] else ""
-            hint = "; was the covariance collected for another model?" if "covariance is" in str(exc) else ""
-            raise ValueError(f"{exc}{where}{hint}") from exc
-    full = decompositions[todo[0]].full_rank
-    if rank_allocation == "spectral":
-        ranks = spectral_rank_allocation([decompositions[i].s for i in todo], rho, gamma)
-    else:
-        ranks = uniform_rank_allocation(full, len(todo), rho)
-    budget_met = sum(ranks) <= rho * len(todo) * full + 1e-9
+    try:
+        layer = purify_layer(
+            base,
+            fine_tuned,
+            covariances,
+            rho=rho,
+            gamma=gamma,
+            allocation=rank_allocation,
+            target=target,  # type: ignore[arg-type]
+            compute_dtype=compute_dtype,
+            name=name,
+            model_names=[f"{name} of model {lab}" for lab in labels],
+        )
+    except LayerModelError as exc:
+        i = exc.model_index
+        where = f" (covariance {cov_keys[i]!r} in {sources[i]})" if sources[i] else ""
+        hint = "; was the covariance collected for another model?" if "covariance is" in str(exc) else ""
+        raise ValueError(f"{exc}{where}{hint}") from exc
+    full = layer.full_rank
+    budget_met = sum(layer.ranks[i] for i in todo) <= rho * len(todo) * full + 1e-9
 
     weights: list[Tensor | None] = [None] * k
-    for i, r in zip(todo, ranks):
-        p = purify_from_cosvd(decompositions.pop(i), r, name=name)
-        weights[i] = (base.to(p.task_vector.dtype) + p.task_vector).to(fine_tuned[i].dtype)
+    for i in todo:
+        p = layer.purifications[i]  # not None: model i has a covariance
+        weights[i] = (base.to(p.task_vector.dtype) + p.task_vector).to(fine_tuned[i].dtype)  # type: ignore[union-attr]
         models[labels[i]] = {
             "purified": True,
             "rank": p.rank,
@@ -128,7 +129,7 @@ def purify_tensor(
             "pruning_error": p.pruning_error,
             "covariance_key": cov_keys[i],
         }
-        del p
+        layer.purifications[i] = None  # free the task vector once the weight is built
     models = {lab: models[lab] for lab in labels}
     record = {"purified": True, "full_rank": full, "budget_met": budget_met, "models": models}
     return TensorPurification(weights=weights, record=record)
