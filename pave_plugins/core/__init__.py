@@ -16,6 +16,7 @@ from .purify import (
     purify,
     purify_from_cosvd,
 )
+from .layer import LayerModelError, LayerPurification, layer_co_svds, purify_layer, purify_layer_from_cosvds
 from .rank_allocation import (
     RankAllocation,
     allocate_ranks,
@@ -28,6 +29,8 @@ from .tsv import mean_task_vector, sti, tsv_compress, tsv_merge
 
 __all__ = [
     "CoSVD",
+    "LayerModelError",
+    "LayerPurification",
     "PreparedCovariance",
     "Purification",
     "RankAllocation",
@@ -35,6 +38,7 @@ __all__ = [
     "allocate_ranks",
     "co_svd",
     "default_gamma",
+    "layer_co_svds",
     "mean_task_vector",
     "model_rank_ratios",
     "prepare_covariance",
@@ -42,6 +46,8 @@ __all__ = [
     "purified_weight_factors",
     "purify",
     "purify_from_cosvd",
+    "purify_layer",
+    "purify_layer_from_cosvds",
     "spectral_rank_allocation",
     "sti",
     "tsv_compress",
