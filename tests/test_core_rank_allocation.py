@@ -140,3 +140,18 @@ def test_validation():
         spectral_rank_allocation([torch.tensor([float("nan"), 1.0])], 0.5)
     with pytest.raises(ValueError, match="unknown rank allocation"):
         allocate_ranks({"a": [torch.ones(2)]}, 0.5, method="greedy")
+
+
+def test_budget_with_round_off_removes_exactly_the_budget():
+    # rho * K * R = 0.57 * 100 is 56.99999999999999 in floating point: the budget is 57 ranks
+    import torch
+
+    from pave_plugins.core import allocate_ranks
+
+    g = torch.Generator().manual_seed(0)
+    svals = [torch.rand(50, generator=g, dtype=torch.float64).sort(descending=True).values for _ in range(2)]
+    alloc = allocate_ranks({"w": svals}, 0.57, gamma=0.1)
+    assert sum(alloc.ranks["w"]) == 57 and alloc.budget_met["w"]
+    # uniform: the rank-1 floor can exceed a tiny budget, and that is reported
+    tiny = allocate_ranks({"w": [torch.ones(1, dtype=torch.float64)] * 3}, 0.5, method="uniform")
+    assert tiny.ranks["w"] == [1, 1, 1] and not tiny.budget_met["w"]

@@ -302,7 +302,11 @@ def pave_purify_pool(base_sd: dict[str, Tensor], ft_sds: Sequence[dict[str, Tens
     svals: dict[str, list[Tensor]] = {}
     for mod, wkey in layers.items():
         if any(mod not in c for c in covs):
-            continue  # no covariance for this layer: plain task vector
+            # no covariance for this layer (every Linear is collected, so this is a layer no token
+            # reached): plain task vectors, said in the log
+            log.warning("PAVE: no covariance for %s in model(s) %s: plain task vectors for this layer", mod,
+                        [k for k, c in enumerate(covs) if mod not in c])
+            continue
         row = []
         for k, sd in enumerate(ft_sds):
             ck = (k, wkey, target)

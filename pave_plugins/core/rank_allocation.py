@@ -84,8 +84,10 @@ def _allocate_layer(
     k, full = len(s), len(s[0])
     ranks = [full] * k
     total = k * full
-    budget = rho * total
-    floor = gamma * full
+    # tolerances: rho * K * R and gamma * R can land a hair below an integer (0.57 * 100 =
+    # 56.99999999999999), which would remove one rank too many
+    budget = rho * total + 1e-9
+    floor = gamma * full + 1e-9
     # a model whose rank already sits at its floor never enters the index set
     heap = [(s[i][full - 1], i) for i in range(k) if full > floor and full > 1]
     heapq.heapify(heap)
@@ -156,7 +158,7 @@ def allocate_ranks(
             ranks[layer], met[layer] = _allocate_layer(svals, rho, gamma)
         else:
             ranks[layer] = uniform_rank_allocation(full, len(svals), rho)
-            met[layer] = True
+            met[layer] = sum(ranks[layer]) <= rho * full * len(svals) + 1e-9  # False only when the rank-1 floor binds
     return RankAllocation(
         ranks=ranks, full_ranks=full_ranks, model_ratios=model_rank_ratios(ranks, full_ranks), budget_met=met
     )
