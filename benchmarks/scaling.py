@@ -187,6 +187,8 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(Path(__file__).parent / "real" / "results" / "scaling.json"))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--point", action="append", default=[], metavar="K:OUTxIN:LAYERS",
+                    help="measure only these grid points (repeatable), e.g. 2:4096x11008:1; no collection rows")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
@@ -202,6 +204,10 @@ def main() -> None:
         grid = [(k, (1024, 2752), 2) for k in (2, 4, 8)]
         grid += [(2, (1024, 1024), 1)] + [(k, (4096, 4096), 1) for k in (2, 4, 8)] + [(2, (4096, 11008), 1)]
         coll = [(16, (384, 384), 6), (16, (768, 768), 12)]
+    if args.point:
+        grid = [(int(k), tuple(int(x) for x in shape.split("x")), int(nl))
+                for k, shape, nl in (pt.split(":") for pt in args.point)]
+        coll = []
     methods = ["floor", "pave_ta", "ties", "tsvm_ours", "tsvm_ours32", "tsvm_fb"]
     rows = []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
