@@ -188,7 +188,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "real" / "results" / "scaling.json"))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--point", action="append", default=[], metavar="K:OUTxIN:LAYERS",
-                    help="measure only these grid points (repeatable), e.g. 2:4096x11008:1; no collection rows")
+                    help="measure only these grid points (repeatable), e.g. 2:4096x11008:1")
+    ap.add_argument("--no-collection", action="store_true", help="skip the collection vs forward rows")
+    ap.add_argument("--append", action="store_true", help="keep the rows already in --out (a run in parts)")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
@@ -207,9 +209,10 @@ def main() -> None:
     if args.point:
         grid = [(int(k), tuple(int(x) for x in shape.split("x")), int(nl))
                 for k, shape, nl in (pt.split(":") for pt in args.point)]
+    if args.no_collection:
         coll = []
     methods = ["floor", "pave_ta", "ties", "tsvm_ours", "tsvm_ours32", "tsvm_fb"]
-    rows = []
+    rows = json.loads(Path(args.out).read_text())["rows"] if args.append and Path(args.out).is_file() else []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
     def add(r: dict) -> None:  # results are written after every measurement: a long run can be cut off
@@ -230,8 +233,10 @@ def main() -> None:
     # table
     print("\n| K | layer (out x in) x layers | floor s | PAVE+TA s | PAVE/floor | TIES s | TSV-M ours f64 s (peak MiB) | TSV-M ours f32 s (peak MiB) | TSV-M FusionBench s (peak MiB) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for k, shape, n_layers in grid:
-        r = {x["method"]: x for x in rows if x.get("k") == k and tuple(x.get("shape", ())) == shape and "seconds" in x}
+    points = dict.fromkeys((x["k"], tuple(x["shape"]), x["n_layers"]) for x in rows if x.get("method") in methods)
+    for k, shape, n_layers in points:
+        r = {x["method"]: x for x in rows if x.get("k") == k and tuple(x.get("shape", ())) == shape
+             and x.get("n_layers") == n_layers and "seconds" in x}
         if not all(m in r for m in methods):
             continue
         print(f"| {k} | {shape[0]}x{shape[1]} x {n_layers} | {r['floor']['seconds']:.2f} | {r['pave_ta']['seconds']:.2f} | "
@@ -239,7 +244,8 @@ def main() -> None:
               f"{r['tsvm_ours']['seconds']:.2f} ({r['tsvm_ours']['peak_rss_mib']:.0f}) | "
               f"{r['tsvm_ours32']['seconds']:.2f} ({r['tsvm_ours32']['peak_rss_mib']:.0f}) | "
               f"{r['tsvm_fb']['seconds']:.2f} ({r['tsvm_fb']['peak_rss_mib']:.0f}) |")
-    for nb, shape, nl in coll:
+    for nb, shape, nl in dict.fromkeys((x["k"], tuple(x["shape"]), x["n_layers"]) for x in rows
+                                       if x.get("method") in ("forward", "collect")):
         r = {x["method"]: x for x in rows if x.get("method") in ("forward", "collect") and tuple(x["shape"]) == shape}
         if "forward" in r and "collect" in r and "seconds" in r["collect"]:
             print(f"\ncollection vs forward (BERT hidden {shape[0]}, {nl} layers, {nb} batches of 16x64): "
