@@ -128,3 +128,20 @@ def test_bad_inputs():
         tsv_merge([torch.zeros(3)])
     with pytest.raises(ValueError, match="NaN"):
         tsv_merge([torch.full((3, 3), float("nan"))])
+
+
+def test_low_rank_tasks_in_orthogonal_subspaces_merge_to_their_exact_sum():
+    # TSV's premise: tasks whose singular subspaces do not overlap do not interfere, so TSV-M
+    # (alpha = 1) must return the plain sum. Rank 3 < k = 24 / 2: the null triplets are dropped
+    # (an arbitrary completion of them would rotate the real ones in the Procrustes step).
+    g = torch.Generator().manual_seed(0)
+    q_left, _ = torch.linalg.qr(torch.randn(24, 24, generator=g, dtype=torch.float64))
+    q_right, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))
+    tasks = [(q_left[:, 3 * i:3 * i + 3] * torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+             @ q_right[:, 3 * i:3 * i + 3].T for i in range(2)]
+    merged = tsv_merge(tasks)
+    assert rel(merged, tasks[0] + tasks[1]) < 1e-10
+    # TSV-C of a rank-3 matrix at k = 5: shapes kept, reconstruction exact
+    left, right = tsv_compress(tasks[0], 5)
+    assert left.shape == (24, 5) and right.shape == (5, 32)
+    assert rel(left @ right, tasks[0]) < 1e-10

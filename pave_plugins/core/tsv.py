@@ -62,8 +62,12 @@ def top_singular_triplets(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Top-``k`` singular triplets ``(U_k, s_k, V_k)`` of ``matrix`` (``m x n``) in ``compute_dtype``.
 
-    Uses the eigen-decomposition of the Gram matrix on the smaller side; singular vectors whose
-    singular value is zero are completed by the SVD so that they stay orthonormal.
+    Uses the eigen-decomposition of the Gram matrix on the smaller side. Triplets whose singular
+    value is (numerically) zero, ``s_i <= 1e-7 s_1``, are **dropped**, so fewer than ``k`` columns
+    come back when the matrix has rank below ``k`` (LoRA task matrices, tiny layers): such
+    triplets carry no task information, are not unique (any orthonormal completion of the null
+    space is an SVD), and kept in TSV-M's Procrustes step they would rotate the real task singular
+    vectors by an arbitrary amount. (FusionBench keeps LAPACK's arbitrary completion.)
     """
     a = matrix.to(compute_dtype)
     m, n = a.shape
@@ -75,11 +79,10 @@ def top_singular_triplets(
     evals = evals.flip(0)[:k].clamp_min(0)
     evecs = evecs.flip(1)[:, :k]
     s = evals.sqrt()
-    tiny = s <= s[0] * 1e-7 if s[0] > 0 else torch.ones_like(s, dtype=torch.bool)
-    if bool(tiny.any()):
-        # the other side cannot be recovered by division; the exact SVD handles rank deficiency
-        u, s_full, vh = torch.linalg.svd(a, full_matrices=False)
-        return u[:, :k], s_full[:k], vh[:k].T
+    # s is descending: the numerically-zero triplets are a suffix (their other side cannot be
+    # recovered by division either)
+    nonzero = int((s > s[0] * 1e-7).sum()) if s[0] > 0 else 0
+    s, evecs = s[:nonzero], evecs[:, :nonzero]
     if wide:
         u = evecs
         v = (a.T @ u) / s
@@ -201,7 +204,11 @@ def tsv_compress(task_matrix: Tensor, k: int, *, compute_dtype: torch.dtype = to
     if not 1 <= k <= min(task_matrix.shape):
         raise ValueError(f"k={k} is outside [1, {min(task_matrix.shape)}]")
     u, s, v = top_singular_triplets(task_matrix, k, compute_dtype=compute_dtype)
-    return (u * s).to(task_matrix.dtype), v.T.contiguous().to(task_matrix.dtype)
+    # rank below k: zero columns / rows keep the stored shape (m x k, k x n); the product is exact
+    pad = k - s.numel()
+    us = torch.nn.functional.pad(u * s, (0, pad))
+    vt = torch.nn.functional.pad(v.T, (0, 0, 0, pad))
+    return us.to(task_matrix.dtype), vt.contiguous().to(task_matrix.dtype)
 
 
 def sti(task_matrices: Sequence[Tensor], k: int | None = None) -> float:
