@@ -626,10 +626,10 @@ def run_seed(cfg: BenchConfig, seed: int, tasks: list[Task], tok, base: nn.Modul
 
 def run_lora_experts(cfg: BenchConfig, seed: int, tasks: list[Task], tok, base: nn.Module, base_sd, heads, wanted,
                      search, record, timings) -> dict[str, tuple[dict, list[Path]]]:
-    """LoRA experts of the tasks: individual, merged by TA / TIES (lambda on validation), and
-    LoRA-DV (CE, ``cfg.calib_per_task`` labelled samples per task) on those merges.
+    """LoRA experts of the tasks: individual, merged by TA / TIES / TSV-M (ours and FusionBench's;
+    lambda or alpha on validation), and LoRA-DV (CE, ``cfg.calib_per_task`` labelled samples per task) on those merges.
     Returns ``{base method: (chosen hp, adapter folders)}`` for the mergekit ``base+adapter`` path."""
-    keys = ["lora_experts_individual"] + [f"lora_experts_{b}" for b in ("ta", "ties")] \
+    keys = ["lora_experts_individual"] + [f"lora_experts_{b}" for b in ("ta", "ties", "tsvm", "tsvm_fb")] \
         + [f"lora_experts_loradv_ce_{b}" for b in ("ta", "ties")] + ["mergekit_lora_ties"]
     if not any(wanted(k) for k in keys):
         return {}
@@ -647,7 +647,7 @@ def run_lora_experts(cfg: BenchConfig, seed: int, tasks: list[Task], tok, base: 
                rank, None, 0.0)
         del experts
     selected = {}
-    for b in ("ta", "ties"):
+    for b in ("ta", "ties", "tsvm", "tsvm_fb"):
         needed_by = [f"lora_experts_{b}", f"lora_experts_loradv_ce_{b}"] + (["mergekit_lora_ties"] if b == "ties" else [])
         if not any(wanted(k) for k in needed_by):
             continue
@@ -657,7 +657,7 @@ def run_lora_experts(cfg: BenchConfig, seed: int, tasks: list[Task], tok, base: 
         record(f"lora_experts_{b}", f"LoRA experts + {BASE_METHODS[b]}",
                run_method(b, hp, base, base_sd, lora_sds, names, cfg, seed), {**hp, **rank}, va, merge_s,
                {"val_trace": trace, "search_s": time.perf_counter() - t1})
-        if wanted(f"lora_experts_loradv_ce_{b}"):
+        if b in ("ta", "ties") and wanted(f"lora_experts_loradv_ce_{b}"):
             t1 = time.perf_counter()
             merged = run_method(b, hp, base, base_sd, lora_sds, names, cfg, seed)(names[0])
             res = lora_dv(merged, base_sd, tasks, tok, heads, cfg, seed, "ce")
