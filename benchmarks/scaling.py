@@ -190,6 +190,7 @@ def main() -> None:
     ap.add_argument("--point", action="append", default=[], metavar="K:OUTxIN:LAYERS",
                     help="measure only these grid points (repeatable), e.g. 2:4096x11008:1")
     ap.add_argument("--no-collection", action="store_true", help="skip the collection vs forward rows")
+    ap.add_argument("--methods", nargs="+", help="measure only these of floor pave_ta ties tsvm_ours tsvm_ours32 tsvm_fb")
     ap.add_argument("--append", action="store_true", help="keep the rows already in --out (a run in parts)")
     args = ap.parse_args()
     if args.one:
@@ -212,6 +213,7 @@ def main() -> None:
     if args.no_collection:
         coll = []
     methods = ["floor", "pave_ta", "ties", "tsvm_ours", "tsvm_ours32", "tsvm_fb"]
+    measured = args.methods or methods
     rows = json.loads(Path(args.out).read_text())["rows"] if args.append and Path(args.out).is_file() else []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
@@ -224,7 +226,7 @@ def main() -> None:
 
     for k, shape, n_layers in grid:
         with tempfile.TemporaryDirectory() as work:
-            for m in methods:
+            for m in measured:
                 add(run_child({"method": m, "k": k, "shape": list(shape), "n_layers": n_layers, "threads": args.threads,
                                "cov_dir": str(Path(work) / "covs")}))
     for nb, shape, nl in coll:
