@@ -145,3 +145,19 @@ def test_low_rank_tasks_in_orthogonal_subspaces_merge_to_their_exact_sum():
     left, right = tsv_compress(tasks[0], 5)
     assert left.shape == (24, 5) and right.shape == (5, 32)
     assert rel(left @ right, tasks[0]) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_deficient_triplets_are_orthonormal_in_both_compute_dtypes(dtype):
+    # rank 8 < k = 20: only the 8 real triplets come back, orthonormal on both sides, and they
+    # reconstruct the matrix (a float32 Gram cannot resolve s below ~sqrt(eps) s_1: those are cut)
+    from pave_plugins.core.tsv import top_singular_triplets
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 100, generator=g, dtype=torch.float64)
+    u, s, v = top_singular_triplets(a, 20, compute_dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert s.numel() == 8
+    eye = torch.eye(8, dtype=dtype)
+    assert (u.T @ u - eye).abs().max() < tol and (v.T @ v - eye).abs().max() < tol
+    assert rel((u * s) @ v.T, a) < tol
