@@ -30,7 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--test-per-class", type=int, default=None, help="test examples per class (default: all)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--methods", nargs="*", default=None,
-                   help="method keys or prefixes (zero_shot and individual always run), e.g. ta ties pave_delta")
+                   help="method keys or prefixes (zero_shot and individual always run), e.g. ta ties pave_delta loradv lora_experts mergekit (default: all)")
     p.add_argument("--rho", nargs="+", type=float, default=None, help="PAVE rho grid")
     p.add_argument("--ta-grid", nargs="+", type=float, default=None, help="TA lambda grid")
     p.add_argument("--ties-grid", nargs="+", type=float, default=None, help="TIES lambda grid")
