@@ -65,7 +65,7 @@ def top_singular_triplets(
     """Top-``k`` singular triplets ``(U_k, s_k, V_k)`` of ``matrix`` (``m x n``) in ``compute_dtype``.
 
     Uses the eigen-decomposition of the Gram matrix on the smaller side. Triplets whose singular
-    value is (numerically) zero, ``s_i <= 1e-7 s_1`` (``10 sqrt(eps) s_1`` in float32), are **dropped**, so fewer than ``k`` columns
+    value is (numerically) zero, ``s_i <= 10 sqrt(eps) s_1`` (1.5e-7 ``s_1`` in float64), are **dropped**, so fewer than ``k`` columns
     come back when the matrix has rank below ``k`` (LoRA task matrices, tiny layers): such
     triplets carry no task information, are not unique (any orthonormal completion of the null
     space is an SVD), and kept in TSV-M's Procrustes step they would rotate the real task singular
@@ -81,11 +81,10 @@ def top_singular_triplets(
     evals = evals.flip(0)[:k].clamp_min(0)
     evecs = evecs.flip(1)[:, :k]
     s = evals.sqrt()
-    # s is descending: the numerically-zero triplets are a suffix (their other side cannot be
-    # recovered by division either)
-    # (the Gram squares the spectrum: below ~sqrt(eps) * s_1 the eigen-pairs are round-off, so the
-    # cut is 1e-7 in float64 and ~3e-3 in float32)
-    cut = max(1e-7, 10.0 * math.sqrt(torch.finfo(compute_dtype).eps))
+    # s is descending, so the numerically-zero triplets are a suffix (their other side cannot be
+    # recovered by division either). The Gram squares the spectrum: below ~sqrt(eps) s_1 its
+    # eigen-pairs are round-off, hence the cut 10 sqrt(eps) s_1 (1.5e-7 float64, 3.5e-3 float32).
+    cut = 10.0 * math.sqrt(torch.finfo(compute_dtype).eps)
     nonzero = int((s > s[0] * cut).sum()) if s[0] > 0 else 0
     s, evecs = s[:nonzero], evecs[:, :nonzero]
     if wide:
