@@ -115,6 +115,10 @@ class _CovarianceSource:
         self._last_key, self._last_prepared = key, prepared
         return prepared
 
+    def release(self) -> None:
+        """Forget the kept covariance (the next layer reads another input)."""
+        self._last_key, self._last_prepared = None, None
+
 
 @auto_register_config
 class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
@@ -344,7 +348,8 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         layers = [name for name, m in base.named_modules() if isinstance(m, nn.Linear)]
         report: dict[str, dict] = {}
         skipped = []
-        for layer in tqdm(layers, desc="PAVE purify", disable=len(layers) < 8):
+        for index, layer in enumerate(tqdm(layers, desc="PAVE purify", disable=len(layers) < 8)):
+            next_layer = layers[index + 1] if index + 1 < len(layers) else None
             keys = [sources[n].key(layer) for n in names]
             have = [k is not None for k in keys]
             if not any(have):
@@ -369,12 +374,17 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
                     raise PAVEConfigError(f"PAVE: model {n!r} has no linear layer {layer!r} shaped like the base")
             model_names = [f"{n}:{layer}" for n in todo]
             with self.profile("co-svd"):
-                prepared = [
-                    sources[n].prepared(layer, key, device=device, dtype=dtype, name=f"{n}:{layer}")
-                    for n, key in zip(todo, keys)
-                ]
-                decs = layer_co_svds(w_base.detach(), [m.weight.detach() for m in mods], prepared,
-                                     target=self.target, compute_dtype=dtype, names=model_names, device=device)
+                # one model at a time: a covariance that the next layer does not share is released
+                # before the next model's is prepared, so at most one unshared C (11008^2 float64
+                # is 0.97 GB for LLaMA-7B's down_proj) is alive, not K
+                decs = []
+                for n, key, mod, label in zip(todo, keys, mods, model_names):
+                    prepared = sources[n].prepared(layer, key, device=device, dtype=dtype, name=label)
+                    decs += layer_co_svds(w_base.detach(), [mod.weight.detach()], [prepared], target=self.target,
+                                          compute_dtype=dtype, names=[label], device=device)
+                    del prepared
+                    if next_layer is None or sources[n].key(next_layer) != key:
+                        sources[n].release()
             with self.profile("purify"):
                 res = purify_layer_from_cosvds(decs, rho=self.rho, gamma=self._gamma, allocation=self.rank_allocation,
                                                names=model_names, name=layer, release=True)
