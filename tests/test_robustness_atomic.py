@@ -11,7 +11,6 @@ A rerun after the kill succeeds (a leftover ``.<name>.*.tmp`` sibling does not g
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -23,16 +22,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_robustness_inputs import snapshot
 
 PAVE = [sys.executable, "-c", "import sys; from pave_plugins.cli import main; sys.exit(main(sys.argv[1:]))"]
-
-
-def snapshot(path: Path):
-    if not path.exists():
-        return None
-    if path.is_file():
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 class Killer:
