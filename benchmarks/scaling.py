@@ -135,9 +135,8 @@ def measure(spec: dict) -> dict:
         TSVMerging(alpha=1.0, write_model_card=False,
                    compute_dtype="float32" if method == "tsvm_ours32" else "float64").run(models)
     elif method == "tsvm_fb":
-        from fusion_bench.method.task_singular_vector.TSVM import TaskSingularVectorMerging
-
         from fusion_bench import BaseModelPool
+        from fusion_bench.method.task_singular_vector.TSVM import TaskSingularVectorMerging
 
         TaskSingularVectorMerging(alpha=1.0).run(BaseModelPool(models))
     else:

@@ -104,7 +104,9 @@ def merge_with_mergekit(config_yaml: str, out: Path) -> Path:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import pave_plugins.mergekit  # noqa: F401  (registers pave/tsv if the .pth hook is disabled)
+    from pave_plugins._mergekit_bootstrap import load_plugins
+
+    load_plugins()  # pave and tsv from the entry points, if the start-up hook has not (PAVE_PLUGINS_DISABLE: none)
 
     cfg = MergeConfiguration.model_validate(yaml.safe_load(config_yaml))
     run_merge(cfg, str(out), options=MergeOptions(copy_tokenizer=False, quiet=True), config_source=config_yaml)

@@ -2,8 +2,20 @@
 
 import os
 
+import pytest
+import torch
+
 # Tests build tiny models locally; any attempt to reach the Hugging Face hub must fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: intra-op threading only adds overhead (and contention on a shared 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

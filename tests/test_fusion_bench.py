@@ -265,7 +265,7 @@ def test_clear_errors(setup, tmp_path):
     covs2 = covariances_of(fts["task1"], inputs_for("task1"))
     del covs2["fc2"]
     f2 = save_covariance_file(tmp_path / "t1.safetensors", covs2)
-    with pytest.raises(ValueError, match=r"missing covariance for layer 'fc2' of model\(s\) \['task1'\]"):
+    with pytest.raises(ValueError, match=r"fc2: missing covariance for model\(s\) \['task1 \("):
         PAVEAlgorithm(inner="task_arithmetic", covariances={**files, "task1": f2}).run(BaseModelPool(pool_dict(base, fts)))
     with pytest.raises(ValueError, match="no train dataset named 'task0'"):
         PAVEAlgorithm(inner="task_arithmetic", covariances=None).run(BaseModelPool(pool_dict(base, fts)))
@@ -306,17 +306,12 @@ def test_hydra_configs_found_and_instantiated(setup):
     assert int(torch.linalg.matrix_rank(d.double(), rtol=1e-6)) == 4
 
 
-def test_config_mirror_matches_shipped_configs():
-    """configs/fusion_bench/ mirrors pave_plugins/configs/ (every mirrored yaml is identical)."""
+def test_configs_have_one_copy():
+    """configs/fusion_bench/ is the shipped folder itself (a link), not a copy kept in sync."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    mirror = root / "configs" / "fusion_bench"
     shipped = root / "pave_plugins" / "configs"
-    files = sorted(mirror.rglob("*.yaml"))
-    assert len(files) >= 10
-    for f in files:
-        twin = shipped / f.relative_to(mirror)
-        assert twin.is_file() and twin.read_text() == f.read_text(), f
+    assert (root / "configs" / "fusion_bench").resolve() == shipped.resolve()
     for name in ("pave", "pave_ta", "pave_ties", "pave_emr", "pave_dare_ta", "pave_dare_ties", "pave_tsv_m", "tsv_m", "tsv_c"):
-        assert (mirror / "method" / "pave" / f"{name}.yaml").is_file()
+        assert (shipped / "method" / "pave" / f"{name}.yaml").is_file()

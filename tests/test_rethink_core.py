@@ -12,13 +12,7 @@ from torch import nn
 from pave_plugins.core import rethink as rt
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threading only adds overhead (and contention on a shared 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _low_rank_factors(out=24, inp=18, ranks=(2, 3, 4), seed=0, dtype=torch.float64):

@@ -18,12 +18,7 @@ from pave_plugins.fusion_bench.rethink import RethinkConfigError, SpectralRethin
 from rethink_helpers import toy_pool_models, toy_xy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

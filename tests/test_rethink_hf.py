@@ -17,12 +17,7 @@ from pave_plugins.rethink import build_batches, load_lora_adapter
 from rethink_helpers import build_llama_lora, build_seq_cls, tiny_tokenizer, write_jsonl
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,7 @@ def work(tmp_path_factory):
 
     from collect_helpers import TEXTS, save_model_dir, tiny_llama, write_jsonl
     from mergekit_helpers import write_covariances
-    from rethink_helpers import build_seq_cls, random_sentences, write_jsonl as rwrite
+    from rethink_helpers import build_seq_cls
 
     root = tmp_path_factory.mktemp("kill")
     # purify: a Llama with 4 layers of 128 x 256, two fine-tunes

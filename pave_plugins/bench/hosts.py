@@ -77,11 +77,11 @@ def save_hf_folder(wrapper_template: nn.Module, encoder_sd: dict[str, Tensor], f
 def finetune_lora(base: nn.Module, tok, task, head: Tensor, cfg, seed: int) -> Path:
     """Train a LoRA expert (PEFT, rank ``cfg.lora_rank``, alpha = 2 * rank) of ``task`` on the frozen
     base; returns the cached adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
-    Training is the harness's :func:`~pave_plugins.bench.harness.train_steps` (the same batches,
+    Training is :func:`~pave_plugins.bench.training.train_steps` (the same batches,
     loss and optimiser as the full fine-tunes, learning rate ``cfg.lora_lr``)."""
     from peft import LoraConfig, get_peft_model
 
-    from pave_plugins.bench.harness import finetune_key, train_steps
+    from pave_plugins.bench.training import finetune_key, train_steps
     from pave_plugins.io.atomic import atomic_directory
 
     key = finetune_key(cfg, task, seed, kind=f"lora-r{cfg.lora_rank}-lr{cfg.lora_lr}")
@@ -122,7 +122,9 @@ def run_mergekit(recipe: dict[str, Any], work: Path, prefix: str = "bert.") -> d
     from mergekit.options import MergeOptions
     from safetensors.torch import load_file
 
-    import pave_plugins.mergekit  # noqa: F401  (registers pave/tsv if the .pth hook is disabled)
+    from pave_plugins._mergekit_bootstrap import load_plugins
+
+    load_plugins()  # pave and tsv from the entry points, if the start-up hook has not (PAVE_PLUGINS_DISABLE: none)
 
     text = yaml.safe_dump(recipe, sort_keys=False)
     out = Path(tempfile.mkdtemp(prefix="merge-", dir=work))

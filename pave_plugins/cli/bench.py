@@ -57,7 +57,8 @@ def default_model_path() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pave_plugins.bench.harness import BenchConfig, run as run_bench
+    from pave_plugins.bench.harness import BenchConfig
+    from pave_plugins.bench.harness import run as run_bench
 
     cfg = BenchConfig(data_dir=str(Path(args.data)), tasks=list(args.tasks), model_path=args.model or default_model_path(),
                       out_dir=args.out, cache_dir=args.cache, seeds=list(args.seeds), steps=args.steps, lr=args.lr,

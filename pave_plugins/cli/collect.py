@@ -107,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.model or not args.data:
         raise ValueError("give --model and --data (or --merge FILES -o OUT, or --check FILE --model DIR)")
     _check_out(args)
-    from pave_plugins.collect.pipeline import collect_to_file
     from pave_plugins.collect.distributed import dist_info
+    from pave_plugins.collect.pipeline import collect_to_file
 
     cs = collect_to_file(
         args.model, args.data, args.out,

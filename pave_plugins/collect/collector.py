@@ -83,11 +83,19 @@ class CovarianceSet:
     layer_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     unmasked_layers: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    origin: str = "collected covariances"  # named in messages
 
     # lookup (same semantics as CovarianceFile)
     @property
     def layers(self) -> list[str]:
         return sorted(self.layer_map)
+
+    @property
+    def fingerprint(self) -> str:
+        return ""
+
+    def key_sizes(self) -> dict[str, int]:
+        return {k: int(v.shape[0]) for k, v in self.covariances.items()}
 
     def resolve(self, name: str) -> str | None:
         """Layer name of this set for a layer or weight name (tolerates a model prefix), or ``None``."""

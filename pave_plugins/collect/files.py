@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from pave_plugins.io.covariance import CovarianceFile, CovarianceFileError, CovarianceMetadata, save_covariances
+from pave_plugins.io.sources import FINGERPRINT_POLICIES, CovarianceSource
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +89,17 @@ def sum_covariance_files(
     return save_covariances(out, total, meta)
 
 
-def _weight_in_features(model: nn.Module | Mapping[str, Any] | str | os.PathLike) -> tuple[dict[str, int], str]:
-    """``{layer name: input features}`` of a model (module, state dict or checkpoint dir), and its fingerprint."""
+def _weight_in_features(
+    model: nn.Module | Mapping[str, Any] | str | os.PathLike,
+) -> tuple[dict[str, Any], Callable[[], str]]:
+    """``{layer name: input features}`` of a model (module, state dict or checkpoint dir), and a
+    function computing its fingerprint (only when a file carries one to compare)."""
     from .collector import hookable_layers
     from .fingerprint import model_fingerprint
 
+    fingerprint = functools.cache(lambda: model_fingerprint(model))
     if isinstance(model, nn.Module):
-        return {h.name: h.in_features for h in hookable_layers(model)}, model_fingerprint(model)
+        return {h.name: h.in_features for h in hookable_layers(model)}, fingerprint
     shapes: dict[str, tuple[int, ...]] = {}
     if isinstance(model, Mapping):
         shapes = {k: tuple(v.shape) for k, v in model.items() if torch.is_tensor(v)}
@@ -110,62 +116,68 @@ def _weight_in_features(model: nn.Module | Mapping[str, Any] | str | os.PathLike
                     shapes[k] = tuple(h.get_slice(k).get_shape())
     dims = {k[: -len(".weight")]: s for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2}
     # both layouts are returned; the caller picks with the file's layer info (GPT-2 Conv1D is in x out)
-    return {k: (s[1], s[0]) for k, s in dims.items()}, model_fingerprint(model)  # type: ignore[misc]
+    return {k: (s[1], s[0]) for k, s in dims.items()}, fingerprint
 
 
 def check_covariance_file(
-    cov: CovarianceFile | str | os.PathLike,
+    cov: CovarianceSource | str | os.PathLike,
     model: nn.Module | Mapping[str, Any] | str | os.PathLike,
     *,
     on_fingerprint_mismatch: str = "error",
-) -> CovarianceFile:
-    """Check that a covariance file fits ``model``: its layers exist with the right input size (a few
-    absent layers, such as a head tied to the embeddings, are a warning; most absent is an error),
-    and (``on_fingerprint_mismatch="error"`` or ``"warn"``; ``"ignore"``) the weights' fingerprint matches.
+) -> CovarianceSource:
+    """The one fit check of every face: do these covariances belong to ``model``?
 
-    Raises :class:`CovarianceFileError` naming the file and the layer.
+    ``cov`` is a covariance source (a file of ``pave collect`` or collected covariances) or a file
+    path; ``model`` a module, a state dict or a checkpoint folder. Its layers must exist in the model
+    with the right input size (a few absent layers, such as a head tied to the embeddings, are a
+    warning; most absent is an error), and the weights' fingerprint must match
+    (``on_fingerprint_mismatch``: ``"error"``, ``"warn"`` or ``"ignore"``).
+    Raises :class:`CovarianceFileError` naming the source and the layer.
     """
-    from safetensors import safe_open
-
-    if on_fingerprint_mismatch not in ("error", "warn", "ignore"):
+    if on_fingerprint_mismatch not in FINGERPRINT_POLICIES:
         raise ValueError(f"on_fingerprint_mismatch must be error, warn or ignore, got {on_fingerprint_mismatch!r}")
-    f = cov if isinstance(cov, CovarianceFile) else CovarianceFile(cov)
-    dims, fp = _weight_in_features(model)
-    info = f.metadata.extra.get("layers", {}) if isinstance(f.metadata.extra, dict) else {}
-    from pave_plugins.io.covariance import resolve_layer_name
-
-    with safe_open(str(f.path), framework="pt") as h:
-        sizes = {k: tuple(h.get_slice(k).get_shape()) for k in set(f.metadata.layer_map.values())}
-    absent = []
-    for layer, key in sorted(f.metadata.layer_map.items()):
-        target = resolve_layer_name(layer, dims, str(f.path))
-        if target is None:
-            absent.append(layer)
-            continue
-        d = dims[target]
-        if isinstance(d, tuple):  # (in of out x in, in of in x out)
-            d = d[1] if info.get(layer, {}).get("weight_layout") == "in_out" else d[0]
-        if sizes[key][0] != d:
-            raise CovarianceFileError(
-                f"{f.path}: covariance of layer {layer!r} is {sizes[key][0]} x {sizes[key][0]} but the model's "
-                f"{target!r} takes {d} input features: this file was collected on another model"
-            )
-    if absent and len(absent) * 2 <= len(f.metadata.layer_map):
-        # a few missing layers: usually a head tied to the embeddings (saved once, under the embedding's name)
-        log.warning("%s: %d layer(s) of the file have no weight of their own in the model (tied heads?): %s",
-                    f.path, len(absent), absent[:4])
-    elif absent:
-        raise CovarianceFileError(
-            f"{f.path}: {len(absent)} layer(s) of the file are not in the model, e.g. {absent[:4]}: "
-            "this file was collected on another model"
-        )
-    want = f.metadata.model_fingerprint
-    if want and want != fp and on_fingerprint_mismatch != "ignore":
+    f = cov if isinstance(cov, CovarianceSource) else CovarianceFile(cov)
+    dims, fingerprint = _weight_in_features(model)
+    _check_layers(f, dims)
+    want = f.fingerprint
+    if want and on_fingerprint_mismatch != "ignore" and want != fingerprint():
         msg = (
-            f"{f.path}: collected on weights with fingerprint {want}, the model has {fp} "
+            f"{f.origin}: collected on weights with fingerprint {want}, the model has {fingerprint()} "
             f"(same layer shapes: another fine-tune or a different dtype copy?)"
         )
         if on_fingerprint_mismatch == "error":
             raise CovarianceFileError(msg + "; pass on_fingerprint_mismatch='warn' to use it anyway")
         log.warning("%s", msg)
     return f
+
+
+def _check_layers(f: CovarianceSource, dims: Mapping[str, Any]) -> None:
+    """Every layer of ``f`` is a layer of the model taking as many inputs as its covariance is wide."""
+    from pave_plugins.io.covariance import resolve_layer_name
+
+    info = f.layer_info
+    sizes = f.key_sizes()
+    absent = []
+    for layer in f.layers:
+        target = resolve_layer_name(layer, dims, f.origin)
+        if target is None:
+            absent.append(layer)
+            continue
+        d = dims[target]
+        if isinstance(d, tuple):  # (in of out x in, in of in x out)
+            d = d[1] if info.get(layer, {}).get("weight_layout") == "in_out" else d[0]
+        n = sizes[f.key_for(layer)]
+        if n != d:
+            raise CovarianceFileError(
+                f"{f.origin}: covariance of layer {layer!r} is {n} x {n} but the model's "
+                f"{target!r} takes {d} input features: this file was collected on another model"
+            )
+    if absent and len(absent) * 2 <= len(f.layers):
+        # a few missing layers: usually a head tied to the embeddings (saved once, under the embedding's name)
+        log.warning("%s: %d layer(s) of the file have no weight of their own in the model (tied heads?): %s",
+                    f.origin, len(absent), absent[:4])
+    elif absent:
+        raise CovarianceFileError(
+            f"{f.origin}: {len(absent)} layer(s) of the file are not in the model, e.g. {absent[:4]}: "
+            "this file was collected on another model"
+        )

@@ -4,6 +4,7 @@ Every function follows the device of the tensors it receives and upcasts interna
 (float64 by default) for SVD / eigen-decompositions, returning results in the input dtype.
 """
 
+from .layer import LayerModelError, LayerPurification, layer_co_svds, purify_layer, purify_layer_from_cosvds
 from .purify import (
     CoSVD,
     PreparedCovariance,
@@ -16,7 +17,6 @@ from .purify import (
     purify,
     purify_from_cosvd,
 )
-from .layer import LayerModelError, LayerPurification, layer_co_svds, purify_layer, purify_layer_from_cosvds
 from .rank_allocation import (
     RankAllocation,
     allocate_ranks,

@@ -28,9 +28,7 @@ import torch
 from torch import Tensor
 
 from .purify import CoSVD, PreparedCovariance, Purification, Target, co_svd, purify_from_cosvd
-from .rank_allocation import allocate_ranks, check_rho_gamma
-
-ALLOCATIONS: tuple[str, ...] = ("spectral", "uniform")
+from .rank_allocation import ALLOCATIONS, allocate_ranks, check_rho_gamma
 
 
 class LayerModelError(ValueError):
@@ -125,19 +123,34 @@ def purify_layer_from_cosvds(
 
     ``cosvds[i]`` is model i's :class:`CoSVD` or ``None`` (no covariance: not purified, not ranked).
     ``release=True`` sets each entry of ``cosvds`` to ``None`` once it has been used, so that a
-    layer's decompositions are freed one by one (pass a list you own).
+    layer's decompositions are freed one by one (pass a list you own). Validates ``rho``,
+    ``gamma`` and ``allocation``, then calls :func:`allocate_and_purify`.
     """
     gamma = check_rho_gamma(rho, gamma)
     if allocation not in ALLOCATIONS:
         raise ValueError(f"{name}: unknown rank allocation {allocation!r}, expected one of {ALLOCATIONS}")
+    return allocate_and_purify(cosvds, rho=rho, gamma=gamma, allocation=allocation, names=names, name=name,
+                               release=release)
+
+
+def allocate_and_purify(
+    cosvds: MutableSequence[CoSVD | None],
+    *,
+    rho: float,
+    gamma: float,
+    allocation: str,
+    names: Sequence[str],
+    name: str,
+    release: bool,
+) -> LayerPurification:
+    """:func:`purify_layer_from_cosvds` for settings that were already validated (``gamma`` filled in)."""
     if len(names) != len(cosvds):
         raise ValueError(f"{name}: {len(cosvds)} decompositions but {len(names)} names")
     todo = [i for i, d in enumerate(cosvds) if d is not None]
     if not todo:
         raise ValueError(f"{name}: no model has a covariance for this layer, nothing to purify")
-    alloc = allocate_ranks(
-        {name: [cosvds[i].s for i in todo]}, rho, gamma, method=allocation  # type: ignore[union-attr]
-    )
+    svals = [cosvds[i].s for i in todo]  # type: ignore[union-attr]
+    alloc = allocate_ranks({name: svals}, rho, gamma, method=allocation)
     full = alloc.full_ranks[name]
     ranks = [full] * len(cosvds)
     purifications: list[Purification | None] = [None] * len(cosvds)

@@ -133,6 +133,7 @@ class CoSVD:
     target: str
     damping: float
     out_dtype: torch.dtype
+    relative_damping: float = 0.0  # damping / mean(diag C)
 
     @property
     def full_rank(self) -> int:
@@ -181,7 +182,14 @@ def co_svd(
     a = ft if target == "weight" else delta
     u, s = _left_singular_pairs(a @ c)
     return CoSVD(
-        u=u, s=s, delta=delta, w_ft=ft, target=target, damping=prepared.damping, out_dtype=w_ft.dtype
+        u=u,
+        s=s,
+        delta=delta,
+        w_ft=ft,
+        target=target,
+        damping=prepared.damping,
+        out_dtype=w_ft.dtype,
+        relative_damping=prepared.relative_damping,
     )
 
 
@@ -217,6 +225,7 @@ class Purification:
     pruning_error: float  # normalised activated pruning error, eq. 8
     tail_left: Tensor
     tail_right: Tensor
+    relative_damping: float = 0.0  # damping / mean(diag C)
 
 
 def _check_rank(rank: int | None, full_rank: int, name: str) -> int:
@@ -264,6 +273,7 @@ def purify_from_cosvd(decomposition: CoSVD, rank: int | None = None, *, name: st
         pruning_error=activated_pruning_error(d.s, r),
         tail_left=tail_u,
         tail_right=tail_right,
+        relative_damping=d.relative_damping,
     )
 
 

@@ -26,6 +26,10 @@ from torch import Tensor
 PAPER_RHOS: tuple[float, ...] = (7 / 8, 15 / 16, 31 / 32, 63 / 64)
 
 
+#: rank allocations: Algorithm 1, or the uniform baseline of Table 4
+ALLOCATIONS: tuple[str, ...] = ("spectral", "uniform")
+
+
 def default_gamma(rho: float) -> float:
     """The paper's stopping ratio ``gamma = rho - (1 - rho) / 2`` (Appendix A.1)."""
     return rho - (1.0 - rho) / 2.0
@@ -146,7 +150,7 @@ def allocate_ranks(
 
     ``method="uniform"`` gives the plain baseline of Table 4 with the same budget.
     """
-    if method not in ("spectral", "uniform"):
+    if method not in ALLOCATIONS:
         raise ValueError(f"unknown rank allocation {method!r}, expected 'spectral' or 'uniform'")
     ranks: dict[str, list[int]] = {}
     full_ranks: dict[str, int] = {}

@@ -342,6 +342,8 @@ class Forward:
 
 
 LossFn = Callable[[Forward, Any], Tensor]
+#: ``progress_bar(iterable, description) -> iterable`` (e.g. a ``tqdm`` partial); core imports none
+ProgressBar = Callable[[Iterable, str], Iterable]
 
 
 def default_layers(model: nn.Module, base: Mapping[str, Tensor], *, exclude: Iterable[str] = ()) -> list[str]:
@@ -370,6 +372,7 @@ def rethink(
     layers: Sequence[str] | None = None,
     low_rank: Mapping[str, LowRankDelta] | None = None,
     config: RethinkConfig | None = None,
+    progress_bar: ProgressBar | None = None,
     **overrides: Any,
 ) -> RethinkResult:
     """Spectral rethinking of the merged ``model`` in place (eq. 8-13), ``T`` iterations.
@@ -458,19 +461,19 @@ def rethink(
     for p in params.values():
         p.requires_grad_(False)
     try:
-        from tqdm.auto import tqdm
-
-        iter_bar = tqdm(range(cfg.iterations), desc="rethink iterations", disable=not cfg.progress, leave=False)
+        iter_bar = _bar(progress_bar, cfg, range(cfg.iterations), "rethink iterations")
         for t in iter_bar:
             if t > 0:
                 _redecompose(states, params, base, cfg)
             lams = _init_lambdas(states, cfg, gen)
             with torch.enable_grad():  # callers (e.g. a model pool's loader) may run under no_grad
-                epoch_losses = _train(model, states, lams, batches, loss_fn, cfg, gen, t) if cfg.mode != "random" else []
+                epoch_losses = (
+                    _train(model, states, lams, batches, loss_fn, cfg, gen, t, progress_bar) if cfg.mode != "random" else []
+                )
             result.lambdas.append({n: lam.detach().clone() for n, lam in lams.items()})
             result.sigmas.append({n: st.spectrum.s.detach().clone() for n, st in states.items()})
             result.losses.append(epoch_losses)
-            if epoch_losses:
+            if epoch_losses and hasattr(iter_bar, "set_postfix"):
                 iter_bar.set_postfix(loss=f"{epoch_losses[-1]:.4g}")
             _write_back(states, params, lams, cfg)
     finally:
@@ -481,6 +484,11 @@ def rethink(
         result.gains[name] = st.gain.detach().clone()
     result.changed = [n for n, st in states.items() if st.changed]
     return result
+
+
+def _bar(progress_bar: ProgressBar | None, cfg: RethinkConfig, it: Iterable, desc: str) -> Iterable:
+    """``progress_bar(it, desc)`` when given and ``cfg.progress`` (e.g. ``tqdm``), else ``it``."""
+    return progress_bar(it, desc) if progress_bar is not None and cfg.progress else it
 
 
 def _init_lambdas(states: Mapping[str, LayerState], cfg: RethinkConfig, gen: torch.Generator) -> dict[str, Tensor]:
@@ -510,18 +518,17 @@ def _train(
     cfg: RethinkConfig,
     gen: torch.Generator,
     t: int,
+    progress_bar: ProgressBar | None = None,
 ) -> list[float]:
     """One iteration of eq. 13: Adam on the Lambdas over ``epochs`` passes of the calibration set."""
     if cfg.epochs == 0:
         return []
     if len(batches) == 0:
         raise ValueError("rethink: the calibration set is empty")
-    from tqdm.auto import tqdm
-
     params = _param_dict(model)
     opt = torch.optim.Adam(list(lams.values()), lr=cfg.lr)
     losses: list[float] = []
-    bar = tqdm(range(cfg.epochs), desc=f"rethink iteration {t + 1}/{cfg.iterations}", disable=not cfg.progress, leave=False)
+    bar = _bar(progress_bar, cfg, range(cfg.epochs), f"rethink iteration {t + 1}/{cfg.iterations}")
     for _epoch in bar:
         order = torch.randperm(len(batches), generator=gen).tolist() if cfg.shuffle else range(len(batches))
         total, count = 0.0, 0
@@ -538,7 +545,8 @@ def _train(
             total += float(loss.detach())
             count += 1
         losses.append(total / count)
-        bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
         log.debug("rethink: iteration %d epoch %d loss %.6g", t + 1, _epoch + 1, losses[-1])
     log.info("rethink: iteration %d/%d, loss %.6g -> %.6g", t + 1, cfg.iterations, losses[0], losses[-1])
     return losses

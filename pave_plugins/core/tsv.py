@@ -24,7 +24,6 @@ as accurate for the leading subspace. Procrustes needs only the ``Tk x Tk`` Gram
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Sequence
 

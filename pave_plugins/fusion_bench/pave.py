@@ -32,16 +32,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from fusion_bench import BaseAlgorithm, BaseModelPool
+from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from fusion_bench import BaseAlgorithm, BaseModelPool
-from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
-
-from pave_plugins.core.layer import layer_co_svds, purify_layer_from_cosvds
-from pave_plugins.core.purify import TARGETS, prepare_covariance
-from pave_plugins.core.rank_allocation import check_rho_gamma, model_rank_ratios
+from pave_plugins.core.rank_allocation import model_rank_ratios
+from pave_plugins.engine import DEFAULT_RHO, PaveEngine, PaveSettings, purified_weight_from_tail
+from pave_plugins.io.sources import CovarianceSource, PreparedCache
 
 from .common import (
     PAVE_PAPER,
@@ -52,15 +51,11 @@ from .common import (
     instantiate_algorithm,
     program_config_yaml,
     program_save_path,
-    resolve_dtype,
     write_json,
     write_model_card,
 )
 
 log = logging.getLogger(__name__)
-
-RANK_ALLOCATIONS = ("spectral", "uniform")
-
 
 class PAVEConfigError(ValueError):
     """A PAVE parameter or covariance source does not fit the model pool."""
@@ -72,52 +67,6 @@ def _is_modulated(obj: Any) -> bool:
     except Exception:  # pragma: no cover
         return False
     return isinstance(obj, ModulatedModel)
-
-
-class _CovarianceSource:
-    """Uniform access to one model's covariances: a ``CovarianceFile`` or an in-run ``CovarianceSet``.
-
-    Keeps the last prepared (validated, damped) covariance so that layers reading the same input
-    (q/k/v, gate/up) prepare it once.
-    """
-
-    def __init__(self, model_name: str, source: Any, origin: str):
-        self.model_name = model_name
-        self.source = source
-        self.origin = origin
-        self._last_key: Any = None
-        self._last_prepared = None
-
-    def key(self, layer: str) -> Any | None:
-        src = self.source
-        if hasattr(src, "resolve") and hasattr(src, "key_for"):  # CovarianceFile
-            return src.key_for(layer) if src.resolve(layer) is not None else None
-        if hasattr(src, "key_for"):
-            try:
-                return src.key_for(layer)
-            except (KeyError, LookupError, ValueError):
-                return None
-        try:
-            cov = src.get(layer)
-        except (KeyError, LookupError, ValueError):
-            return None
-        if cov is None:
-            return None
-        return ("tensor", cov.data_ptr(), tuple(cov.shape))
-
-    def prepared(self, layer: str, key: Any, *, device, dtype, name: str):
-        if key == self._last_key and self._last_prepared is not None:
-            return self._last_prepared
-        cov = self.source.get(layer)
-        prepared = prepare_covariance(
-            cov.to(device=device), compute_dtype=dtype, name=f"covariance of {name} ({self.origin})"
-        )
-        self._last_key, self._last_prepared = key, prepared
-        return prepared
-
-    def release(self) -> None:
-        """Forget the kept covariance (the next layer reads another input)."""
-        self._last_key, self._last_prepared = None, None
 
 
 @auto_register_config
@@ -152,7 +101,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     def __init__(
         self,
         inner: Any = "task_arithmetic",
-        rho: float = 0.9375,
+        rho: float = DEFAULT_RHO,
         gamma: float | None = None,
         rank_allocation: str = "spectral",
         target: str = "weight",
@@ -173,16 +122,20 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     ):
         super().__init__(**kwargs)
         try:
-            self._gamma = check_rho_gamma(rho, gamma)
+            # a fingerprint mismatch is a warning here, as in mergekit: a pool may hold a re-saved copy
+            self._settings = PaveSettings(
+                rho=rho,
+                gamma=gamma,
+                rank_allocation=rank_allocation,
+                target=target,
+                compute_dtype=compute_dtype,
+                allow_missing_covariance=allow_missing_covariance,
+                on_fingerprint_mismatch="warn",
+            )
         except ValueError as exc:
             raise PAVEConfigError(f"PAVE: {exc}") from exc
-        if rank_allocation not in RANK_ALLOCATIONS:
-            raise PAVEConfigError(
-                f"PAVE: rank_allocation must be one of {RANK_ALLOCATIONS}, got {rank_allocation!r}"
-            )
-        if target not in TARGETS:
-            raise PAVEConfigError(f"PAVE: target must be one of {TARGETS}, got {target!r}")
-        self._dtype = resolve_dtype(compute_dtype)
+        self._gamma = self._settings.resolved_gamma
+        self._dtype = self._settings.dtype
         if isinstance(n_samples, bool) or int(n_samples) != n_samples or int(n_samples) < 1:
             raise PAVEConfigError(f"PAVE: n_samples must be a positive integer, got {n_samples!r}")
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or int(batch_size) < 1:
@@ -252,12 +205,25 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         models = getattr(modelpool, "_models", None)
         return models is not None and any(isinstance(models[n], nn.Module) for n in modelpool.model_names)
 
-    def _covariance_sources(self, modelpool, names, working) -> dict[str, _CovarianceSource]:
-        from pave_plugins.io.covariance import CovarianceFile
+    def _covariance_sources(self, modelpool, names, working) -> dict[str, CovarianceSource]:
+        """One covariance source per model (files, a folder, or collected in the run), each through the
+        fit check against its model: layers present, input sizes, fingerprint (a warning)."""
+        from pave_plugins.collect.files import check_covariance_file
+        from pave_plugins.io.covariance import CovarianceFileError
 
+        if self.covariances is None:
+            sources = {n: self._collect(modelpool, n, working[n]) for n in names}
+        else:
+            sources = {n: self._source(n, path) for n, path in self._covariance_paths(names).items()}
+        for n, src in sources.items():
+            try:
+                check_covariance_file(src, working[n], on_fingerprint_mismatch=self._settings.on_fingerprint_mismatch)
+            except CovarianceFileError as exc:
+                raise CovarianceFileError(f"{exc} (model {n})") from exc
+        return sources
+
+    def _covariance_paths(self, names) -> dict[str, Any]:
         covs = self.covariances
-        if covs is None:
-            return {n: self._collect(modelpool, n, working[n]) for n in names}
         if isinstance(covs, (str, os.PathLike)):
             folder = Path(covs)
             if not folder.is_dir():
@@ -265,29 +231,29 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
                     f"PAVE: covariances={str(covs)!r} is not a folder; give a mapping {{model name: file}} "
                     "or a folder holding <model name>.safetensors"
                 )
-            mapping = {n: folder / f"{n}.safetensors" for n in names}
-        else:
-            mapping = dict(OmegaConf.to_container(covs, resolve=True) if isinstance(covs, DictConfig) else covs)
-            missing = [n for n in names if n not in mapping]
-            if missing:
-                raise PAVEConfigError(
-                    f"PAVE: missing covariance for model(s) {missing}: method.covariances names "
-                    f"{sorted(mapping)}; add '<model name>: <file from pave collect>' for each model of the pool"
-                )
-        out = {}
-        for n in names:
-            path = mapping[n]
-            if isinstance(path, (str, os.PathLike)):
-                if not Path(path).is_file():
-                    raise PAVEConfigError(f"PAVE: missing covariance for model {n!r}: file not found: {path}")
-                out[n] = _CovarianceSource(n, CovarianceFile(path), str(path))
-            elif hasattr(path, "get"):
-                out[n] = _CovarianceSource(n, path, f"covariances of {n}")
-            else:
-                raise PAVEConfigError(f"PAVE: covariance for model {n!r} must be a file path, got {path!r}")
-        return out
+            return {n: folder / f"{n}.safetensors" for n in names}
+        mapping = dict(OmegaConf.to_container(covs, resolve=True) if isinstance(covs, DictConfig) else covs)
+        missing = [n for n in names if n not in mapping]
+        if missing:
+            raise PAVEConfigError(
+                f"PAVE: missing covariance for model(s) {missing}: method.covariances names "
+                f"{sorted(mapping)}; add '<model name>: <file from pave collect>' for each model of the pool"
+            )
+        return {n: mapping[n] for n in names}
 
-    def _collect(self, modelpool: BaseModelPool, name: str, model: nn.Module) -> _CovarianceSource:
+    @staticmethod
+    def _source(name: str, path: Any) -> CovarianceSource:
+        from pave_plugins.io.covariance import CovarianceFile
+
+        if isinstance(path, CovarianceSource):
+            return path
+        if isinstance(path, (str, os.PathLike)):
+            if not Path(path).is_file():
+                raise PAVEConfigError(f"PAVE: missing covariance for model {name!r}: file not found: {path}")
+            return CovarianceFile(path)
+        raise PAVEConfigError(f"PAVE: covariance for model {name!r} must be a file path, got {path!r}")
+
+    def _collect(self, modelpool: BaseModelPool, name: str, model: nn.Module) -> CovarianceSource:
         """In-run collection: ``n_samples`` examples of task ``name`` fed to fine-tuned model ``name``."""
         split = self.covariance_split
         names = {
@@ -323,7 +289,8 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             log.info("PAVE: collecting covariances of %s on %d examples (%s split)", name, n, split)
             covs = collect_covariances(model, batches)
         model.to(before)
-        return _CovarianceSource(name, covs, f"collected from {split} dataset {name!r}, {n} samples")
+        covs.origin = f"covariances of {name!r} collected from the {split} dataset, {n} samples"
+        return covs
 
     @staticmethod
     def _collate_fn(modelpool):
@@ -341,73 +308,40 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
 
     # ------------------------------------------------------------- purify
     def _purify(self, base, working, sources, names, tails) -> dict[str, dict]:
-        device = self.fabric.device
-        dtype = self._dtype
+        """The engine's per-layer step on every ``nn.Linear`` of the pool, weights purified in place."""
+        engine = PaveEngine(self._settings, [sources[n] for n in names], names, cache=PreparedCache(),
+                            device=self.fabric.device)
         base_modules = dict(base.named_modules())
         work_modules = {n: dict(working[n].named_modules()) for n in names}
         layers = [name for name, m in base.named_modules() if isinstance(m, nn.Linear)]
         report: dict[str, dict] = {}
         skipped = []
+        keys = engine.keys(layers[0]) if layers else []
         for index, layer in enumerate(tqdm(layers, desc="PAVE purify", disable=len(layers) < 8)):
-            next_layer = layers[index + 1] if index + 1 < len(layers) else None
-            keys = [sources[n].key(layer) for n in names]
-            have = [k is not None for k in keys]
-            if not any(have):
+            next_keys = engine.keys(layers[index + 1]) if index + 1 < len(layers) else None
+            if not engine.models_to_purify(layer, keys):
                 skipped.append(layer)
+                keys = next_keys
                 continue
-            todo = names
-            if not all(have):
-                lacking = [n for n, h in zip(names, have) if not h]
-                if not self.allow_missing_covariance:
-                    raise PAVEConfigError(
-                        f"PAVE: missing covariance for layer {layer!r} of model(s) {lacking} "
-                        f"({[sources[n].origin for n in lacking]}), while other models have one; set "
-                        "method.allow_missing_covariance=true to keep their plain task vector for this layer"
-                    )
-                log.warning("PAVE: no covariance for layer %r of model(s) %s: plain task vector kept", layer, lacking)
-                todo = [n for n, h in zip(names, have) if h]
-                keys = [k for k in keys if k is not None]
             w_base = base_modules[layer].weight
-            mods = [work_modules[n].get(layer) for n in todo]
-            for n, mod in zip(todo, mods):
-                if not isinstance(mod, nn.Linear) or mod.weight.shape != w_base.shape:
+            mods = [work_modules[n].get(layer) for n in names]
+            for n, mod, key in zip(names, mods, keys):
+                if key is not None and (not isinstance(mod, nn.Linear) or mod.weight.shape != w_base.shape):
                     raise PAVEConfigError(f"PAVE: model {n!r} has no linear layer {layer!r} shaped like the base")
-            model_names = [f"{n}:{layer}" for n in todo]
             with self.profile("co-svd"):
                 # one model at a time: a covariance that the next layer does not share is released
                 # before the next model's is prepared, so at most one unshared C (11008^2 float64
                 # is 0.97 GB for LLaMA-7B's down_proj) is alive, not K
-                decs = []
-                for n, key, mod, label in zip(todo, keys, mods, model_names):
-                    prepared = sources[n].prepared(layer, key, device=device, dtype=dtype, name=label)
-                    decs += layer_co_svds(w_base.detach(), [mod.weight.detach()], [prepared], target=self.target,
-                                          compute_dtype=dtype, names=[label], device=device)
-                    del prepared
-                    if next_layer is None or sources[n].key(next_layer) != key:
-                        sources[n].release()
+                w_fts = [mod.weight.detach() if key is not None else w_base.detach() for mod, key in zip(mods, keys)]
+                decs = engine.decompose(layer, w_base.detach(), w_fts, keys,
+                                        release=lambda i, k=keys: next_keys is None or next_keys[i] != k[i])
+                del w_fts
             with self.profile("purify"):
-                res = purify_layer_from_cosvds(decs, rho=self.rho, gamma=self._gamma, allocation=self.rank_allocation,
-                                               names=model_names, name=layer, release=True)
-            entry = {"full_rank": res.full_rank, "budget_met": res.budget_met, "models": {}}
-            for n in names:
-                if n not in todo:  # allow_missing_covariance: plain task vector = full rank, unchanged
-                    entry["models"][n] = {"rank": res.full_rank, "damping": 0.0, "relative_change": 0.0,
-                                          "pruning_error": 0.0, "purified": False, "reason": "no covariance"}
-            for n, mod, pur in zip(todo, mods, res.purifications):
-                entry["models"][n] = {
-                    "rank": pur.rank,
-                    "damping": pur.damping,
-                    "relative_change": pur.relative_change,
-                    "pruning_error": pur.pruning_error,
-                }
-                if pur.rank < pur.full_rank:
-                    weight = mod.weight
-                    w_ft = weight.detach().to(device)
-                    weight.data.copy_(self._purified(w_ft, pur.tail_left, pur.tail_right, weight))
-                    if tails is not None:
-                        tails[n][layer] = (pur.tail_left.cpu(), pur.tail_right.cpu())
-            report[layer] = entry
-            del decs, res
+                step = engine.finish(layer, decs, keys)
+            report[layer] = self._layer_entry(step, names, keys)
+            self._write_back(step, names, mods, layer, tails)
+            del decs, step
+            keys = next_keys
         if not report:
             raise PAVEConfigError(
                 "PAVE: no linear layer of the model has a covariance (layer names do not match the covariance "
@@ -419,9 +353,31 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         return report
 
     @staticmethod
-    def _purified(w_ft: torch.Tensor, left: torch.Tensor, right: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Purified weight from core's low-rank form ``dW_PAVE = dW - tail_left @ tail_right``."""
-        return (w_ft.to(left.dtype) - left @ right).to(device=like.device, dtype=like.dtype)
+    def _layer_entry(step, names, keys) -> dict:
+        """This algorithm's report entry of one layer (models without a covariance first)."""
+        entry: dict[str, Any] = {"full_rank": step.full_rank, "budget_met": step.budget_met, "models": {}}
+        for n, key in zip(names, keys):
+            if key is None:  # allow_missing_covariance: plain task vector = full rank, unchanged
+                entry["models"][n] = {"rank": step.full_rank, "damping": 0.0, "relative_change": 0.0,
+                                      "pruning_error": 0.0, "purified": False, "reason": "no covariance"}
+        for n, m in zip(names, step.models):
+            if m.purified:
+                entry["models"][n] = {"rank": m.rank, "damping": m.damping, "relative_change": m.relative_change,
+                                      "pruning_error": m.pruning_error}
+        return entry
+
+    def _write_back(self, step, names, mods, layer, tails) -> None:
+        """Overwrite each purified model's weight (layers kept at full rank stay bit-for-bit)."""
+        device = self.fabric.device
+        for i, (n, mod, pur) in enumerate(zip(names, mods, step.purifications)):
+            if pur is None or pur.rank >= pur.full_rank:
+                continue
+            weight = mod.weight
+            weight.data.copy_(purified_weight_from_tail(weight.detach().to(device), pur.tail_left, pur.tail_right,
+                                                        weight))
+            if tails is not None:
+                tails[n][layer] = (pur.tail_left.cpu(), pur.tail_right.cpu())
+            step.purifications[i] = None
 
     # -------------------------------------------------------------- inner
     def _pool(self, base: nn.Module, models: dict[str, nn.Module]) -> BaseModelPool:
@@ -520,7 +476,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
                     mods = dict(m.named_modules())
                     for layer, (left, right) in tails[n].items():
                         w = mods[layer].weight
-                        w.data.copy_(self._purified(w.detach().to(left.device), left, right, w))
+                        w.data.copy_(purified_weight_from_tail(w.detach().to(left.device), left, right, w))
                 models[n] = m
             merged = self._run_inner(self._pool(cand_base, models))
             del models

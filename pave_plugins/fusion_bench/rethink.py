@@ -23,12 +23,12 @@ import time
 from typing import Any, Mapping
 
 import torch
-from torch import Tensor, nn
-
 from fusion_bench import BaseAlgorithm, BaseModelPool
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
+from torch import Tensor, nn
 
 from pave_plugins.core import rethink as core
+from pave_plugins.rethink.progress import tqdm_bar
 
 from .common import (
     algorithm_log_dir,
@@ -148,7 +148,8 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
         loss_fn = self._loss_fn(merged, device)
         t1 = time.perf_counter()
         with self.profile("spectral rethinking"):
-            result = core.rethink(merged, base_state, batches, loss_fn, layers=layers, config=self._core_cfg)
+            result = core.rethink(merged, base_state, batches, loss_fn, layers=layers, config=self._core_cfg,
+                                      progress_bar=tqdm_bar)
         t_rethink = time.perf_counter() - t1
         merged.to(before)
         self.last_result = result

@@ -23,10 +23,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
 from fusion_bench import BaseAlgorithm, BaseModelPool
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
+from torch import Tensor, nn
 
 from pave_plugins.core.tsv import (
     TSVFactors,

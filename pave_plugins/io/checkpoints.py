@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
+
+import torch
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # pickles that from_pretrained never reads as weights
@@ -48,3 +51,128 @@ def load_pretrained(cls: Any, folder: str | os.PathLike, *, allow_pickle: bool =
         return cls.from_pretrained(str(folder), **kwargs)
     except Exception as exc:  # SafetensorError, OSError, RuntimeError (size mismatch), ...
         raise ValueError(f"{folder}: cannot load the model checkpoint (truncated or corrupt file?): {exc}") from exc
+
+
+class CheckpointReader:
+    """Lazy reader of the safetensors weights of a Hugging Face folder.
+
+    Pickle checkpoints (``pytorch_model.bin``, ``*.pt``) are refused unless ``allow_pickle``; they are
+    then read eagerly with ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, folder: Path, *, allow_pickle: bool = False):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"model folder not found: {self.folder}")
+        files = sorted(self.folder.glob("*.safetensors"))
+        self.where: dict[str, Path] = {}
+        self.dtypes: dict[str, str] = {}
+        self._open: dict[Path, object] = {}
+        self._loaded: dict[str, object] | None = None
+        if not files:
+            pickles = sorted(f for f in self.folder.iterdir() if f.suffix in (".bin", ".pt", ".pth"))
+            if pickles and allow_pickle:
+                self._load_pickles(pickles)
+                return
+            hint = (
+                f" (found {[f.name for f in pickles[:2]]}: pickle checkpoints are not loaded unless you pass "
+                "--allow-pickle (allow_pickle=True); better, re-save with safe_serialization=True)"
+                if pickles
+                else ""
+            )
+            raise FileNotFoundError(f"{self.folder}: no .safetensors weights{hint}")
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    for k in st.keys():
+                        self.where[k] = f
+            except Exception as exc:  # SafetensorError, OSError: truncated or corrupt header
+                raise ValueError(f"{f}: cannot read safetensors checkpoint (truncated or corrupt?): {exc}") from exc
+
+    def _load_pickles(self, pickles: list[Path]) -> None:
+        import torch
+
+        self._loaded = {}
+        for f in pickles:
+            try:
+                sd = torch.load(str(f), map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise ValueError(f"{f}: cannot read pickle checkpoint ({exc})") from exc
+            if not isinstance(sd, dict):
+                raise ValueError(f"{f}: pickle checkpoint does not hold a state dict")
+            for k, v in sd.items():
+                if torch.is_tensor(v):
+                    self._loaded[k] = v
+                    self.where[k] = f
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def fit_target(self) -> Any:
+        """What the fit check reads: the folder, or the loaded state dict of a pickle checkpoint."""
+        return dict(self._loaded) if self._loaded is not None else self.folder
+
+    def get(self, name: str):
+        from safetensors import safe_open
+
+        f = self.where.get(name)
+        if f is None:
+            raise KeyError(f"{self.folder}: has no tensor {name!r}")
+        if self._loaded is not None:
+            return self._loaded[name]
+        try:
+            if f not in self._open:
+                self._open[f] = safe_open(str(f), framework="pt", device="cpu")
+            return self._open[f].get_tensor(name)  # type: ignore[attr-defined]
+        except Exception as exc:  # data section truncated after a valid header
+            raise ValueError(f"{f}: cannot read tensor {name!r} (truncated or corrupt file?): {exc}") from exc
+
+
+class ShardedWriter:
+    """Write tensors as safetensors shards of at most ``max_shard_size`` bytes, named as Hugging Face
+    does (``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` and an index)."""
+
+    def __init__(self, folder: str | os.PathLike, *, max_shard_size: int = 5 * 10**9) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_shard_size = max_shard_size
+        self._shards: list[dict[str, torch.Tensor]] = []
+        self._current: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self.total_size = 0
+        self._written: list[Path] = []
+        self.weight_map: dict[str, str] = {}
+
+    def save_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._current and self.max_shard_size > 0 and self._size + nbytes > self.max_shard_size:
+            self._flush()
+        self._current[name] = tensor
+        self._size += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self._current:
+            return
+        path = self.folder / f"model-{len(self._written) + 1}.safetensors"
+        save_file(self._current, str(path), metadata={"format": "pt"})
+        self.weight_map.update({k: path.name for k in self._current})
+        self._written.append(path)
+        self.total_size += self._size
+        self._current, self._size = {}, 0
+
+    def finalize(self) -> None:
+        self._flush()
+        n = len(self._written)
+        names = {p.name: ("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+                 for i, p in enumerate(self._written)}
+        for p in self._written:
+            p.rename(self.folder / names[p.name])
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_size},
+                     "weight_map": {k: names[v] for k, v in self.weight_map.items()}}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")

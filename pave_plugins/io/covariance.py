@@ -158,6 +158,25 @@ class CovarianceFile:
     def layers(self) -> list[str]:
         return sorted(self.metadata.layer_map)
 
+    @property
+    def origin(self) -> str:
+        return str(self.path)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.metadata.model_fingerprint
+
+    @property
+    def layer_info(self) -> dict[str, Any]:
+        """``{layer: {"weight_layout", "in_features", ...}}`` as written by ``pave collect`` (or ``{}``)."""
+        info = self.metadata.extra.get("layers", {}) if isinstance(self.metadata.extra, dict) else {}
+        return info if isinstance(info, dict) else {}
+
+    def key_sizes(self) -> dict[str, int]:
+        """``{key: n}`` of the ``n x n`` covariances, from the header (no matrix is loaded)."""
+        with safe_open(str(self.path), framework="pt") as f:
+            return {k: int(f.get_slice(k).get_shape()[0]) for k in set(self.metadata.layer_map.values())}
+
     def resolve(self, name: str) -> str | None:
         """Layer name in this file for a layer or weight name, or ``None`` if it has none."""
         # tolerates a model prefix on either side (e.g. "bert." or "model."), if unique

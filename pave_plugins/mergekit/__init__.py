@@ -3,8 +3,8 @@
 They are registered in mergekit's registry through the ``mergekit.merge_methods`` entry points
 (see :mod:`pave_plugins._mergekit_bootstrap`), so the stock ``mergekit-yaml`` accepts
 ``merge_method: pave`` and ``merge_method: tsv`` after ``pip install``. Attributes are loaded
-lazily: importing :mod:`pave_plugins.mergekit.purification` (used by ``pave purify``) does not
-import mergekit.
+lazily; the PAVE step itself lives in :mod:`pave_plugins.engine` (``pave purify`` uses it without
+mergekit).
 """
 
 from __future__ import annotations

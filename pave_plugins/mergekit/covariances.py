@@ -1,10 +1,11 @@
-"""Covariance access for the mergekit ``pave`` method: lazy files, model check, bounded cache.
+"""Covariance files of a mergekit ``pave`` merge: opened once per model, checked against it.
 
 mergekit streams a merge tensor by tensor; so does this: a covariance is read from its file only
-when the tensor that needs it is merged. Layers that read the same input (q/k/v, gate/up) share
-one covariance in the file; the damping check (:func:`pave_plugins.core.prepare_covariance`, a
-Cholesky factorisation) is then done once and the prepared matrix kept in a small per-file LRU
-cache (mergekit processes a layer's tensors one after the other, so two entries suffice).
+when the tensor that needs it is merged, and prepared (damping check) once per shared input by the
+engine's :class:`~pave_plugins.io.sources.PreparedCache`. Every file goes through the same fit check
+as in the other faces (:func:`pave_plugins.collect.check_covariance_file`) against the model folder
+mergekit loads; a fingerprint mismatch is a warning here (mergekit cannot say whether a folder is
+the model a covariance was collected on or a LoRA-merged / re-wrapped copy of it).
 """
 
 from __future__ import annotations
@@ -12,80 +13,47 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import OrderedDict
+from pathlib import Path
 from typing import Hashable
 
-import torch
-
-from pave_plugins.core import PreparedCovariance, prepare_covariance
+from pave_plugins.collect.files import check_covariance_file
 from pave_plugins.io.covariance import CovarianceFile, CovarianceFileError
+from pave_plugins.io.sources import PreparedCache
 
 logger = logging.getLogger("pave_plugins.mergekit")
 
-PREPARED_PER_FILE = 2
 
-
-def model_tensor_names(model: Hashable) -> list[str] | None:
-    """Tensor names of a model that mergekit has already opened (``None`` if unknown)."""
+def model_folder(model: Hashable) -> Path | None:
+    """The local folder mergekit reads ``model``'s weights from (LoRA-merged copy included), if known."""
     try:
         from mergekit.io.tasks import LoaderCache
 
         loader = LoaderCache().loaders.get(model)
-        if loader is None:
-            return None
-        return list(loader.index.tensor_paths)
+        path = Path(loader.index.base_path) if loader is not None else None
     except Exception:  # a different id type (mergekit's in-memory API) or a changed mergekit
         return None
-
-
-def check_file_matches_model(cf: CovarianceFile, model: Hashable, names: list[str]) -> None:
-    """Refuse a covariance file none of whose layers is a weight of ``model`` (another model's file)."""
-    layers = {n[: -len(".weight")] for n in names if n.endswith(".weight")}
-    if not layers or not cf.layers:
-        return
-
-    def present(layer: str) -> bool:
-        if layer in layers:
-            return True
-        return any(m.endswith("." + layer) or layer.endswith("." + m) for m in layers)
-
-    missing = [layer for layer in cf.layers if not present(layer)]
-    if len(missing) == len(cf.layers):
-        raise CovarianceFileError(
-            f"covariance file {cf.path} does not fit model {model}: none of its {len(cf.layers)} layers "
-            f"(e.g. {cf.layers[:3]}) is a weight of that model (e.g. {sorted(layers)[:3]}); "
-            "was it collected for another model?"
-        )
-    if missing:
-        logger.warning(
-            "pave: %d layers of covariance file %s are not weights of model %s (e.g. %s)",
-            len(missing),
-            cf.path,
-            model,
-            missing[:3],
-        )
+    return path if path is not None and any(path.glob("*.safetensors")) else None
 
 
 class CovarianceStore:
-    """Per-merge cache: open files (checked against their model) and prepared covariances."""
+    """Per-merge state: open files (checked against their model) and the prepared-covariance cache."""
 
-    def __init__(self, prepared_per_file: int = PREPARED_PER_FILE) -> None:
+    def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._files: dict[tuple[Hashable, str], CovarianceFile] = {}
-        self._prepared: dict[str, OrderedDict] = {}
-        self.prepared_per_file = prepared_per_file
-        self.n_prepared = 0  # how many Cholesky checks were run (tests and logs)
+        self._files: dict[tuple, CovarianceFile] = {}
+        self.cache = PreparedCache()
+
+    @property
+    def n_prepared(self) -> int:
+        return self.cache.n_prepared
 
     def clear(self) -> None:
         with self._lock:
             self._files.clear()
-            self._prepared.clear()
+            self.cache.clear()
 
-    def file(self, model: Hashable, path: str, *, tensor_names: list[str] | None = None) -> CovarianceFile:
-        """Open ``path`` once per (model, path) and check that it belongs to ``model``.
-
-        ``tensor_names`` (the model's tensor names) default to those of mergekit's loader.
-        """
+    def file(self, model: Hashable, path: str) -> CovarianceFile:
+        """Open ``path`` once per (model, path) and run the fit check against ``model``'s folder."""
         try:  # a file rewritten between two merges in one process is opened again
             st = os.stat(os.path.expanduser(path))
             key = (model, path, st.st_mtime_ns, st.st_size)
@@ -95,40 +63,11 @@ class CovarianceStore:
             cf = self._files.get(key)
             if cf is None:
                 cf = CovarianceFile(os.path.expanduser(path))
-                names = tensor_names if tensor_names is not None else model_tensor_names(model)
-                if names is not None:
-                    check_file_matches_model(cf, model, names)
+                folder = model_folder(model)
+                if folder is not None:
+                    try:
+                        check_covariance_file(cf, folder, on_fingerprint_mismatch="warn")
+                    except CovarianceFileError as exc:
+                        raise CovarianceFileError(f"{exc} (model {model})") from exc
                 self._files[key] = cf
             return cf
-
-    def prepared(
-        self,
-        cf: CovarianceFile,
-        layer: str,
-        *,
-        device: torch.device,
-        compute_dtype: torch.dtype,
-    ) -> tuple[PreparedCovariance, str]:
-        """The prepared covariance of ``layer`` (shared by the layers that read the same input)."""
-        cov_key = cf.key_for(layer)
-        path = f"{cf.path}@{id(cf)}"  # one cache per opened file object
-        ck = (cov_key, str(device), str(compute_dtype))
-        with self._lock:
-            cache = self._prepared.setdefault(path, OrderedDict())
-            hit = cache.get(ck)
-            if hit is not None:
-                cache.move_to_end(ck)
-                return hit, cov_key
-            cov = cf.get(layer, device=device)
-            try:
-                prepared = prepare_covariance(
-                    cov, compute_dtype=compute_dtype, name=f"covariance {cov_key!r} (layer {layer!r}) in {cf.path}"
-                )
-            except ValueError as exc:
-                raise CovarianceFileError(str(exc)) from exc
-            del cov
-            self.n_prepared += 1
-            cache[ck] = prepared
-            while len(cache) > self.prepared_per_file:
-                cache.popitem(last=False)
-            return prepared, cov_key

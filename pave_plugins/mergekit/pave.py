@@ -40,9 +40,9 @@ from typing_extensions import Annotated, Literal
 
 from pave_plugins._mergekit_bootstrap import register_late, when_imported
 from pave_plugins.core.rank_allocation import check_rho_gamma
+from pave_plugins.engine import DEFAULT_RHO, PaveEngine, PaveSettings, purified_weight
 
 from .covariances import CovarianceStore
-from .purification import COMPUTE_DTYPES, purify_tensor
 from .report import current_report, install_output_hooks
 
 logger = logging.getLogger("pave_plugins.mergekit")
@@ -112,7 +112,7 @@ class PaveMerge(GroupMergeMethod):
             ParameterSpec(
                 "inner", Annotated[str, AfterValidator(_check_inner)], ParameterScope.SHARED, default="task_arithmetic"
             ),
-            ParameterSpec("rho", Annotated[float, AfterValidator(_check_rho)], ParameterScope.SHARED, default=0.9375),
+            ParameterSpec("rho", Annotated[float, AfterValidator(_check_rho)], ParameterScope.SHARED, default=DEFAULT_RHO),
             ParameterSpec("gamma", Optional[float], ParameterScope.SHARED, default=None),
             ParameterSpec("rank_allocation", Literal["spectral", "uniform"], ParameterScope.SHARED, default="spectral"),
             ParameterSpec("target", Literal["weight", "delta"], ParameterScope.SHARED, default="weight"),
@@ -136,19 +136,22 @@ class PaveMerge(GroupMergeMethod):
         assert base_entry is not None  # InputContract(base=REQUIRED)
         name = group.metadata.name or "tensor"
         inner = resolve_inner(params["inner"])
-        gamma = params["gamma"]
-        check_rho_gamma(params["rho"], gamma)
-
+        settings = PaveSettings(
+            rho=params["rho"],
+            gamma=params["gamma"],
+            rank_allocation=params["rank_allocation"],
+            target=params["target"],
+            compute_dtype=params["compute_dtype"],
+            allow_missing_covariance=bool(params.get("allow_missing_covariance", False)),
+        )
         report = current_report()
         if self.store.clear not in report.on_close:
             self.store.clear()  # a new merge: drop the caches of the previous one
             report.on_close.append(self.store.clear)
 
-        purified_group, record = self._purify(group, name, params)
-        settings = {
-            k: params[k] for k in ("inner", "rho", "gamma", "rank_allocation", "target", "compute_dtype")
-        }
-        report.add_tensor(name, record, settings)
+        purified_group, record = self._purify(group, name, settings, params["covariance"])
+        report_settings = {k: params[k] for k in ("inner", "rho", "gamma", "rank_allocation", "target", "compute_dtype")}
+        report.add_tensor(name, record, report_settings)
         if record["purified"]:
             ranks = {m: r.get("rank") for m, r in record["models"].items() if r.get("purified")}
             logger.info("pave: purified %s, ranks %s of %d", name, list(ranks.values()), record["full_rank"])
@@ -159,50 +162,28 @@ class PaveMerge(GroupMergeMethod):
         (result,) = inner((purified_group,), parameters=supplied)
         return result.to(base_entry.tensor.dtype)
 
-    def _purify(self, group: TensorGroup, name: str, params: dict[str, Any]) -> tuple[TensorGroup, dict]:
+    def _purify(
+        self, group: TensorGroup, name: str, settings: PaveSettings, cov_paths: PerInputValues
+    ) -> tuple[TensorGroup, dict]:
         base = group.base.tensor  # type: ignore[union-attr]
         entries = group.non_base
-        labels = [str(e.id) for e in entries]
-        cov_paths: PerInputValues = params["covariance"]
-        prepared, keys, sources = [], [], []
-        compute_dtype = COMPUTE_DTYPES[params["compute_dtype"]]
-        for entry in entries:
-            path = cov_paths.get(entry.id)
-            p = key = None
-            if path is not None and base.ndim == 2 and base.is_floating_point():
-                cf = self.store.file(entry.id, path)
-                layer = cf.resolve(name)
-                if layer is not None:
-                    p, key = self.store.prepared(
-                        cf, layer, device=entry.tensor.device, compute_dtype=compute_dtype
-                    )
-            prepared.append(p)
-            keys.append(key)
-            sources.append(path)
-        result = purify_tensor(
-            name,
-            base,
-            [e.tensor for e in entries],
-            prepared,
-            labels=labels,
-            rho=params["rho"],
-            gamma=params["gamma"],
-            rank_allocation=params["rank_allocation"],
-            target=params["target"],
-            compute_dtype=compute_dtype,
-            cov_keys=keys,
-            sources=sources,
-            allow_missing_covariance=bool(params.get("allow_missing_covariance", False)),
-        )
-        del prepared
-        purified = {e.id: w for e, w in zip(entries, result.weights)}
+        wanted = base.ndim == 2 and base.is_floating_point()
+        sources = [
+            self.store.file(e.id, cov_paths.get(e.id)) if wanted and cov_paths.get(e.id) is not None else None
+            for e in entries
+        ]
+        engine = PaveEngine(settings, sources, [str(e.id) for e in entries], cache=self.store.cache)
+        step = engine.step(name, base, [e.tensor for e in entries])
+        purified = {}
+        for e, p in zip(entries, step.purifications):
+            if p is not None:
+                purified[e.id] = purified_weight(base, p, like=e.tensor)
+        step.purifications.clear()  # free the task vectors once the weights are built
         new_entries = tuple(
-            TensorEntry(id=e.id, tensor=purified[e.id], is_base=False)
-            if not e.is_base and purified.get(e.id) is not None
-            else e
+            TensorEntry(id=e.id, tensor=purified[e.id], is_base=False) if not e.is_base and e.id in purified else e
             for e in group.entries
         )
-        return TensorGroup(entries=new_entries, metadata=group.metadata), result.record
+        return TensorGroup(entries=new_entries, metadata=group.metadata), step.to_dict()
 
     @staticmethod
     def _inner_parameters(inner: MergeMethod, group: TensorGroup, params: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from pave_plugins.core import rethink as core
+from pave_plugins.rethink.progress import tqdm_bar
 
 log = logging.getLogger(__name__)
 
@@ -493,7 +494,7 @@ def run_job(job: RethinkJob) -> dict:
         layers=layers, low_rank=low_rank,
         iterations=job.iterations, epochs=job.epochs, lr=job.lr, mode=job.mode, top_k=job.top_k,
         keep_tail=job.keep_tail, redecompose=job.redecompose, compute_dtype=dtype, seed=job.seed,
-        progress=job.progress,
+        progress=job.progress, progress_bar=tqdm_bar,
     )
     recipe = {
         "method": "LoRA-DV spectral rethinking (pave_plugins)",

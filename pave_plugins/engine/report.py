@@ -1,0 +1,154 @@
+"""The PAVE rank report: per weight and per model the rank kept, the full rank, the damping added
+to the covariance, the relative change ``||dW_PAVE - dW||_F / ||dW||_F`` and the normalised activated
+pruning error (PAVE eq. 8); per model ``rho_i = sum_l r_i^l / sum_l R^l`` (Algorithm 1, line 15).
+
+Written as ``pave_rank_report.json`` by the mergekit ``pave`` method and by ``pave purify``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pave_plugins.io.atomic import atomic_path
+
+logger = logging.getLogger("pave_plugins")
+
+REPORT_NAME = "pave_rank_report.json"
+_WRITE_INTERVAL_S = 5.0
+
+
+class RankReport:
+    """Records of one merge: ``tensors[name] = {...}``; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.tensors: dict[str, dict[str, Any]] = {}
+        self.models: list[str] = []
+        self.settings: dict[str, Any] = {}
+        self.out_path: str | None = None
+        self.finished = False
+        self._last_write = 0.0
+        # hooks run when a merge starts / ends (e.g. clearing the covariance caches)
+        self.on_close: list[Callable[[], None]] = []
+
+    # -- recording ---------------------------------------------------------------------------
+    def add_tensor(self, name: str, record: dict[str, Any], settings: dict[str, Any]) -> None:
+        with self.lock:
+            self.settings = settings
+            for model in record.get("models", {}):
+                if model not in self.models:
+                    self.models.append(model)
+            self.tensors[name] = record
+            if self.out_path and time.monotonic() - self._last_write > _WRITE_INTERVAL_S:
+                self.write()
+
+    # -- summaries ---------------------------------------------------------------------------
+    def model_ratios(self) -> dict[str, float]:
+        """Algorithm 1 line 15 over the purified tensors: ``rho_i = sum_l r_i^l / sum_l R^l``."""
+        kept: dict[str, int] = {m: 0 for m in self.models}
+        full: dict[str, int] = {m: 0 for m in self.models}
+        for rec in self.tensors.values():
+            for model, m in rec.get("models", {}).items():
+                if m.get("purified"):
+                    kept[model] += int(m["rank"])
+                    full[model] += int(m["full_rank"])
+        return {m: (kept[m] / full[m] if full[m] else None) for m in self.models}
+
+    def to_dict(self) -> dict[str, Any]:
+        with self.lock:
+            purified = [n for n, r in self.tensors.items() if r.get("purified")]
+            plain = [n for n, r in self.tensors.items() if not r.get("purified")]
+            return {
+                "format": "pave-rank-report",
+                "format_version": 1,
+                "method": "pave",
+                "paper": "https://arxiv.org/abs/2510.14697",
+                "settings": self.settings,
+                "complete": self.finished,
+                "models": self.models,
+                "model_ratios": self.model_ratios(),
+                "n_tensors": len(self.tensors),
+                "n_purified": len(purified),
+                "budget_not_met": [n for n in purified if not self.tensors[n].get("budget_met", True)],
+                "plain_task_vector": plain,
+                "tensors": self.tensors,
+            }
+
+    def summary(self) -> str:
+        d = self.to_dict()
+        lines = [
+            f"PAVE: purified {d['n_purified']} of {d['n_tensors']} tensors "
+            f"(rank allocation {self.settings.get('rank_allocation')}, rho={self.settings.get('rho')}, "
+            f"target={self.settings.get('target')}, inner={self.settings.get('inner')})"
+        ]
+        for model, ratio in d["model_ratios"].items():
+            changes = [
+                m["relative_change"]
+                for r in self.tensors.values()
+                for mm, m in r.get("models", {}).items()
+                if mm == model and m.get("purified")
+            ]
+            damped = sum(
+                1
+                for r in self.tensors.values()
+                for mm, m in r.get("models", {}).items()
+                if mm == model and m.get("purified") and m.get("damping", 0) > 0
+            )
+            if ratio is None:
+                lines.append(f"  {model}: nothing purified (no covariance)")
+            else:
+                lines.append(
+                    f"  {model}: rho_i={ratio:.4f}, {len(changes)} tensors, "
+                    f"median ||dW_PAVE-dW||/||dW||={_median(changes):.3g}, damped covariances: {damped}"
+                )
+        if d["plain_task_vector"]:
+            head = ", ".join(d["plain_task_vector"][:4])
+            more = len(d["plain_task_vector"]) - 4
+            lines.append(
+                f"  plain task vector (no covariance / not 2-D): {head}" + (f" and {more} more" if more > 0 else "")
+            )
+        if d["budget_not_met"]:
+            lines.append(f"  rank budget not met (every model at its floor gamma*R) for {len(d['budget_not_met'])} tensors")
+        return "\n".join(lines)
+
+    # -- output ------------------------------------------------------------------------------
+    def write(self, path: str | os.PathLike | None = None) -> Path | None:
+        """Write the JSON atomically (default: ``<out_path>/pave_rank_report.json``)."""
+        with self.lock:
+            if path is None:
+                if not self.out_path:
+                    return None
+                path = Path(self.out_path) / REPORT_NAME
+            path = Path(path)
+            data = self.to_dict()
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(data, indent=1, default=_json_default), encoding="utf-8")
+            self._last_write = time.monotonic()
+            return path
+
+    def close(self) -> None:
+        for fn in self.on_close:
+            try:
+                fn()
+            except Exception:  # pragma: no cover - cache clearing cannot really fail
+                logger.debug("report close hook failed", exc_info=True)
+
+
+def _median(values: list[float]) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)

@@ -1,0 +1,230 @@
+"""The per-layer PAVE step behind every face (mergekit ``pave``, ``pave purify``, FusionBench
+``pave/pave``, the benchmark).
+
+For one weight name and K fine-tuned models (PAVE paper, Sec. 3.2-3.3):
+
+1. the covariance of each model for that layer, from its :class:`~pave_plugins.io.sources.CovarianceSource`
+   (prepared once per shared input by a :class:`~pave_plugins.io.sources.PreparedCache`);
+2. one context-oriented SVD per model (eq. 5, Algorithm 1 line 3), :func:`pave_plugins.core.co_svd`;
+3. the ranks of the K models (Algorithm 1 or the uniform baseline) and the purified task vectors of
+   eq. 6 from the same decompositions, :func:`pave_plugins.core.layer.allocate_and_purify`;
+4. one :class:`LayerStep` record (ranks, damping, relative change, pruning error per model).
+
+The faces turn the record into their weights (:func:`purified_weight` or
+:func:`purified_weight_from_tail`) and their report format. Host-neutral: no host import here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, MutableSequence, Sequence
+
+import torch
+from torch import Tensor
+
+from pave_plugins.core.layer import LayerModelError, allocate_and_purify
+from pave_plugins.core.purify import CoSVD, Purification, co_svd
+from pave_plugins.io.covariance import MissingCovarianceError
+from pave_plugins.io.sources import CovarianceSource, PreparedCache, lookup_key
+
+from .settings import PaveSettings
+
+logger = logging.getLogger("pave_plugins")
+
+
+@dataclass
+class ModelRecord:
+    """What the step did to one model's weight (the report record of PAVE eq. 6-8)."""
+
+    purified: bool
+    reason: str = ""
+    rank: int = 0
+    full_rank: int = 0
+    damping: float = 0.0
+    relative_damping: float = 0.0
+    relative_change: float = 0.0  # ||dW_PAVE - dW||_F / ||dW||_F
+    pruning_error: float = 0.0  # normalised activated pruning error, eq. 8
+    covariance_key: str | None = None
+
+    def to_dict(self) -> dict:
+        if not self.purified:
+            return {"purified": False, "reason": self.reason}
+        return {
+            "purified": True,
+            "rank": self.rank,
+            "full_rank": self.full_rank,
+            "damping": self.damping,
+            "relative_damping": self.relative_damping,
+            "relative_change": self.relative_change,
+            "pruning_error": self.pruning_error,
+            "covariance_key": self.covariance_key,
+        }
+
+
+@dataclass
+class LayerStep:
+    """Result of the step for one weight name: per-model records and purifications (``None``: kept)."""
+
+    name: str
+    labels: list[str]
+    models: list[ModelRecord]
+    purifications: list[Purification | None] = field(default_factory=list)
+    full_rank: int = 0
+    budget_met: bool = True
+
+    @property
+    def purified(self) -> bool:
+        return any(m.purified for m in self.models)
+
+    def to_dict(self) -> dict:
+        """The rank-report record of this weight (``pave_rank_report.json``)."""
+        models = {lab: m.to_dict() for lab, m in zip(self.labels, self.models)}
+        if not self.purified:
+            return {"purified": False, "models": models}
+        return {"purified": True, "full_rank": self.full_rank, "budget_met": self.budget_met, "models": models}
+
+
+def purified_weight(w_base: Tensor, purification: Purification, like: Tensor) -> Tensor:
+    """``W_base + dW_PAVE`` (eq. 6) in ``like``'s dtype: what a checkpoint holding it gives any merge."""
+    tv = purification.task_vector
+    return (w_base.to(tv.dtype) + tv).to(like.dtype)
+
+
+def purified_weight_from_tail(w_ft: Tensor, tail_left: Tensor, tail_right: Tensor, like: Tensor) -> Tensor:
+    """``W_ft - U_{>r} (U_{>r}^T A)`` (eq. 6 in residual form: only the low-rank tail of a
+    :class:`~pave_plugins.core.Purification`) on ``like``'s device and dtype; used where the
+    fine-tuned weight is overwritten in place."""
+    left = tail_left
+    return (w_ft.to(device=left.device, dtype=left.dtype) - left @ tail_right).to(device=like.device, dtype=like.dtype)
+
+
+class PaveEngine:
+    """PAVE for K models whose covariances come from ``sources`` (``None``: that model has none).
+
+    ``labels`` name the models in errors and records; ``device``: where the maths runs (default:
+    each fine-tuned weight's device).
+    """
+
+    def __init__(
+        self,
+        settings: PaveSettings,
+        sources: Sequence[CovarianceSource | None],
+        labels: Sequence[str],
+        *,
+        cache: PreparedCache | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if len(sources) != len(labels):
+            raise ValueError(f"{len(sources)} covariance sources for {len(labels)} models")
+        self.settings = settings
+        self.sources = list(sources)
+        self.labels = list(labels)
+        self.cache = cache if cache is not None else PreparedCache()
+        self.device = device
+
+    # ------------------------------------------------------------------ the whole step
+    def step(self, name: str, w_base: Tensor, w_fts: Sequence[Tensor]) -> LayerStep:
+        """Purify one weight name of the K models (any tensor: only 2-D ones with covariances change)."""
+        self.check_finite(name, w_base, w_fts)
+        if w_base.ndim != 2:
+            reason = f"not a 2-D weight ({w_base.ndim}-D)"
+            return LayerStep(name, self.labels, [ModelRecord(False, reason) for _ in self.labels])
+        keys = self.keys(name) if w_base.is_floating_point() else [None] * len(self.labels)
+        if not self.models_to_purify(name, keys):
+            return self.unpurified(name, keys)
+        return self.finish(name, self.decompose(name, w_base, w_fts, keys), keys)
+
+    def check_finite(self, name: str, w_base: Tensor, w_fts: Sequence[Tensor]) -> None:
+        """Never merge NaN or Inf (also in tensors that are not purified: norms, embeddings)."""
+        if not w_base.is_floating_point():
+            return
+        for lab, t in zip(["base model", *self.labels], [w_base, *w_fts]):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name}: the weight of {lab} contains NaN or Inf")
+
+    def keys(self, name: str) -> list[str | None]:
+        """Covariance key of ``name`` in each model's source (``None``: that model has none)."""
+        return [lookup_key(s, name) for s in self.sources]
+
+    def models_to_purify(self, name: str, keys: Sequence[str | None]) -> list[int]:
+        """Models with a covariance for ``name``; models lacking one while others have one are an
+        error unless ``allow_missing_covariance`` (then they keep their plain task vector)."""
+        todo = [i for i, k in enumerate(keys) if k is not None]
+        lacking = [i for i, k in enumerate(keys) if k is None]
+        if todo and lacking:
+            what = [f"{self.labels[i]} ({self._origin(i)})" for i in lacking]
+            if not self.settings.allow_missing_covariance:
+                raise MissingCovarianceError(
+                    f"{name}: missing covariance for model(s) {what}, while model(s) "
+                    f"{[self.labels[i] for i in todo]} have one for this layer; give covariance files that cover "
+                    "it, or set allow_missing_covariance (pave purify: --allow-missing-covariance) to keep the "
+                    "plain task vector of the models without one"
+                )
+            logger.warning("pave: %s: no covariance for model(s) %s; their plain task vector is kept", name, what)
+        return todo
+
+    def unpurified(self, name: str, keys: Sequence[str | None]) -> LayerStep:
+        return LayerStep(name, self.labels, [ModelRecord(False, "no covariance for this layer") for _ in keys])
+
+    # ------------------------------------------------------------------ the two halves
+    def decompose(
+        self,
+        name: str,
+        w_base: Tensor,
+        w_fts: Sequence[Tensor],
+        keys: Sequence[str | None],
+        *,
+        release: Callable[[int], bool] | None = None,
+    ) -> list[CoSVD | None]:
+        """One CO-SVD per model with a key (eq. 5), one model at a time; ``release(i)`` true drops
+        model i's prepared covariances right after its decomposition (the next layer reads another input)."""
+        dtype = self.settings.dtype
+        out: list[CoSVD | None] = []
+        for i, (w_ft, key) in enumerate(zip(w_fts, keys)):
+            if key is None:
+                out.append(None)
+                continue
+            device = self.device if self.device is not None else w_ft.device
+            prepared, _ = self.cache.get(self.sources[i], name, device=device, compute_dtype=dtype)  # type: ignore[arg-type]
+            try:
+                out.append(
+                    co_svd(w_ft.to(device), w_base.to(device), prepared, target=self.settings.target,  # type: ignore[arg-type]
+                           compute_dtype=dtype, name=f"{name} of model {self.labels[i]}")
+                )
+            except ValueError as exc:
+                raise self._model_error(LayerModelError(str(exc), i), keys) from exc
+            del prepared
+            if release is not None and release(i):
+                self.cache.release(self.sources[i])  # type: ignore[arg-type]
+        return out
+
+    def finish(self, name: str, cosvds: MutableSequence[CoSVD | None], keys: Sequence[str | None]) -> LayerStep:
+        """Ranks (Algorithm 1 / uniform) and purified task vectors (eq. 6) from the CO-SVDs; each
+        decomposition is released once used."""
+        s = self.settings
+        layer = allocate_and_purify(cosvds, rho=s.rho, gamma=s.resolved_gamma, allocation=s.rank_allocation,
+                                    names=[f"{name} of model {lab}" for lab in self.labels], name=name, release=True)
+        records = []
+        for i, p in enumerate(layer.purifications):
+            if p is None:
+                records.append(ModelRecord(False, "no covariance for this layer"))
+                continue
+            records.append(ModelRecord(
+                True, rank=p.rank, full_rank=p.full_rank, damping=p.damping,
+                relative_damping=p.relative_damping, relative_change=p.relative_change,
+                pruning_error=p.pruning_error, covariance_key=keys[i],
+            ))
+        return LayerStep(name, self.labels, records, layer.purifications, layer.full_rank, layer.budget_met)
+
+    # ------------------------------------------------------------------ helpers
+    def _origin(self, i: int) -> str:
+        src = self.sources[i]
+        return src.origin if src is not None else "no covariance file given"
+
+    def _model_error(self, exc: LayerModelError, keys: Sequence[str | None]) -> ValueError:
+        i = exc.model_index
+        src = self.sources[i]
+        where = f" (covariance {keys[i]!r} in {src.origin})" if src is not None else ""
+        hint = "; was the covariance collected for another model?" if "covariance is" in str(exc) else ""
+        return ValueError(f"{exc}{where}{hint}")
