@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from .training import (  # noqa: F401  (re-exported: the harness's public names)
     BenchConfig,
     Task,
     accuracy,
+    default_cache_dir,
     finetune,
     finetune_key,
     label_head,
@@ -69,7 +71,7 @@ def task_covariances(model: nn.Module, tok, task: Task, cfg: BenchConfig):
     from pave_plugins.collect import collect_covariances as package_collect
 
     rows = task.splits["train"][: cfg.cov_examples]
-    batches = make_batches(tok, rows, cfg.eval_batch_size, cfg.max_length, sort=False)
+    batches = make_batches(tok, rows, cfg.eval_batch_size, cfg.max_length, sort=False, device=cfg.device)
     inputs = [{"input_ids": ids, "attention_mask": mask} for ids, mask, _ in batches]
     return package_collect(model, inputs, progress=False)
 
@@ -155,6 +157,29 @@ def pave_purify_pool(base_sd: dict[str, Tensor], ft_sds: Sequence[dict[str, Tens
 Provider = Callable[[str], nn.Module]  # task name -> model to evaluate on it
 
 
+def device_name(device: str) -> str:
+    """The GPU's name for a CUDA device, else the processor's."""
+    d = torch.device(device)
+    return torch.cuda.get_device_name(d) if d.type == "cuda" else platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def host_fabric(device: str):
+    """The Lightning Fabric that the run's FusionBench algorithms compute on (as ``fusion_bench``'s
+    ``fabric.accelerator`` would set it)."""
+    import lightning as L
+
+    d = torch.device(device)
+    return L.Fabric(accelerator="cuda", devices=[d.index or 0]) if d.type == "cuda" else L.Fabric(accelerator="cpu", devices=1)
+
+
+def on_device(algorithm, cfg: BenchConfig):
+    """``algorithm`` (a FusionBench algorithm) set to compute on ``cfg.device``."""
+    if hasattr(algorithm, "_fabric_instance"):
+        algorithm.fabric = host_fabric(str(cfg.device))
+    return algorithm
+
+
 def _module(base: nn.Module, sd: dict[str, Tensor]) -> nn.Module:
     m = copy.deepcopy(base)
     m.load_state_dict(sd)
@@ -176,26 +201,26 @@ def run_method(kind: str, hp: dict[str, Any], base: nn.Module, base_sd, sds, nam
     if kind == "average":
         from fusion_bench.method import SimpleAverageAlgorithm
 
-        merged = SimpleAverageAlgorithm().run(pool)
+        merged = on_device(SimpleAverageAlgorithm(), cfg).run(pool)
     elif kind == "ta":
         from fusion_bench.method import TaskArithmeticAlgorithm
 
-        merged = TaskArithmeticAlgorithm(scaling_factor=hp["lambda"]).run(pool)
+        merged = on_device(TaskArithmeticAlgorithm(scaling_factor=hp["lambda"]), cfg).run(pool)
     elif kind == "ties":
         from fusion_bench.method import TiesMergingAlgorithm
 
-        merged = TiesMergingAlgorithm(scaling_factor=hp["lambda"], threshold=cfg.ties_threshold,
-                                      remove_keys=[], merge_func="sum").run(pool)
+        merged = on_device(TiesMergingAlgorithm(scaling_factor=hp["lambda"], threshold=cfg.ties_threshold,
+                                                remove_keys=[], merge_func="sum"), cfg).run(pool)
     elif kind == "dare":
         from fusion_bench.method.dare import DareTaskArithmetic
 
         torch.manual_seed(seed)
-        merged = DareTaskArithmetic(scaling_factor=hp["lambda"], sparsity_ratio=hp["sparsity"],
-                                    only_on_linear_weights=False, rescale=True).run(pool)
+        merged = on_device(DareTaskArithmetic(scaling_factor=hp["lambda"], sparsity_ratio=hp["sparsity"],
+                                              only_on_linear_weights=False, rescale=True), cfg).run(pool)
     elif kind == "emr":
         from fusion_bench.method.emr_merging.emr_merging import EMRMerging
 
-        emr = EMRMerging().run(pool)
+        emr = on_device(EMRMerging(), cfg).run(pool)
 
         def provider(task: str) -> nn.Module:
             emr.set_task(task)
@@ -205,11 +230,13 @@ def run_method(kind: str, hp: dict[str, Any], base: nn.Module, base_sd, sds, nam
     elif kind == "tsvm_fb":
         from fusion_bench.method.task_singular_vector.TSVM import TaskSingularVectorMerging
 
-        merged = TaskSingularVectorMerging(alpha=hp["alpha"], exclude_keys=list(cfg.exclude_keys)).run(pool)
+        merged = on_device(TaskSingularVectorMerging(alpha=hp["alpha"], exclude_keys=list(cfg.exclude_keys)),
+                           cfg).run(pool)
     elif kind == "tsvm":
         from pave_plugins.fusion_bench.tsv import TSVMerging
 
-        merged = TSVMerging(alpha=hp["alpha"], exclude_keys=list(cfg.exclude_keys), write_model_card=False).run(pool)
+        merged = on_device(TSVMerging(alpha=hp["alpha"], exclude_keys=list(cfg.exclude_keys), write_model_card=False),
+                           cfg).run(pool)
     else:
         raise ValueError(f"unknown merge method {kind!r}")
     merged = merged.eval()
@@ -230,8 +257,8 @@ def run_pave_host(kind: str, hp: dict[str, Any], target: str, allocation: str, r
                       "sparsity_ratio": hp.get("sparsity"), "only_on_linear_weights": False, "rescale": True},
              "emr": {"name": "emr_merging/emr_merging"},
              "tsvm": {"name": "pave/tsv_m", "alpha": hp.get("alpha"), "exclude_keys": list(cfg.exclude_keys)}}[kind]
-    algo = PAVEAlgorithm(inner=inner, rho=rho, rank_allocation=allocation, target=target,
-                         covariances=covs, write_model_card=False)
+    algo = on_device(PAVEAlgorithm(inner=inner, rho=rho, rank_allocation=allocation, target=target,
+                                   covariances=covs, write_model_card=False), cfg)
     torch.manual_seed(seed)
     merged = algo.run(_pool(base, base_sd, sds, names))
     if hasattr(merged, "set_task"):
@@ -317,9 +344,9 @@ class SeedRun:
         self.names = [t.name for t in tasks]
         self.heads = {t.name: label_head(base, tok, t.labels, cfg.max_length) for t in tasks}
         self.val = {t.name: make_batches(tok, _subsample(t.splits["validation"], cfg.val_per_class, t.num_classes),
-                                         cfg.eval_batch_size, cfg.max_length) for t in tasks}
+                                         cfg.eval_batch_size, cfg.max_length, device=cfg.device) for t in tasks}
         self.test = {t.name: make_batches(tok, _subsample(t.splits["test"], cfg.test_per_class, t.num_classes),
-                                          cfg.eval_batch_size, cfg.max_length) for t in tasks}
+                                          cfg.eval_batch_size, cfg.max_length, device=cfg.device) for t in tasks}
         self.base_sd = {k: v.clone() for k, v in base.state_dict().items()}
         self.timings: dict[str, float] = {}
         self.results: dict[str, Any] = {}
@@ -575,10 +602,11 @@ class SeedRun:
         """Merge every recipe with mergekit, keep the best on validation, record it; returns its hp."""
         from pave_plugins.bench import hosts
 
+        cfg = self.cfg
         best = NO_CHOICE
         for hp, recipe in recipes:
             t1 = time.perf_counter()
-            model = _module(self.base, hosts.run_mergekit(recipe, work))
+            model = _module(self.base, hosts.run_mergekit(recipe, work, device=cfg.device))
             prov: Provider = lambda task, m=model: m  # noqa: E731
             merge_s = time.perf_counter() - t1
             va = self.evaluate(prov, self.val)
@@ -604,7 +632,7 @@ def lora_dv(merged: nn.Module, base_sd: dict[str, Tensor], tasks: list[Task], to
         g = torch.Generator().manual_seed(seed + 1000)
         idx = torch.randperm(len(t.splits["train"]), generator=g)[: cfg.calib_per_task].tolist()
         for ids, mask, y in make_batches(tok, [t.splits["train"][i] for i in idx], cfg.calib_per_task,
-                                         cfg.max_length, sort=False):
+                                         cfg.max_length, sort=False, device=cfg.device):
             calib.append((t.name, ids, mask, y))
 
     def loss_fn(forward, batch):
@@ -690,6 +718,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     tasks = [load_task(Path(cfg.data_dir) / n) for n in cfg.tasks]
     tok, base = load_base(cfg.model_path)
+    base = base.to(cfg.device)  # every model of the run is a copy of it: all the work happens there
     per_seed = []
     for s in cfg.seeds:
         per_seed.append(run_seed(cfg, s, tasks, tok, base))
@@ -707,7 +736,8 @@ def write_results(cfg: BenchConfig, tasks: list[Task], per_seed: list[dict], t0:
               "sizes": {s: len(t.splits[s]) for s in SPLITS}} for t in tasks},
               "environment": {"python": platform.python_version(), "torch": torch.__version__,
                               "threads": torch.get_num_threads(), "machine": platform.machine(),
-                              "processor": platform.processor() or platform.machine(), "device": "cpu"},
+                              "processor": platform.processor() or platform.machine(), "device": cfg.device,
+                              "device_name": device_name(cfg.device)},
               "per_seed": per_seed, "summary": summary, "total_s": time.perf_counter() - t0}
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,7 @@ def finetune_lora(base: nn.Module, tok, task, head: Tensor, cfg, seed: int) -> P
         log.info("LoRA expert of %s (seed %d) from cache %s", task.name, seed, folder)
         return folder
     torch.manual_seed(seed)
-    model = get_peft_model(seqcls_wrapper(base),
+    model = get_peft_model(seqcls_wrapper(base).to(cfg.device),
                            LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
                                       target_modules=LORA_TARGETS, bias="none"))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -113,9 +113,10 @@ def lora_dense_state_dict(base: nn.Module, adapter: Path) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------- mergekit
 
 
-def run_mergekit(recipe: dict[str, Any], work: Path, prefix: str = "bert.") -> dict[str, Tensor]:
-    """Merge with mergekit's ``run_merge`` (what ``mergekit-yaml`` runs); returns the merged
-    encoder's state dict (``prefix``, the wrapper's encoder prefix, removed)."""
+def run_mergekit(recipe: dict[str, Any], work: Path, prefix: str = "bert.", device: str = "cpu") -> dict[str, Tensor]:
+    """Merge with mergekit's ``run_merge`` (what ``mergekit-yaml`` runs; ``device`` as its
+    ``--device``, e.g. ``cuda`` for ``--cuda``); returns the merged encoder's state dict (``prefix``,
+    the wrapper's encoder prefix, removed)."""
     import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -130,7 +131,8 @@ def run_mergekit(recipe: dict[str, Any], work: Path, prefix: str = "bert.") -> d
     out = Path(tempfile.mkdtemp(prefix="merge-", dir=work))
     try:
         run_merge(MergeConfiguration.model_validate(recipe), str(out),
-                  options=MergeOptions(copy_tokenizer=False, quiet=True, lora_merge_cache=str(work / "lora_merged")),
+                  options=MergeOptions(copy_tokenizer=False, quiet=True, lora_merge_cache=str(work / "lora_merged"),
+                                       device=str(device)),
                   config_source=text)
         sd: dict[str, Tensor] = {}
         for f in sorted(out.glob("*.safetensors")):

