@@ -39,6 +39,7 @@ WORDS = (
     "house tree river and or not very happy sad good bad today yesterday sentence"
 ).split()
 TASKS = ("task_a", "task_b")
+PATHS = ["collect", "mergekit", "purify", "fusion_bench", "rethink"]
 MERGEKIT_VARIANTS = {  # name -> flags on the device run (the CPU reference has none)
     "cuda": ["--cuda"],
     "cuda+read-to-gpu": ["--cuda", "--read-to-gpu"],
@@ -47,7 +48,11 @@ MERGEKIT_VARIANTS = {  # name -> flags on the device run (the CPU reference has 
 }
 # float64 maths with float32 outputs: CPU and GPU differ by float32 rounding and the order of sums;
 # LoRA-DV trains (Adam on the singular-value scales), so its differences compound over the steps
-TOLERANCE = {"collect": 1e-5, "mergekit": 1e-5, "purify": 1e-5, "fusion_bench": 1e-5, "rethink": 1e-3, "bench": 2.0}
+# FusionBench's own TSVM computes in float32 (LAPACK against cuSOLVER: singular vectors of close
+# singular values differ at float32 precision over the gap); in a benchmark run
+# the evaluation of one model (the zero-shot accuracy) must agree to one test example (0.6-1.25 points)
+TOLERANCE = {"collect": 1e-5, "mergekit": 1e-5, "purify": 1e-5, "fusion_bench": 1e-5, "fusion_bench_float32": 1e-3,
+             "rethink": 1e-3, "bench": 1.0}
 
 
 @dataclass
@@ -232,7 +237,8 @@ def fusion_bench_checks(paths: dict[str, Path], covs: dict[str, Path], work: Pat
                     "~taskpool", f"fabric.accelerator={acc}", "fabric.loggers=null",
                     f"hydra.run.dir={out}_hydra", f'merged_model_save_path="{out}"']
 
-        checks.append(Check(f"fusion_bench {name}", TOLERANCE["fusion_bench"], cmd("cpu", cpu), cmd(accel, dev), cpu, dev))
+        tol = TOLERANCE["fusion_bench_float32" if name == "FusionBench TSVM" else "fusion_bench"]
+        checks.append(Check(f"fusion_bench {name}", tol, cmd("cpu", cpu), cmd(accel, dev), cpu, dev))
     return checks
 
 
@@ -273,8 +279,33 @@ def run_stage(checks: list[Check], work: Path, workers: int) -> list[Check]:
         return list(pool.map(lambda c: run_pair(c, work, references), checks))
 
 
+def _run_host_paths(args: argparse.Namespace, work: Path) -> list[Check] | None:
+    """Every path but the benchmark; ``None`` when the CPU collection, which they all need, failed."""
+    paths = build_fixture(work / "models")
+    results = run_stage(collect_checks(paths, work, args.device), work, args.workers)
+    covs = {t: work / "collect_cpu" / t / f"{t}.safetensors" for t in TASKS}  # the same inputs on both devices
+    if not all(f.is_file() for f in covs.values()):
+        print("\n".join(report_line(c) for c in results), flush=True)
+        print("pave collect failed on the CPU: nothing else can run", file=sys.stderr)
+        return None
+    stage = []
+    if "mergekit" in args.paths or "rethink" in args.paths:  # rethink starts from the pave+ties merge
+        stage += mergekit_checks(paths, covs, work, args.device)
+    if "purify" in args.paths:
+        stage += purify_checks(paths, covs, work, args.device)
+    if "fusion_bench" in args.paths:
+        stage += fusion_bench_checks(paths, covs, work, args.device)
+    results += run_stage(stage, work, args.workers)
+    if "rethink" in args.paths:
+        results += run_stage(rethink_checks(paths, work / "mk_pave_ties_cpu", work, args.device), work, args.workers)
+    return results
+
+
 def bench_check(work: Path, device: str) -> Check:
-    """``pave bench`` smoke run on both devices: per-method average accuracy, largest gap in points."""
+    """``pave bench`` smoke run on both devices. Fine-tuning draws its dropout masks from the
+    device's random generator, so the fine-tunes (and every merge of them) differ between devices
+    like two seeds; what must agree is the evaluation of the same model: the zero-shot accuracy.
+    The largest gap over the other methods is reported beside it."""
     model = _bench_model(work / "bench_model")
     data = Path(__file__).resolve().parent / "real" / "data"
 
@@ -285,15 +316,18 @@ def bench_check(work: Path, device: str) -> Check:
                 "--methods", "ta", "pave_delta_spectral", "--ta-grid", "0.5", "1.0", "--rho", "0.9375",
                 "--pave-targets", "delta", "--pave-allocations", "spectral", "--pave-bases", "ta", "--device", dev]
 
-    check = Check("pave bench smoke", TOLERANCE["bench"], cmd("cpu", work / "bench_cpu"), cmd(device, work / "bench_dev"),
-                  work / "bench_cpu", work / "bench_dev")
+    check = Check("pave bench smoke (zero-shot)", TOLERANCE["bench"], cmd("cpu", work / "bench_cpu"),
+                  cmd(device, work / "bench_dev"), work / "bench_cpu", work / "bench_dev")
     try:
         check.seconds = {"cpu": run_cmd(check.cpu_cmd, work), "device": run_cmd(check.dev_cmd, work)}
         a = json.loads((check.cpu_out / "results.json").read_text())["summary"]
         b = json.loads((check.dev_out / "results.json").read_text())["summary"]
-        gaps = {m: abs(a[m]["avg"] - b[m]["avg"]) for m in a}
-        check.worst = max(gaps, key=gaps.get)
-        check.rel_diff = gaps[check.worst]
+        if set(a) != set(b):
+            raise RuntimeError(f"different methods: {sorted(a)} on the CPU, {sorted(b)} on the device")
+        check.rel_diff = abs(a["zero_shot"]["avg"] - b["zero_shot"]["avg"])
+        gaps = {m: b[m]["avg"] - a[m]["avg"] for m in a if m != "zero_shot"}
+        worst = max(gaps, key=lambda m: abs(gaps[m]))
+        check.worst = f"trained: {worst} {gaps[worst]:+.2f} points on the device"
     except Exception as exc:  # noqa: BLE001
         check.error = str(exc).splitlines()[0][:600]
     return check
@@ -338,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda", help="device of the runs compared with the CPU (cpu: dry run)")
     ap.add_argument("--work", default=None, help="keep every model and output in this folder (default: a temp dir)")
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="commands run at once")
+    ap.add_argument("--paths", nargs="+", choices=PATHS + ["bench"], default=PATHS,
+                    help="paths to check (default: all but bench; collect always runs when another host path is asked)")
     ap.add_argument("--bench", action="store_true", help="also a `pave bench` smoke run on both devices")
     ap.add_argument("--json", default=None, help="write the per-path results to this JSON file")
     args = ap.parse_args(argv)
@@ -359,19 +395,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, work: Path) -> int:
     t0 = time.perf_counter()
-    paths = build_fixture(work / "models")
-    results = run_stage(collect_checks(paths, work, args.device), work, args.workers)
-    covs = {t: work / "collect_cpu" / t / f"{t}.safetensors" for t in TASKS}  # the same inputs on both devices
-    if not all(f.is_file() for f in covs.values()):
-        print("\n".join(report_line(c) for c in results), flush=True)
-        print("pave collect failed on the CPU: nothing else can run", file=sys.stderr)
-        return 1
-    stage = mergekit_checks(paths, covs, work, args.device) + purify_checks(paths, covs, work, args.device)
-    stage += fusion_bench_checks(paths, covs, work, args.device)
-    results += run_stage(stage, work, args.workers)
-    merged = work / "mk_pave_ties_cpu"
-    results += run_stage(rethink_checks(paths, merged, work, args.device), work, args.workers)
-    if args.bench:
+    results: list[Check] = []
+    if set(args.paths) - {"bench"}:
+        results = _run_host_paths(args, work)
+        if results is None:
+            return 1
+    if args.bench or "bench" in args.paths:
         results.append(bench_check(work, args.device))
     import torch
 
