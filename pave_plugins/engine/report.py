@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -60,10 +61,22 @@ class RankReport:
                     full[model] += int(m["full_rank"])
         return {m: (kept[m] / full[m] if full[m] else None) for m in self.models}
 
-    def to_dict(self) -> dict[str, Any]:
+    def on_close_once(self, fn: Callable[[], None]) -> bool:
+        """Register ``fn`` to run at :meth:`close` unless it already is; True when newly registered
+        (atomic: with mergekit's parallel executors several tensors start at once)."""
         with self.lock:
-            purified = [n for n, r in self.tensors.items() if r.get("purified")]
-            plain = [n for n, r in self.tensors.items() if not r.get("purified")]
+            if fn in self.on_close:
+                return False
+            self.on_close.append(fn)
+            return True
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report; tensors in natural name order, so that a merge run serially or with
+        mergekit's parallel executors (which finish tensors in any order) writes the same file."""
+        with self.lock:
+            tensors = {n: self.tensors[n] for n in sorted(self.tensors, key=_natural_key)}
+            purified = [n for n, r in tensors.items() if r.get("purified")]
+            plain = [n for n, r in tensors.items() if not r.get("purified")]
             return {
                 "format": "pave-rank-report",
                 "format_version": 1,
@@ -77,7 +90,7 @@ class RankReport:
                 "n_purified": len(purified),
                 "budget_not_met": [n for n in purified if not self.tensors[n].get("budget_met", True)],
                 "plain_task_vector": plain,
-                "tensors": self.tensors,
+                "tensors": tensors,
             }
 
     def summary(self) -> str:
@@ -138,6 +151,11 @@ class RankReport:
                 fn()
             except Exception:  # pragma: no cover - cache clearing cannot really fail
                 logger.debug("report close hook failed", exc_info=True)
+
+
+def _natural_key(name: str) -> list:
+    """``layers.2`` before ``layers.10``."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 def _median(values: list[float]) -> float:

@@ -145,9 +145,8 @@ class PaveMerge(GroupMergeMethod):
             allow_missing_covariance=bool(params.get("allow_missing_covariance", False)),
         )
         report = current_report()
-        if self.store.clear not in report.on_close:
+        if report.on_close_once(self.store.clear):
             self.store.clear()  # a new merge: drop the caches of the previous one
-            report.on_close.append(self.store.clear)
 
         purified_group, record = self._purify(group, name, settings, params["covariance"])
         report_settings = {k: params[k] for k in ("inner", "rho", "gamma", "rank_allocation", "target", "compute_dtype")}
