@@ -168,7 +168,9 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             for n, m in originals.items():
                 if not isinstance(m, nn.Module):
                     raise PAVEConfigError(
-                        f"PAVE: model {n!r} loaded as {type(m).__name__}, not a torch module (disable lazy loading)"
+                        f"PAVE: model {n!r} loaded as {type(m).__name__}, not a torch module: the inner FusionBench "
+                        "method takes whole models, so a lazy pool would hold them all anyway; disable lazy loading, "
+                        "or stream one tensor at a time with `pave purify` or mergekit's `pave`"
                     )
             working = {
                 n: (copy.deepcopy(m) if instance and not self.inplace else m) for n, m in originals.items()
