@@ -9,10 +9,10 @@ import logging
 import re
 
 import pytest
-
 import test_robustness_inputs as matrix
-from pave_plugins.cli import main
 from test_robustness_inputs import env  # noqa: F401  (module fixture: tiny models and files)
+
+from pave_plugins.cli import main
 
 CLI_CASES = [
     key for key, make in matrix.CASES.items() if "cli(" in inspect.getsource(make)
@@ -48,7 +48,7 @@ def test_bad_input_through_main(env, tmp_path, key, monkeypatch, caplog):  # noq
     with pytest.raises(MainFailed) as err:
         case.run()
     assert err.value.code == 2, key
-    assert re.search(case.pattern, str(err.value), flags=re.S), (
+    assert re.search(case.pattern, str(err.value), flags=re.DOTALL), (
         f"{key}: {err.value}\npattern: {case.pattern}"
     )
     if case.out is not None:
