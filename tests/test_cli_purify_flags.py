@@ -252,11 +252,13 @@ def test_overwrite(fam, tmp_path, caplog):
 
 
 def test_verbose_flag_logs_debug(fam, tmp_path):
-    """-v: pave's loggers at DEBUG (INFO without it)."""
+    """-v / --verbose: pave's loggers at DEBUG (INFO without it)."""
     assert main(argv(fam, tmp_path / "a", "--rho", "0.75")) == 0
     assert logging.getLogger("pave_plugins").level == logging.INFO
-    assert main(["-v", *argv(fam, tmp_path / "b", "--rho", "0.75")]) == 0
-    assert logging.getLogger("pave_plugins").level == logging.DEBUG
+    for flag in ("-v", "--verbose"):
+        logging.getLogger("pave_plugins").setLevel(logging.NOTSET)
+        assert main([flag, *argv(fam, tmp_path / flag, "--rho", "0.75")]) == 0
+        assert logging.getLogger("pave_plugins").level == logging.DEBUG
     logging.getLogger("pave_plugins").setLevel(logging.NOTSET)
     logging.getLogger("pave").setLevel(logging.NOTSET)
 
