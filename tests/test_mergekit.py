@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from independent_reference import ranks as independent_ranks
 from mergekit_helpers import build_family, load_tensors, run_mergekit_yaml, write_covariances
 from safetensors.torch import load_file
 
-from pave_plugins.core import spectral_rank_allocation
 from pave_plugins.io.covariance import CovarianceFile
 
 RHO = 0.875
@@ -106,8 +106,8 @@ def dense_purified_weight(w_ft: torch.Tensor, c: torch.Tensor, rank: int) -> tor
 
 
 def reference_ranks(w_fts, covs, rho):
-    svs = [torch.linalg.svdvals(w.double() @ c.double()) for w, c in zip(w_fts, covs)]
-    return spectral_rank_allocation(svs, rho)
+    """Algorithm 1 transcribed line by line, on the singular values of W_ft C."""
+    return independent_ranks(w_fts, covs, rho)
 
 
 # --------------------------------------------------------------------------------------------
