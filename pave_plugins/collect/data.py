@@ -33,7 +33,9 @@ class DataError(ValueError):
     """Calibration data is missing, empty, or lacks the field a text is built from."""
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (blank lines skipped; a bare string is a row ``{"text": ...}``);
+    a bad line is a :class:`DataError` naming the file and line."""
     rows = []
     with path.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -54,13 +56,13 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def _read_file(path: Path, split: str | None) -> Any:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _read_jsonl(path)
+        return read_jsonl(path)
     if suffix == ".json":
         text = path.read_text(encoding="utf-8")
         try:
             obj = json.loads(text)
         except json.JSONDecodeError:
-            return _read_jsonl(path)
+            return read_jsonl(path)
         if isinstance(obj, dict) and split is not None and isinstance(obj.get(split), list):
             obj = obj[split]
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -174,6 +176,21 @@ def sample_indices(n_rows: int, n: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n_rows), n))
 
 
+def seeded_subset(n_rows: int, n: int | None, generator: Any) -> list[int]:
+    """The calibration subset of LoRA-DV: the first ``n`` of a ``torch.randperm`` drawn from
+    ``generator`` (a ``torch.Generator``), sorted; all rows when ``n`` is None. Several tasks drawn
+    from one generator get different subsets; a fresh generator per task repeats one draw."""
+    import torch
+
+    if n is not None and n <= 0:
+        raise DataError(f"the number of samples must be positive, got {n}")
+    if n is None or n >= n_rows:
+        if n is not None:  # draw anyway: the generator advances as it always did
+            torch.randperm(n_rows, generator=generator)
+        return list(range(n_rows))
+    return sorted(torch.randperm(n_rows, generator=generator)[:n].tolist())
+
+
 def load_texts(
     path: str | Path,
     *,
@@ -208,8 +225,9 @@ def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
     return list(items[rank::world_size])
 
 
-def prepare_tokenizer(tokenizer: Any) -> Any:
-    """Right padding (real tokens keep their positions) and a pad token (eos or unk if missing)."""
+def ensure_pad_token(tokenizer: Any) -> Any:
+    """The one pad-token rule: a tokenizer without a pad token pads with its eos, else unk, else bos
+    token (a tokenizer with none of them is refused)."""
     if getattr(tokenizer, "pad_token", None) is None:
         for cand in ("eos_token", "unk_token", "bos_token"):
             if getattr(tokenizer, cand, None) is not None:
@@ -217,6 +235,12 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
                 break
         else:
             raise DataError("the tokenizer has no pad, eos, unk or bos token to pad batches with")
+    return tokenizer
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Right padding (real tokens keep their positions) and a pad token (:func:`ensure_pad_token`)."""
+    ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"
     return tokenizer
 

@@ -60,6 +60,25 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[key]
 
 
+def padding_collate(modelpool: Any):
+    """Calibration batches of a pool with a tokenizer: ``DataCollatorWithPadding`` after the one
+    pad-token rule (:func:`pave_plugins.collect.data.ensure_pad_token`); ``None`` (the default
+    collate) when the pool has no tokenizer."""
+    tokenizer = None
+    if hasattr(modelpool, "load_tokenizer"):
+        try:
+            tokenizer = modelpool.load_tokenizer()
+        except Exception:  # a pool without a usable tokenizer: its datasets collate themselves
+            tokenizer = None
+    if tokenizer is None:
+        return None
+    from transformers import DataCollatorWithPadding
+
+    from pave_plugins.collect.data import ensure_pad_token
+
+    return DataCollatorWithPadding(ensure_pad_token(tokenizer))
+
+
 def method_config_roots() -> list[Path]:
     """Folders searched for ``method/<name>.yaml``: FusionBench's own configs, then ours."""
     roots: list[Path] = []

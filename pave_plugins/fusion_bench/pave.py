@@ -49,6 +49,7 @@ from .common import (
     checked_pool,
     inner_method_config,
     instantiate_algorithm,
+    padding_collate,
     program_config_yaml,
     program_save_path,
     write_json,
@@ -294,17 +295,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
 
     @staticmethod
     def _collate_fn(modelpool):
-        tokenizer = None
-        if hasattr(modelpool, "load_tokenizer"):
-            try:
-                tokenizer = modelpool.load_tokenizer()
-            except Exception:
-                tokenizer = None
-        if tokenizer is not None:
-            from transformers import DataCollatorWithPadding
-
-            return DataCollatorWithPadding(tokenizer)
-        return None
+        return padding_collate(modelpool)
 
     # ------------------------------------------------------------- purify
     def _purify(self, base, working, sources, names, tails) -> dict[str, dict]:
