@@ -48,10 +48,11 @@ from .common import (
     algorithm_log_dir,
     checked_pool,
     inner_method_config,
-    instantiate_algorithm,
     padding_collate,
+    pool_split,
     program_config_yaml,
     program_save_path,
+    run_inner_method,
     write_json,
     write_model_card,
 )
@@ -257,11 +258,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     def _collect(self, modelpool: BaseModelPool, name: str, model: nn.Module) -> CovarianceSource:
         """In-run collection: ``n_samples`` examples of task ``name`` fed to fine-tuned model ``name``."""
         split = self.covariance_split
-        names = {
-            "train": modelpool.train_dataset_names if modelpool.has_train_dataset else [],
-            "val": modelpool.val_dataset_names if modelpool.has_val_dataset else [],
-            "test": modelpool.test_dataset_names if modelpool.has_test_dataset else [],
-        }[split]
+        names, loader = pool_split(modelpool, split)
         if name not in names:
             raise PAVEConfigError(
                 f"PAVE: missing covariance for model {name!r}: method.covariances is null and the model pool "
@@ -276,8 +273,6 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
                 f"PAVE: in-run covariance collection needs pave_plugins.collect ({exc}); "
                 "collect with `pave collect` and pass method.covariances instead"
             ) from exc
-        loader = {"train": modelpool.load_train_dataset, "val": modelpool.load_val_dataset,
-                  "test": modelpool.load_test_dataset}[split]
         dataset = loader(name)
         n = min(int(self.n_samples), len(dataset))
         subset = torch.utils.data.Subset(dataset, list(range(n)))
@@ -375,15 +370,9 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         return BaseModelPool({"_pretrained_": base, **models})
 
     def _run_inner(self, pool: BaseModelPool):
-        inner = instantiate_algorithm(self._inner_cfg, fabric=self._fabric_instance, program=None)
         log.info("PAVE: running inner method %s on the purified pool", self._inner_cfg._target_)
         with self.profile("inner method"):
-            if hasattr(inner, "on_run_start"):
-                inner.on_run_start()
-            result = inner.run(pool)
-            if hasattr(inner, "on_run_end"):
-                inner.on_run_end()
-        return result
+            return run_inner_method(self._inner_cfg, pool, fabric=self._fabric_instance)
 
     # ----------------------------------------------------- progressive search
     def _taskpool(self):

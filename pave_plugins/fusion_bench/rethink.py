@@ -34,13 +34,15 @@ from pave_plugins.rethink.output import save_lambdas
 from pave_plugins.rethink.progress import tqdm_bar
 
 from .common import (
+    SPLITS,
     algorithm_log_dir,
     checked_pool,
     inner_method_config,
-    instantiate_algorithm,
     padding_collate,
+    pool_split,
     program_config_yaml,
     program_save_path,
+    run_inner_method,
     write_json,
     write_model_card,
 )
@@ -52,7 +54,6 @@ LORA_DV_PAPER = (
     "LoRA-DV: Spectral Rethinking for Reducing Task Interference via Difference Vector in Model Merging",
     "anonymous ACL submission (no public URL known)",
 )
-SPLITS = ("train", "val", "test")
 
 
 class RethinkConfigError(ValueError):
@@ -155,23 +156,13 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
         return merged
 
     def _run_inner(self, pool: BaseModelPool):
-        inner = instantiate_algorithm(self._inner_cfg, fabric=self._fabric_instance, program=None)
         log.info("rethink: running inner method %s", self._inner_cfg._target_)
-        if hasattr(inner, "on_run_start"):
-            inner.on_run_start()
-        result = inner.run(pool)
-        if hasattr(inner, "on_run_end"):
-            inner.on_run_end()
-        return result
+        return run_inner_method(self._inner_cfg, pool, fabric=self._fabric_instance)
 
     # ----------------------------------------------------------------- data
     def _calibration_batches(self, modelpool: BaseModelPool, names: list[str]) -> list[Any]:
         split = self.calibration_split
-        available = {
-            "train": modelpool.train_dataset_names if modelpool.has_train_dataset else [],
-            "val": modelpool.val_dataset_names if modelpool.has_val_dataset else [],
-            "test": modelpool.test_dataset_names if modelpool.has_test_dataset else [],
-        }[split]
+        available, loader = pool_split(modelpool, split)
         tasks = [n for n in names if n in available] or list(available)
         if not tasks:
             raise RethinkConfigError(
@@ -181,7 +172,6 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
         missing = [n for n in names if n not in available]
         if missing:
             log.warning("rethink: no %s dataset for model(s) %s; calibrating on %s", split, missing, tasks)
-        loader = {"train": modelpool.load_train_dataset, "val": modelpool.load_val_dataset, "test": modelpool.load_test_dataset}[split]
         collate = self._collate_fn(modelpool)
         g = torch.Generator().manual_seed(int(self.seed))
         batches = []
