@@ -153,12 +153,13 @@ class CovarianceSet:
         model_fingerprint: str = "",
         max_length: int | None = None,
         extra: Mapping[str, Any] | None = None,
+        overwrite: bool = True,
     ) -> Path:
         """Write a covariance file atomically (see :mod:`pave_plugins.io.covariance`)."""
         meta = self.metadata(
             model_path=model_path, model_fingerprint=model_fingerprint, max_length=max_length, extra=extra
         )
-        return save_covariances(path, self.covariances, meta)
+        return save_covariances(path, self.covariances, meta, overwrite=overwrite)
 
     def __add__(self, other: "CovarianceSet") -> "CovarianceSet":
         """Sum of two sets collected on the same model (parts of one data set)."""

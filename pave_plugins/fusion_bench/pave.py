@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from pave_plugins.core.rank_allocation import model_rank_ratios
 from pave_plugins.engine import DEFAULT_RHO, PaveEngine, PaveSettings, purified_weight_from_tail
+from pave_plugins.io.atomic import check_apart
 from pave_plugins.io.sources import CovarianceSource, PreparedCache
 
 from .common import (
@@ -151,6 +152,12 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             )
         if progressive_search and inplace:
             raise PAVEConfigError("PAVE: progressive_search needs the unpurified models; it cannot be used with inplace")
+        if report_path and covariances is not None:
+            inputs = [covariances] if isinstance(covariances, (str, os.PathLike)) else list(dict(covariances).values())
+            try:
+                check_apart(report_path, {"covariances": inputs}, out_flag="report_path")
+            except FileExistsError as exc:
+                raise PAVEConfigError(f"PAVE: {exc}") from exc
         self._inner_cfg = inner_method_config(inner)  # unknown inner method: clear error now
         self.last_report: dict | None = None
 
