@@ -59,6 +59,10 @@ def default_model_path() -> str:
 def run(args: argparse.Namespace) -> int:
     from pave_plugins.bench.harness import BenchConfig
     from pave_plugins.bench.harness import run as run_bench
+    from pave_plugins.io.atomic import check_apart
+
+    for flag, out in (("--out", args.out), ("--cache", args.cache)):
+        check_apart(out, {"--data": [args.data], "--model": [args.model]}, out_flag=flag)
 
     cfg = BenchConfig(data_dir=str(Path(args.data)), tasks=list(args.tasks), model_path=args.model or default_model_path(),
                       out_dir=args.out, cache_dir=args.cache, seeds=list(args.seeds), steps=args.steps, lr=args.lr,
