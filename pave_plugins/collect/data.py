@@ -130,41 +130,70 @@ def load_table(path: str | Path, *, split: str | None = None) -> Any:
 
 
 def columns_of(table: Any) -> list[str]:
+    """Column names: a dataset's own, or the fields of all rows of a list (in first-seen order)."""
     names = getattr(table, "column_names", None)
     if names is not None:
         return list(names)
-    return list(table[0].keys()) if len(table) else []
+    cols: dict[str, None] = {}
+    for row in table:
+        cols.update(dict.fromkeys(row))
+    return list(cols)
+
+
+def template_fields(template: str) -> list[str]:
+    """The record fields a format string reads (``{a} {b[0]} {c.d}`` -> ``a, b, c``)."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise DataError(f"template {template!r} is not a valid format string ({exc})") from exc
+    return list(dict.fromkeys(f.split(".")[0].split("[")[0] for _, f, _, _ in parsed if f))
+
+
+def check_rows(table: Any, fields: Sequence[str], source: str) -> None:
+    """Every row of a list table has every field (a dataset's columns are the same for all rows):
+    else a :class:`DataError` naming the file, the row (1-based) and the fields that row has."""
+    if not isinstance(table, list):
+        return
+    for i, row in enumerate(table):
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise DataError(f"{source}: row {i + 1} has no field {missing[0]!r} (that row has {sorted(row)})")
 
 
 def text_builder(table: Any, *, text_field: str | None = None, template: str | None = None, source: str = "data"):
-    """A function ``row -> text`` after checking that the fields exist in ``table``."""
+    """A function ``row -> text`` after checking that every row has the fields it reads."""
     cols = columns_of(table)
     if text_field and template:
         raise DataError("give either a text field or a template, not both")
     if template is not None:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
-        missing = [f for f in fields if f.split(".")[0].split("[")[0] not in cols]
+        fields = template_fields(template)
         if not fields:
             raise DataError(f"template {template!r} names no field (use e.g. '{{sentence1}} {{sentence2}}')")
+        missing = [f for f in fields if f not in cols]
         if missing:
             raise DataError(f"{source}: template fields {missing} are not columns of the data (columns: {cols})")
+        check_rows(table, fields, source)
         return lambda row: template.format_map(row)
     if text_field is None:
-        if "text" in cols:
-            text_field = "text"
-        else:
-            first = table[0] if len(table) else {}
-            str_cols = [c for c in cols if isinstance(first.get(c), str)]
-            if len(str_cols) != 1:
-                raise DataError(
-                    f"{source}: no 'text' column; choose one with --text-field or build one with --template "
-                    f"(columns: {cols})"
-                )
-            text_field = str_cols[0]
+        text_field = _default_text_field(table, cols, source)
     if text_field not in cols:
         raise DataError(f"{source}: text field {text_field!r} is not a column of the data (columns: {cols})")
+    check_rows(table, [text_field], source)
     field = text_field
     return lambda row: row[field] if isinstance(row[field], str) else ("" if row[field] is None else str(row[field]))
+
+
+def _default_text_field(table: Any, cols: list[str], source: str) -> str:
+    """``text``, or the only column holding strings (in the first row)."""
+    if "text" in cols:
+        return "text"
+    first = table[0] if len(table) else {}
+    str_cols = [c for c in cols if isinstance(first.get(c), str)]
+    if len(str_cols) != 1:
+        raise DataError(
+            f"{source}: no 'text' column; choose one with --text-field or build one with --template (columns: {cols})"
+        )
+    return str_cols[0]
 
 
 def sample_indices(n_rows: int, n: int | None, seed: int) -> list[int]:
