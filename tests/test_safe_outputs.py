@@ -477,3 +477,14 @@ def test_damping_is_logged_at_the_default_level(fam, tmp_path, capsys, caplog):
     assert code == 0
     msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("is singular: damped with" in m and "(layer 'model.layers.0" in m and str(singular) in m for m in msgs)
+
+
+def test_rethink_label_outside_the_head_is_one_line(seq, capsys, caplog, tmp_path):
+    """Without --heads every task uses the merged model's 2-class head: the 3-class task's label 2
+    is refused naming the file and the records (it was an IndexError traceback)."""
+    r = seq["root"]
+    code, msg = pave(["rethink", "--base", r / "base", "--merged", r / "merged", "--calib",
+                      *[f"{t}={p}" for t, p in seq["calib"].items()], "--epochs", "1", "--no-progress",
+                      "--out", tmp_path / "o"], capsys, caplog)
+    assert code == 2 and f"calibration file {seq['calib']['topic']}: task 'topic'" in msg
+    assert "label 2 is outside the head's 2 classes (0-1)" in msg and not (tmp_path / "o").exists()

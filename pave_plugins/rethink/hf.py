@@ -82,16 +82,21 @@ def auto_class(kind: str):
 
 
 def _label_id(value: Any, label2id: Mapping[str, int] | None, where: str) -> int:
+    """The class index of a label (an int or a name in the head's ``label2id``), within the head's classes."""
     if isinstance(value, bool):
         raise ValueError(f"{where}: label must be an int or a label name, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        if label2id and value in label2id:
-            return int(label2id[value])
-        if value.lstrip("-").isdigit():
-            return int(value)
-    raise ValueError(f"{where}: label {value!r} is neither an int nor a name in the head's label2id {dict(label2id or {})}")
+    if isinstance(value, str) and label2id and value in label2id:
+        return int(label2id[value])
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int):
+        raise ValueError(
+            f"{where}: label {value!r} is neither an int nor a name in the head's label2id {dict(label2id or {})}"
+        )
+    if label2id and not 0 <= value < len(label2id):
+        raise ValueError(f"{where}: label {value} is outside the head's {len(label2id)} classes (0-{len(label2id) - 1}); "
+                         "give this task's fine-tuned model with --heads TASK=DIR")
+    return value
 
 
 def _text(rec: dict, template: str | None, field_name: str, where: str) -> str:
