@@ -488,3 +488,12 @@ def test_rethink_label_outside_the_head_is_one_line(seq, capsys, caplog, tmp_pat
                       "--out", tmp_path / "o"], capsys, caplog)
     assert code == 2 and f"calibration file {seq['calib']['topic']}: task 'topic'" in msg
     assert "label 2 is outside the head's 2 classes (0-1)" in msg and not (tmp_path / "o").exists()
+
+
+def test_fusion_bench_report_path_onto_a_covariance_file_is_refused(fam):
+    from pave_plugins.fusion_bench.pave import PAVEAlgorithm, PAVEConfigError
+
+    before = snap_all(fam["root"])
+    with pytest.raises(PAVEConfigError, match=rf"report_path {fam['covs'][1]} is the input covariances {fam['covs'][1]}"):
+        PAVEAlgorithm(covariances={"a": str(fam["covs"][0]), "b": str(fam["covs"][1])}, report_path=str(fam["covs"][1]))
+    assert snap_all(fam["root"]) == before
