@@ -60,9 +60,11 @@ def test_seq_cls_epochs_zero_is_bit_exact_and_writes_card(seq_cls, tmp_path):
     recipe = json.loads((out / "rethink.json").read_text())
     assert recipe["changed_layers"] == 0 and recipe["layers"] == 2 * 6 + 1  # 6 linears per layer + pooler
     with pytest.raises(FileExistsError):
+        from pave_plugins.core.rethink import RethinkConfig
         from pave_plugins.rethink import RethinkJob, run_job
 
-        run_job(RethinkJob(base=str(tmp / "base"), merged=str(tmp / "merged"), calib=calib, out=str(out), epochs=0))
+        run_job(RethinkJob(base=str(tmp / "base"), merged=str(tmp / "merged"), calib=calib, out=str(out),
+                           config=RethinkConfig(epochs=0)))
 
 
 def test_seq_cls_each_task_uses_its_own_head(seq_cls, tmp_path):

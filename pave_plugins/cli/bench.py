@@ -78,6 +78,10 @@ def resolve_device(name: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from pave_plugins.bench.harness import BenchConfig, default_cache_dir
     from pave_plugins.bench.harness import run as run_bench
+    from pave_plugins.io.atomic import check_apart
+
+    for flag, out in (("--out", args.out), ("--cache", args.cache)):
+        check_apart(out, {"--data": [args.data], "--model": [args.model]}, out_flag=flag)
 
     device = resolve_device(args.device)
 
