@@ -73,6 +73,13 @@ def lookup_key(source: CovarianceSource | None, layer: str) -> str | None:
     return source.key_for(layer)
 
 
+def token_count(source: CovarianceSource, key: str) -> int | None:
+    """Tokens accumulated in covariance ``key`` of ``source`` (``None`` when it does not say)."""
+    counts = getattr(source, "counts", None)
+    value = counts.get(key) if isinstance(counts, dict) else None
+    return int(value) if value is not None else None
+
+
 class PreparedCache:
     """Bounded cache of prepared covariances: at most ``per_source`` per source, least recent out."""
 
