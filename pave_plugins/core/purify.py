@@ -53,12 +53,14 @@ TARGETS: tuple[str, ...] = ("weight", "delta")
 class PreparedCovariance:
     """A covariance checked for use by PAVE: symmetric, finite, PSD and invertible after damping.
 
-    ``matrix`` is ``C + damping * I`` in the compute dtype, on the input's device.
+    ``matrix`` is ``C + damping * I`` in the compute dtype, on the input's device; ``factor`` its
+    lower Cholesky factor when asked for (``keep_factor``: RegMean solves with it).
     """
 
     matrix: Tensor
     damping: float
     relative_damping: float  # damping / mean(diag C)
+    factor: Tensor | None = None
 
 
 def prepare_covariance(
@@ -69,6 +71,7 @@ def prepare_covariance(
     max_relative_damping: float = 1.0,
     symmetry_tol: float = 1e-6,
     name: str = "covariance",
+    keep_factor: bool = False,
 ) -> PreparedCovariance:
     """Validate ``C`` and damp its diagonal until a Cholesky factorisation succeeds (Sec. 3.2).
 
@@ -114,7 +117,9 @@ def prepare_covariance(
     relative = damping / mean_diag
     if damping > 0.0:
         logger.debug("%s: singular, damped with %.3g (%.3g x mean diag)", name, damping, relative)
-    return PreparedCovariance(matrix=matrix, damping=damping, relative_damping=relative)
+    return PreparedCovariance(
+        matrix=matrix, damping=damping, relative_damping=relative, factor=factor if keep_factor else None
+    )
 
 
 @dataclass

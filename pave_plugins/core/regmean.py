@@ -95,13 +95,14 @@ def regmean_grams(
 
 
 def prepare_gram_sum(grams: Sequence[Tensor], *, name: str = "weight") -> PreparedCovariance:
-    """``sum_i G~_i``, validated and damped until Cholesky succeeds (PAVE's covariance damping)."""
+    """``sum_i G~_i``, validated and damped until Cholesky succeeds (PAVE's covariance damping), with
+    its Cholesky factor."""
     if not grams:
         raise ValueError(f"{name}: RegMean needs at least one Gram matrix")
     total = grams[0].clone()
     for g in grams[1:]:
         total += g
-    return prepare_covariance(total, compute_dtype=total.dtype, name=f"RegMean Gram sum of {name}")
+    return prepare_covariance(total, compute_dtype=total.dtype, name=f"RegMean Gram sum of {name}", keep_factor=True)
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def regmean_solve(
     rhs = sum(g @ w.T for g, w in zip(grams, ws))  # in x out
     if gram_sum.damping > 0.0:
         rhs = rhs + (gram_sum.damping / len(ws)) * sum(w.T for w in ws)
-    factor = torch.linalg.cholesky(matrix)
+    factor = gram_sum.factor if gram_sum.factor is not None else torch.linalg.cholesky(matrix)
     merged_t = torch.cholesky_solve(rhs, factor)
     return RegMeanSolution(
         weight=merged_t.T.to(weights[0].dtype),

@@ -177,7 +177,7 @@ class RegMeanEngine:
             reason = "no covariance for this tensor" if first.ndim == 2 else f"not a 2-D weight ({first.ndim}-D)"
             return merged, {"regmean": False, "merged_by": s.non_linear, "reason": reason}
         transpose = self.grams.layer_info.get(self.grams.resolve(name) or "", {}).get("weight_layout") == "in_out"
-        prepared, key = self.cache.get(self.grams, name, device=first.device, compute_dtype=s.dtype)
+        prepared, key = self.cache.get(self.grams, name, device=first.device, compute_dtype=s.dtype, keep_factor=True)
         weights = [w.T if transpose else w for w in w_fts]
         try:
             sol = regmean_solve(weights, self.grams.grams(name, device=first.device), prepared, name=name)

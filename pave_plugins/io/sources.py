@@ -90,11 +90,18 @@ class PreparedCache:
         self._entries: dict[int, tuple[CovarianceSource, OrderedDict]] = {}  # the source is kept alive
 
     def get(
-        self, source: CovarianceSource, layer: str, *, device: torch.device | str, compute_dtype: torch.dtype
+        self,
+        source: CovarianceSource,
+        layer: str,
+        *,
+        device: torch.device | str,
+        compute_dtype: torch.dtype,
+        keep_factor: bool = False,
     ) -> tuple[PreparedCovariance, str]:
-        """The prepared covariance of ``layer`` and its key; damping is logged at debug level."""
+        """The prepared covariance of ``layer`` and its key (with its Cholesky factor if
+        ``keep_factor``); damping is logged at debug level."""
         key = source.key_for(layer)
-        ck = (key, str(device), str(compute_dtype))
+        ck = (key, str(device), str(compute_dtype), keep_factor)
         with self._lock:
             cache = self._entries.setdefault(id(source), (source, OrderedDict()))[1]
             hit = cache.get(ck)
@@ -106,6 +113,7 @@ class PreparedCache:
                     source.get(layer, device=device),
                     compute_dtype=compute_dtype,
                     name=f"covariance {key!r} (layer {layer!r}) in {source.origin}",
+                    keep_factor=keep_factor,
                 )
             except ValueError as exc:
                 raise CovarianceFileError(str(exc)) from exc
