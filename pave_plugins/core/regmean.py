@@ -36,7 +36,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
-from .purify import PreparedCovariance, prepare_covariance
+from .purify import PreparedCovariance, all_finite, prepare_covariance
 
 GramWeighting = Literal["sum", "mean"]
 GRAM_WEIGHTINGS: tuple[str, ...] = ("sum", "mean")
@@ -136,7 +136,7 @@ def regmean_solve(
             )
     ws = [w.to(device=matrix.device, dtype=matrix.dtype) for w in weights]
     for i, w in enumerate(ws):
-        if not bool(torch.isfinite(w).all()):
+        if not all_finite(w):
             raise ValueError(f"{name}: weight of model {i} contains NaN or Inf")
     rhs = sum(g @ w.T for g, w in zip(grams, ws))  # in x out
     if gram_sum.damping > 0.0:

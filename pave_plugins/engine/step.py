@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from pave_plugins.core.layer import LayerModelError, allocate_and_purify
-from pave_plugins.core.purify import CoSVD, Purification, co_svd
+from pave_plugins.core.purify import CoSVD, Purification, all_finite, co_svd
 from pave_plugins.io.covariance import MissingCovarianceError
 from pave_plugins.io.sources import CovarianceSource, PreparedCache, lookup_key
 
@@ -103,7 +103,7 @@ def check_finite_weights(name: str, w_base: Tensor | None, w_fts: Sequence[Tenso
     """Never merge NaN or Inf: a one-line error naming the tensor and the model (``w_base`` may be None)."""
     pairs = ([("base model", w_base)] if w_base is not None else []) + list(zip(labels, w_fts))
     for lab, t in pairs:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise ValueError(f"{name}: the weight of {lab} contains NaN or Inf")
 
 
