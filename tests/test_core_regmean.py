@@ -164,3 +164,28 @@ def test_bad_input_one_line_errors(call, pattern):
     with pytest.raises(ValueError, match=pattern) as err:
         call(ws, [x.T @ x for x in xs])
     assert "\n" not in str(err.value)
+
+
+def test_engine_in_out_layout_and_shared_inputs(tmp_path):
+    """The engine on a covariance file: a GPT-2 Conv1D weight (stored in x out, marked in the file)
+    merges as the transpose of the out x in merge; q/k/v sharing one input prepare one Gram sum."""
+    from pave_plugins.engine.regmean import RegMeanEngine
+    from pave_plugins.io.covariance import CovarianceFile, CovarianceMetadata, save_covariances
+
+    xs, ws = layer(k=2, out=5, inn=7)
+    files = []
+    for i, x in enumerate(xs):
+        meta = CovarianceMetadata(
+            layer_map={"attn.c_attn": "cov.0", "q": "cov.0", "k": "cov.0"}, counts={"cov.0": x.shape[0]},
+            extra={"layers": {"attn.c_attn": {"weight_layout": "in_out"}}},
+        )
+        files.append(CovarianceFile(save_covariances(tmp_path / f"{i}.safetensors", {"cov.0": x.T @ x}, meta)))
+    engine = RegMeanEngine(RegMeanSettings(), files, ["a", "b"])
+    ref = brute_force(xs, ws)
+    conv, rec = engine.step("attn.c_attn.weight", [w.T.contiguous() for w in ws])
+    assert rec["regmean"] and rec["damping"] == 0.0 and rel(conv, ref.T) < 1e-8
+    for name in ("q.weight", "k.weight"):
+        assert rel(engine.step(name, ws)[0], ref) < 1e-8
+    assert engine.cache.n_prepared == 1
+    bias, rec = engine.step("q.bias", [torch.ones(5), 3 * torch.ones(5)])
+    assert torch.equal(bias, 2 * torch.ones(5)) and rec == {"regmean": False, "merged_by": "mean", "reason": "not a 2-D weight (1-D)"}
