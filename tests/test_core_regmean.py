@@ -189,3 +189,17 @@ def test_engine_in_out_layout_and_shared_inputs(tmp_path):
     assert engine.cache.n_prepared == 1
     bias, rec = engine.step("q.bias", [torch.ones(5), 3 * torch.ones(5)])
     assert torch.equal(bias, 2 * torch.ones(5)) and rec == {"regmean": False, "merged_by": "mean", "reason": "not a 2-D weight (1-D)"}
+
+
+def test_engine_names_the_file_of_a_bad_gram(tmp_path):
+    from pave_plugins.engine.regmean import RegMeanEngine
+    from pave_plugins.io.covariance import CovarianceFile, CovarianceFileError, CovarianceMetadata, save_covariances
+
+    xs, ws = layer(k=2)
+    grams = [xs[0].T @ xs[0], xs[1].T @ xs[1]]
+    grams[1][0, 0] = float("nan")
+    files = [CovarianceFile(save_covariances(tmp_path / f"{i}.safetensors", {"cov.0": g},
+                                             CovarianceMetadata(layer_map={"fc": "cov.0"})))
+             for i, g in enumerate(grams)]
+    with pytest.raises(CovarianceFileError, match=r"covariance 'cov.0' \(layer 'fc.weight'\) in .*1.safetensors: contains NaN"):
+        RegMeanEngine(RegMeanSettings(), files, ["a", "b"]).step("fc.weight", ws)

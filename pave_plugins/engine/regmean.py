@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from pave_plugins.core.purify import all_finite
 from pave_plugins.core.regmean import (
     GRAM_WEIGHTINGS,
     NON_LINEAR_RULES,
@@ -32,7 +33,7 @@ from pave_plugins.core.regmean import (
     regmean_grams,
     regmean_solve,
 )
-from pave_plugins.io.covariance import MissingCovarianceError
+from pave_plugins.io.covariance import CovarianceFileError, MissingCovarianceError
 from pave_plugins.io.sources import CovarianceSource, PreparedCache, lookup_key, token_count
 
 from .settings import COMPUTE_DTYPES, compute_dtype_name
@@ -117,6 +118,12 @@ class GramSum:
             return self._memo[1]
         keys = [s.key_for(name) for s in self.sources]
         raw = [s.get(name, device=device) for s in self.sources]
+        for s, k, g in zip(self.sources, keys, raw):  # name the file of a bad matrix (the sum cannot)
+            where = f"covariance {k!r} (layer {name!r}) in {s.origin}"
+            if g.shape != raw[0].shape:
+                raise CovarianceFileError(f"{where}: shape {tuple(g.shape)}, the other models have {tuple(raw[0].shape)}")
+            if not all_finite(g):
+                raise CovarianceFileError(f"{where}: contains NaN or Inf")
         grams = regmean_grams(
             raw,
             ratio=self.settings.reduce_non_diagonal_ratio,
