@@ -1,11 +1,14 @@
-"""The PAVE rank report: per weight and per model the rank kept, the full rank, the damping added
+"""Merge reports. The PAVE rank report: per weight and per model the rank kept, the full rank, the damping added
 to the covariance, the relative change ``||dW_PAVE - dW||_F / ||dW||_F`` and the normalised activated
 pruning error (PAVE eq. 8); per model ``rho_i = sum_l r_i^l / sum_l R^l`` (Algorithm 1, line 15).
 
-Written as ``pave_rank_report.json`` by the mergekit ``pave`` method and by ``pave purify``, once,
-atomically, when the output is complete; while a mergekit merge runs, its progress goes to the hidden
-``.pave_rank_report.partial.json`` beside it, so that a failed or killed merge never replaces the
-report of the previous merge.
+Written as ``pave_rank_report.json`` by the mergekit ``pave`` method and by ``pave purify``.
+The RegMean report (``regmean_report.json``, mergekit ``regmean``): per tensor the damping of its
+Gram sum, or the rule that merged it.
+
+Each is written once, atomically, when the output is complete; while a mergekit merge runs, its
+progress goes to a hidden ``.<name>.partial.json`` beside it, so that a failed or killed merge never
+replaces the report of the previous merge.
 """
 
 from __future__ import annotations
@@ -17,21 +20,31 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pave_plugins.io.atomic import atomic_path
 
 logger = logging.getLogger("pave_plugins")
 
 REPORT_NAME = "pave_rank_report.json"
-#: the report of a merge still running (mergekit), beside the model; renamed to nothing, removed at the end
+REGMEAN_REPORT_NAME = "regmean_report.json"
+#: the report of a merge still running (mergekit), beside the model; removed at the end
 PARTIAL_NAME = ".pave_rank_report.partial.json"
 REPORT_FORMAT = "pave-rank-report"
+REGMEAN_REPORT_FORMAT = "regmean-report"
 _WRITE_INTERVAL_S = 5.0
 
 
-class RankReport:
-    """Records of one merge: ``tensors[name] = {...}``; see the module docstring."""
+class MergeReport:
+    """Per-tensor records of one merge, written as JSON next to the merged weights (``file_name``);
+    subclasses say what a record holds (:meth:`to_dict`) and how it is summarised (:meth:`summary`)."""
+
+    file_name = "merge_report.json"
+
+    @property
+    def partial_name(self) -> str:
+        """Where a running merge's progress goes (hidden; removed when the merge ends)."""
+        return f".{Path(self.file_name).stem}.partial.json"
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
@@ -51,15 +64,65 @@ class RankReport:
             self._last_write = time.monotonic()
 
     # -- recording ---------------------------------------------------------------------------
-    def add_tensor(self, name: str, record: dict[str, Any], settings: dict[str, Any]) -> None:
+    def add_tensor(
+        self, name: str, record: dict[str, Any], settings: dict[str, Any], models: Sequence[str] = ()
+    ) -> None:
+        """Record one tensor; the models are those of ``record["models"]`` and ``models``."""
         with self.lock:
             self.settings = settings
-            for model in record.get("models", {}):
+            for model in [*record.get("models", {}), *models]:
                 if model not in self.models:
                     self.models.append(model)
             self.tensors[name] = record
             if self.out_path and time.monotonic() - self._last_write > _WRITE_INTERVAL_S:
-                self.write(Path(self.out_path) / PARTIAL_NAME)
+                self.write(Path(self.out_path) / self.partial_name)
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        raise NotImplementedError
+
+    def final_warning(self) -> str | None:
+        """A warning for the end of the merge (e.g. nothing was done with the covariances), or None."""
+        return None
+
+    # -- output ------------------------------------------------------------------------------
+    def write(self, path: str | os.PathLike | None = None) -> Path | None:
+        """Write the JSON atomically (default: ``<out_path>/<file_name>``)."""
+        with self.lock:
+            if path is None:
+                if not self.out_path:
+                    return None
+                path = Path(self.out_path) / self.file_name
+            path = Path(path)
+            data = self.to_dict()
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(data, indent=1, default=_json_default), encoding="utf-8")
+            self._last_write = time.monotonic()
+            return path
+
+    def on_close_once(self, fn: Callable[[], None]) -> bool:
+        """Register ``fn`` to run at :meth:`close` unless it already is; True when newly registered
+        (atomic: with mergekit's parallel executors several tensors start at once)."""
+        with self.lock:
+            if fn in self.on_close:
+                return False
+            self.on_close.append(fn)
+            return True
+
+    def close(self) -> None:
+        for fn in self.on_close:
+            try:
+                fn()
+            except Exception:  # pragma: no cover - cache clearing cannot really fail
+                logger.debug("report close hook failed", exc_info=True)
+
+
+class RankReport(MergeReport):
+    """PAVE's rank report; see the module docstring."""
+
+    file_name = REPORT_NAME
 
     # -- summaries ---------------------------------------------------------------------------
     def model_ratios(self) -> dict[str, float]:
@@ -72,15 +135,6 @@ class RankReport:
                     kept[model] += int(m["rank"])
                     full[model] += int(m["full_rank"])
         return {m: (kept[m] / full[m] if full[m] else None) for m in self.models}
-
-    def on_close_once(self, fn: Callable[[], None]) -> bool:
-        """Register ``fn`` to run at :meth:`close` unless it already is; True when newly registered
-        (atomic: with mergekit's parallel executors several tensors start at once)."""
-        with self.lock:
-            if fn in self.on_close:
-                return False
-            self.on_close.append(fn)
-            return True
 
     def to_dict(self) -> dict[str, Any]:
         """The report; tensors in natural name order, so that a merge run serially or with
@@ -142,27 +196,59 @@ class RankReport:
             lines.append(f"  rank budget not met (every model at its floor gamma*R) for {len(d['budget_not_met'])} tensors")
         return "\n".join(lines)
 
-    # -- output ------------------------------------------------------------------------------
-    def write(self, path: str | os.PathLike | None = None) -> Path | None:
-        """Write the JSON atomically (default: ``<out_path>/pave_rank_report.json``)."""
-        with self.lock:
-            if path is None:
-                if not self.out_path:
-                    return None
-                path = Path(self.out_path) / REPORT_NAME
-            path = Path(path)
-            data = self.to_dict()
-            with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps(data, indent=1, default=_json_default), encoding="utf-8")
-            self._last_write = time.monotonic()
-            return path
+    def final_warning(self) -> str | None:
+        if any(r.get("purified") for r in self.tensors.values()):
+            return None
+        return (
+            "pave: no tensor was purified (no covariance matched any weight); "
+            "the merge equals the inner method on the plain task vectors"
+        )
 
-    def close(self) -> None:
-        for fn in self.on_close:
-            try:
-                fn()
-            except Exception:  # pragma: no cover - cache clearing cannot really fail
-                logger.debug("report close hook failed", exc_info=True)
+
+class RegMeanReport(MergeReport):
+    """RegMean's report (``regmean_report.json``): per tensor whether RegMean merged it, the damping
+    its Gram sum needed (absolute, and relative to mean diag) and the covariance keys, else the rule
+    that merged it (``mean`` or ``task_arithmetic``)."""
+
+    file_name = REGMEAN_REPORT_NAME
+
+    def to_dict(self) -> dict[str, Any]:
+        with self.lock:
+            tensors = {n: self.tensors[n] for n in sorted(self.tensors, key=_natural_key)}  # as RankReport
+            solved = [n for n, r in tensors.items() if r.get("regmean")]
+            return {
+                "format": REGMEAN_REPORT_FORMAT,
+                "format_version": 1,
+                "method": "regmean",
+                "paper": "https://arxiv.org/abs/2212.09849",
+                "settings": self.settings,
+                "complete": self.finished,
+                "models": self.models,
+                "n_tensors": len(self.tensors),
+                "n_regmean": len(solved),
+                "damped": [n for n in solved if self.tensors[n].get("damping", 0.0) > 0],
+                "max_relative_damping": max((self.tensors[n]["relative_damping"] for n in solved), default=0.0),
+                "not_regmean": [n for n in tensors if n not in solved],
+                "tensors": tensors,
+            }
+
+    def summary(self) -> str:
+        d = self.to_dict()
+        lines = [
+            f"RegMean: {d['n_regmean']} of {d['n_tensors']} tensors by RegMean (settings {self.settings}); "
+            f"{len(d['damped'])} Gram sums damped (max damping {d['max_relative_damping']:.3g} x mean diag)"
+        ]
+        if d["not_regmean"]:
+            head = ", ".join(d["not_regmean"][:4])
+            more = len(d["not_regmean"]) - 4
+            rule = self.settings.get("non_linear", "mean")
+            lines.append(f"  by {rule} (no covariance / not 2-D): {head}" + (f" and {more} more" if more > 0 else ""))
+        return "\n".join(lines)
+
+    def final_warning(self) -> str | None:
+        if any(r.get("regmean") for r in self.tensors.values()):
+            return None
+        return "regmean: no tensor had covariances (no covariance matched any weight); every tensor was averaged"
 
 
 def _natural_key(name: str) -> list:
@@ -170,10 +256,10 @@ def _natural_key(name: str) -> list:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
-def is_rank_report(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a PAVE rank report (its JSON says so)."""
+def is_rank_report(path: str | os.PathLike, report_format: str = REPORT_FORMAT) -> bool:
+    """Whether ``path`` is a report of ``report_format`` (its JSON says so)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8")).get("format") == REPORT_FORMAT
+        return json.loads(Path(path).read_text(encoding="utf-8")).get("format") == report_format
     except (OSError, ValueError, AttributeError):
         return False
 

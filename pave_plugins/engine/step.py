@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from pave_plugins.core.layer import LayerModelError, allocate_and_purify
-from pave_plugins.core.purify import CoSVD, Purification, co_svd
+from pave_plugins.core.purify import CoSVD, Purification, all_finite, co_svd
 from pave_plugins.io.covariance import MissingCovarianceError
 from pave_plugins.io.sources import CovarianceSource, PreparedCache, lookup_key
 
@@ -99,6 +99,14 @@ def purified_weight_from_tail(w_ft: Tensor, tail_left: Tensor, tail_right: Tenso
     return (w_ft.to(device=left.device, dtype=left.dtype) - left @ tail_right).to(device=like.device, dtype=like.dtype)
 
 
+def check_finite_weights(name: str, w_base: Tensor | None, w_fts: Sequence[Tensor], labels: Sequence[str]) -> None:
+    """Never merge NaN or Inf: a one-line error naming the tensor and the model (``w_base`` may be None)."""
+    pairs = ([("base model", w_base)] if w_base is not None else []) + list(zip(labels, w_fts))
+    for lab, t in pairs:
+        if not all_finite(t):
+            raise ValueError(f"{name}: the weight of {lab} contains NaN or Inf")
+
+
 class PaveEngine:
     """PAVE for K models whose covariances come from ``sources`` (``None``: that model has none).
 
@@ -137,11 +145,7 @@ class PaveEngine:
 
     def check_finite(self, name: str, w_base: Tensor, w_fts: Sequence[Tensor]) -> None:
         """Never merge NaN or Inf (also in tensors that are not purified: norms, embeddings)."""
-        if not w_base.is_floating_point():
-            return
-        for lab, t in zip(["base model", *self.labels], [w_base, *w_fts]):
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name}: the weight of {lab} contains NaN or Inf")
+        check_finite_weights(name, w_base, w_fts, self.labels)
 
     def keys(self, name: str) -> list[str | None]:
         """Covariance key of ``name`` in each model's source (``None``: that model has none)."""

@@ -17,6 +17,10 @@ from pave_plugins.io.atomic import atomic_path
 log = logging.getLogger(__name__)
 
 PAVE_PAPER = ("PAVE: Purifying task vectors for model merging", "https://arxiv.org/abs/2510.14697")
+REGMEAN_PAPER = (
+    "Dataless Knowledge Fusion by Merging Weights of Language Models (RegMean; Jin et al., ICLR 2023)",
+    "https://arxiv.org/abs/2212.09849",
+)
 TSV_PAPER = (
     "Task Singular Vectors: Reducing Task Interference in Model Merging (Gargiulo et al., CVPR 2025)",
     "https://arxiv.org/abs/2412.00081",
@@ -48,6 +52,40 @@ def checked_pool(modelpool: Any, who: str, error: type[Exception] = ValueError, 
     return modelpool
 
 
+def covariance_paths(covs: Any, names, who: str, error: type[Exception]) -> dict[str, Any]:
+    """``{model name: covariance file or source}`` from a mapping or a folder of ``<name>.safetensors``."""
+    if isinstance(covs, (str, os.PathLike)):
+        folder = Path(covs)
+        if not folder.is_dir():
+            raise error(
+                f"{who}: covariances={str(covs)!r} is not a folder; give a mapping {{model name: file}} "
+                "or a folder holding <model name>.safetensors"
+            )
+        return {n: folder / f"{n}.safetensors" for n in names}
+    mapping = dict(OmegaConf.to_container(covs, resolve=True) if isinstance(covs, DictConfig) else covs)
+    missing = [n for n in names if n not in mapping]
+    if missing:
+        raise error(
+            f"{who}: missing covariance for model(s) {missing}: method.covariances names "
+            f"{sorted(mapping)}; add '<model name>: <file from pave collect>' for each model of the pool"
+        )
+    return {n: mapping[n] for n in names}
+
+
+def covariance_source(name: str, path: Any, who: str, error: type[Exception]):
+    """A covariance source for model ``name``: an existing source, or a file of ``pave collect``."""
+    from pave_plugins.io.covariance import CovarianceFile
+    from pave_plugins.io.sources import CovarianceSource
+
+    if isinstance(path, CovarianceSource):
+        return path
+    if isinstance(path, (str, os.PathLike)):
+        if not Path(path).is_file():
+            raise error(f"{who}: missing covariance for model {name!r}: file not found: {path}")
+        return CovarianceFile(path)
+    raise error(f"{who}: covariance for model {name!r} must be a file path, got {path!r}")
+
+
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     """``"float64"`` / ``"float32"`` (or a torch dtype) -> torch dtype, with a clear error."""
     if isinstance(name, torch.dtype):
@@ -70,9 +108,14 @@ def pool_split(modelpool: Any, split: str) -> tuple[list[str], Any]:
     return names, getattr(modelpool, f"load_{split}_dataset")
 
 
-def run_inner_method(cfg: DictConfig, pool: Any, *, fabric=None) -> Any:
-    """Instantiate and run a FusionBench method on ``pool`` (with its start/end hooks)."""
+def run_inner_method(cfg: DictConfig, pool: Any, *, fabric=None, covariance_sources: Any = None) -> Any:
+    """Instantiate and run a FusionBench method on ``pool`` (with its start/end hooks).
+
+    ``covariance_sources``: handed to an inner method that takes them and has none of its own
+    (``pave/regmean`` inside ``pave/pave`` reads PAVE's covariances)."""
     inner = instantiate_algorithm(cfg, fabric=fabric, program=None)
+    if getattr(inner, "covariance_sources", False) is None and getattr(inner, "covariances", None) is None:
+        inner.covariance_sources = covariance_sources
     if hasattr(inner, "on_run_start"):
         inner.on_run_start()
     result = inner.run(pool)

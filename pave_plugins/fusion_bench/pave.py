@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -48,6 +47,8 @@ from .common import (
     TSV_PAPER,
     algorithm_log_dir,
     checked_pool,
+    covariance_paths,
+    covariance_source,
     inner_method_config,
     padding_collate,
     pool_split,
@@ -196,6 +197,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         )
         layer_report = self._purify(base, working, sources, names, tails)
         timings["purify_s"] = time.perf_counter() - t0
+        self._inner_sources = sources  # an inner RegMean without covariances of its own reads these
         del sources
 
         t0 = time.perf_counter()
@@ -206,6 +208,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             result = self._run_inner(self._pool(base, working))
         timings["inner_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_start
+        self._inner_sources = None
 
         report = self._report(layer_report, names, timings, candidates)
         result = self._finish(result, report, names)
@@ -234,35 +237,11 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         return sources
 
     def _covariance_paths(self, names) -> dict[str, Any]:
-        covs = self.covariances
-        if isinstance(covs, (str, os.PathLike)):
-            folder = Path(covs)
-            if not folder.is_dir():
-                raise PAVEConfigError(
-                    f"PAVE: covariances={str(covs)!r} is not a folder; give a mapping {{model name: file}} "
-                    "or a folder holding <model name>.safetensors"
-                )
-            return {n: folder / f"{n}.safetensors" for n in names}
-        mapping = dict(OmegaConf.to_container(covs, resolve=True) if isinstance(covs, DictConfig) else covs)
-        missing = [n for n in names if n not in mapping]
-        if missing:
-            raise PAVEConfigError(
-                f"PAVE: missing covariance for model(s) {missing}: method.covariances names "
-                f"{sorted(mapping)}; add '<model name>: <file from pave collect>' for each model of the pool"
-            )
-        return {n: mapping[n] for n in names}
+        return covariance_paths(self.covariances, names, "PAVE", PAVEConfigError)
 
     @staticmethod
     def _source(name: str, path: Any) -> CovarianceSource:
-        from pave_plugins.io.covariance import CovarianceFile
-
-        if isinstance(path, CovarianceSource):
-            return path
-        if isinstance(path, (str, os.PathLike)):
-            if not Path(path).is_file():
-                raise PAVEConfigError(f"PAVE: missing covariance for model {name!r}: file not found: {path}")
-            return CovarianceFile(path)
-        raise PAVEConfigError(f"PAVE: covariance for model {name!r} must be a file path, got {path!r}")
+        return covariance_source(name, path, "PAVE", PAVEConfigError)
 
     def _collect(self, modelpool: BaseModelPool, name: str, model: nn.Module) -> CovarianceSource:
         """In-run collection: ``n_samples`` examples of task ``name`` fed to fine-tuned model ``name``."""
@@ -381,7 +360,8 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     def _run_inner(self, pool: BaseModelPool):
         log.info("PAVE: running inner method %s on the purified pool", self._inner_cfg._target_)
         with self.profile("inner method"):
-            return run_inner_method(self._inner_cfg, pool, fabric=self._fabric_instance)
+            return run_inner_method(self._inner_cfg, pool, fabric=self._fabric_instance,
+                                    covariance_sources=getattr(self, "_inner_sources", None))
 
     # ----------------------------------------------------- progressive search
     def _taskpool(self):

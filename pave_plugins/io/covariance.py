@@ -192,6 +192,11 @@ class CovarianceFile:
         return self.metadata.model_fingerprint
 
     @property
+    def counts(self) -> dict[str, int]:
+        """``{key: tokens accumulated}`` (RegMean's ``mean`` Gram weighting divides by it)."""
+        return self.metadata.counts
+
+    @property
     def layer_info(self) -> dict[str, Any]:
         """``{layer: {"weight_layout", "in_features", ...}}`` as written by ``pave collect`` (or ``{}``)."""
         info = self.metadata.extra.get("layers", {}) if isinstance(self.metadata.extra, dict) else {}

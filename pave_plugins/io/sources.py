@@ -73,6 +73,13 @@ def lookup_key(source: CovarianceSource | None, layer: str) -> str | None:
     return source.key_for(layer)
 
 
+def token_count(source: CovarianceSource, key: str) -> int | None:
+    """Tokens accumulated in covariance ``key`` of ``source`` (``None`` when it does not say)."""
+    counts = getattr(source, "counts", None)
+    value = counts.get(key) if isinstance(counts, dict) else None
+    return int(value) if value is not None else None
+
+
 class PreparedCache:
     """Bounded cache of prepared covariances: at most ``per_source`` per source, least recent out."""
 
@@ -83,11 +90,18 @@ class PreparedCache:
         self._entries: dict[int, tuple[CovarianceSource, OrderedDict]] = {}  # the source is kept alive
 
     def get(
-        self, source: CovarianceSource, layer: str, *, device: torch.device | str, compute_dtype: torch.dtype
+        self,
+        source: CovarianceSource,
+        layer: str,
+        *,
+        device: torch.device | str,
+        compute_dtype: torch.dtype,
+        keep_factor: bool = False,
     ) -> tuple[PreparedCovariance, str]:
-        """The prepared covariance of ``layer`` and its key; damping is logged (warning) with the amount."""
+        """The prepared covariance of ``layer`` and its key (with its Cholesky factor if
+        ``keep_factor``); damping is logged (warning) with the amount."""
         key = source.key_for(layer)
-        ck = (key, str(device), str(compute_dtype))
+        ck = (key, str(device), str(compute_dtype), keep_factor)
         with self._lock:
             cache = self._entries.setdefault(id(source), (source, OrderedDict()))[1]
             hit = cache.get(ck)
@@ -99,6 +113,7 @@ class PreparedCache:
                     source.get(layer, device=device),
                     compute_dtype=compute_dtype,
                     name=f"covariance {key!r} (layer {layer!r}) in {source.origin}",
+                    keep_factor=keep_factor,
                 )
             except ValueError as exc:
                 raise CovarianceFileError(str(exc)) from exc

@@ -1,8 +1,8 @@
-"""mergekit adapters: the ``pave`` and ``tsv`` merge methods.
+"""mergekit adapters: the ``pave``, ``tsv`` and ``regmean`` merge methods.
 
 They are registered in mergekit's registry through the ``mergekit.merge_methods`` entry points
 (see :mod:`pave_plugins._mergekit_bootstrap`), so the stock ``mergekit-yaml`` accepts
-``merge_method: pave`` and ``merge_method: tsv`` after ``pip install``. Attributes are loaded
+``merge_method: pave``, ``merge_method: tsv`` and ``merge_method: regmean`` after ``pip install``. Attributes are loaded
 lazily; the PAVE step itself lives in :mod:`pave_plugins.engine` (``pave purify`` uses it without
 mergekit).
 """
@@ -12,7 +12,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["pave_merge_method", "tsv_merge_method", "last_report", "PAVE_URL", "TSV_URL"]
+__all__ = [
+    "pave_merge_method", "tsv_merge_method", "regmean_merge_method", "last_report", "PAVE_URL", "TSV_URL",
+    "REGMEAN_URL",
+]
 
 
 def _being_imported(module: str, attribute: str) -> bool:
@@ -42,6 +45,15 @@ def __getattr__(name: str) -> Any:
         from . import tsv
 
         return getattr(tsv, name)
+    if name in ("regmean_merge_method", "REGMEAN_URL"):
+        if name == "regmean_merge_method" and _being_imported("regmean", name):
+            from pave_plugins._mergekit_bootstrap import defer
+
+            defer("regmean")
+            return ()
+        from . import regmean
+
+        return getattr(regmean, name)
     if name == "last_report":
         from .report import last_report
 

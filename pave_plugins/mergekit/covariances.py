@@ -14,13 +14,20 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Hashable
+from typing import Hashable, Optional
 
 from pave_plugins.collect.files import check_covariance_file
 from pave_plugins.io.covariance import CovarianceFile, CovarianceFileError
 from pave_plugins.io.sources import PreparedCache
 
 logger = logging.getLogger("pave_plugins.mergekit")
+
+
+def check_covariance_path(path: Optional[str]) -> Optional[str]:
+    """The per-model ``covariance`` parameter: a file that exists (or unset)."""
+    if path is not None and not os.path.isfile(os.path.expanduser(path)):
+        raise ValueError(f"covariance file not found: {path}")
+    return path
 
 
 def model_folder(model: Hashable) -> Path | None:

@@ -4,13 +4,15 @@ For each tensor (PAVE paper, Sec. 3.2-3.3): every fine-tuned model's weight is p
 own covariance, ``dW_PAVE = SVD_r(W_ft C) C^{-1} - W_base`` (eq. 5-6), with ranks chosen across
 the K models by spectral rank allocation (Algorithm 1) from the singular values of the same single
 SVD; then the ``inner`` method (``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,
-``tsv``, or any other registered mergekit method) is run, through mergekit's own implementation,
+``tsv``, ``regmean``, or any other registered mergekit method) is run, through mergekit's own implementation,
 on the purified weights ``W_base + dW_PAVE``: exactly what it would do on purified checkpoints.
 Tensors without a covariance (embeddings, norms, biases, heads) keep the plain task vector.
 
 YAML: per model ``weight``, ``covariance`` (a ``pave_plugins.io.covariance`` file), ``density``,
 ``epsilon``; global ``inner``, ``rho``, ``gamma``, ``rank_allocation``, ``target``, ``lambda``,
-``normalize``, ``rescale``, ``int8_mask``, ``alpha``, ``compute_dtype``, ``allow_missing_covariance``
+``normalize``, ``rescale``, ``int8_mask``, ``alpha``, ``reduce_non_diagonal_ratio``, ``gram_weighting``,
+``non_linear`` (the last three for ``inner: regmean``, which uses the same covariance files),
+``compute_dtype``, ``allow_missing_covariance``
 (default false: a tensor that some models have a covariance for and others lack is an error).
 Inner-method parameters
 left unset take the inner method's own defaults.
@@ -19,7 +21,6 @@ left unset take the inner method's own defaults.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Optional
 
 import torch
@@ -42,7 +43,7 @@ from pave_plugins._mergekit_bootstrap import register_late, when_imported
 from pave_plugins.core.rank_allocation import check_rho_gamma
 from pave_plugins.engine import DEFAULT_RHO, PaveEngine, PaveSettings, purified_weight
 
-from .covariances import CovarianceStore
+from .covariances import CovarianceStore, check_covariance_path
 from .recipe import install_recipe_check
 from .report import current_report, install_output_hooks
 
@@ -50,13 +51,18 @@ logger = logging.getLogger("pave_plugins.mergekit")
 
 PAVE_URL = "https://arxiv.org/abs/2510.14697"
 # parameters handed to the inner method when it declares them (unset ones: its own default)
-FORWARDED = ("weight", "density", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "alpha")
+# (``covariance``, ``compute_dtype`` and the RegMean parameters serve ``inner: regmean``, which reads the
+# same covariance files)
+FORWARDED = (
+    "weight", "density", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "alpha", "covariance",
+    "compute_dtype", "reduce_non_diagonal_ratio", "gram_weighting", "non_linear",
+)
 
 
 def available_inner_methods() -> list[str]:
     from mergekit.merge_methods import registry
 
-    names = {m.spec.name for m in registry.registered_methods()} | {"tsv"}
+    names = {m.spec.name for m in registry.registered_methods()} | {"tsv", "regmean"}
     names.discard("pave")
     return sorted(names)
 
@@ -75,18 +81,16 @@ def _check_rho(rho: float) -> float:
     return rho
 
 
-def _check_covariance(path: Optional[str]) -> Optional[str]:
-    if path is not None and not os.path.isfile(os.path.expanduser(path)):
-        raise ValueError(f"covariance file not found: {path}")
-    return path
-
-
 def resolve_inner(name: str) -> MergeMethod:
-    """The mergekit method object used as inner method (``tsv`` is always ours)."""
+    """The mergekit method object used as inner method (``tsv`` and ``regmean`` are always ours)."""
     if name == "tsv":
         from .tsv import tsv_merge_method
 
         return tsv_merge_method
+    if name == "regmean":
+        from .regmean import regmean_merge_method
+
+        return regmean_merge_method
     from mergekit.merge_methods import registry
 
     return registry.get(_check_inner(name))
@@ -104,7 +108,7 @@ class PaveMerge(GroupMergeMethod):
             ParameterSpec("weight", Optional[float], ParameterScope.NON_BASE, default=None),
             ParameterSpec(
                 "covariance",
-                Annotated[Optional[str], AfterValidator(_check_covariance)],
+                Annotated[Optional[str], AfterValidator(check_covariance_path)],
                 ParameterScope.NON_BASE,
                 default=None,
             ),
@@ -123,6 +127,12 @@ class PaveMerge(GroupMergeMethod):
             ParameterSpec("rescale", Optional[bool], ParameterScope.SHARED, default=None),
             ParameterSpec("int8_mask", Optional[bool], ParameterScope.SHARED, default=None),
             ParameterSpec("alpha", Optional[float], ParameterScope.SHARED, default=None),
+            # for inner: regmean (unset: RegMean's defaults)
+            ParameterSpec("reduce_non_diagonal_ratio", Optional[float], ParameterScope.SHARED, default=None),
+            ParameterSpec("gram_weighting", Optional[Literal["sum", "mean"]], ParameterScope.SHARED, default=None),
+            ParameterSpec(
+                "non_linear", Optional[Literal["mean", "task_arithmetic"]], ParameterScope.SHARED, default=None
+            ),
             # a tensor some models have a covariance for and others lack: error unless true
             # (then those models keep their plain task vector)
             ParameterSpec("allow_missing_covariance", bool, ParameterScope.SHARED, default=False),

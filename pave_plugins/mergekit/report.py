@@ -1,4 +1,4 @@
-"""The PAVE rank report of a mergekit merge, and where it is written.
+"""The reports of a mergekit merge (PAVE rank report, RegMean report), and where they are written.
 
 Per tensor and per model: the rank kept, the full rank, the damping added to the covariance, the
 relative change ``||dW_PAVE - dW||_F / ||dW||_F`` and the normalised activated pruning error
@@ -7,20 +7,22 @@ relative change ``||dW_PAVE - dW||_F / ||dW||_F`` and the normalised activated p
 
 Where it goes. A mergekit merge method only ever sees one tensor group; mergekit has no
 end-of-merge hook for methods and does not tell them the output directory. The method therefore
-accumulates the records in the process-wide :class:`RankReport` (thread-safe), and two thin
+accumulates the records in process-wide reports (thread-safe; :class:`RankReport` for ``pave``,
+:class:`RegMeanReport` for ``regmean``), and two thin
 wrappers around mergekit's own output tasks, installed when the plugin is loaded, give it the
 output directory and the end of the merge:
 
 * ``TensorWriterTask.execute`` (the task that opens the output directory; it runs before any tensor
   is saved) records the output path and starts a new report;
 * ``FinalizeModel.execute`` (runs once, after the last tensor is written) writes the final
-  ``pave_rank_report.json`` atomically next to the merged weights and logs a summary.
+  ``pave_rank_report.json`` (``regmean_report.json``) atomically next to the merged weights and
+  logs a summary.
 
 Between the two, the report in progress is rewritten atomically at most every few seconds to the
 hidden ``.pave_rank_report.partial.json`` (never to ``pave_rank_report.json``): a merge that fails or
 is killed leaves the previous merge's ``pave_rank_report.json`` whole. A merge with another method
 into a folder that holds a ``pave`` rank report removes that report when it finishes (it would
-describe a model that is no longer there). Both wrappers call mergekit's original method first and
+describe a model that is no longer there; the same for a ``regmean`` report). Both wrappers call mergekit's original method first and
 never raise (a failure to write the report is logged, the merge is not affected).
 For merges without an output directory (mergekit's in-memory API), :func:`last_report` returns
 the report object.
@@ -33,79 +35,104 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pave_plugins.engine.report import PARTIAL_NAME, REPORT_NAME, RankReport, is_rank_report
+from pave_plugins.engine.report import (
+    REGMEAN_REPORT_FORMAT,
+    REGMEAN_REPORT_NAME,
+    REPORT_FORMAT,
+    REPORT_NAME,
+    MergeReport,
+    RankReport,
+    RegMeanReport,
+    is_rank_report,
+)
 
 logger = logging.getLogger("pave_plugins.mergekit")
 
-__all__ = ["REPORT_NAME", "RankReport", "current_report", "install_output_hooks", "last_report"]
+__all__ = [
+    "REGMEAN_REPORT_NAME", "REPORT_NAME", "RankReport", "RegMeanReport", "current_report", "install_output_hooks",
+    "last_report",
+]
+
+#: the reports a merge can write, by method (``pave`` with ``inner: regmean`` writes both)
+REPORT_KINDS: dict[str, type[MergeReport]] = {"pave": RankReport, "regmean": RegMeanReport}
+#: the JSON ``format`` of each kind's report (how a stale one is recognised)
+REPORT_FORMATS = {"pave": REPORT_FORMAT, "regmean": REGMEAN_REPORT_FORMAT}
 
 _lock = threading.Lock()
-_current: RankReport | None = None
-_last: RankReport | None = None
+_current: dict[str, MergeReport] = {}
+_last: dict[str, MergeReport] = {}
+_out_path: str | None = None  # output folder of the merge in progress
 
 
-def current_report() -> RankReport:
-    """The report of the merge in progress (created on first use)."""
-    global _current
+def current_report(kind: str = "pave") -> Any:
+    """The ``kind`` report (``pave`` or ``regmean``) of the merge in progress (created on first use)."""
     with _lock:
-        if _current is None:
-            _current = RankReport()
-        return _current
+        report = _current.get(kind)
+        if report is None:
+            report = _current[kind] = REPORT_KINDS[kind]()
+            if _out_path is not None:
+                report.attach(_out_path)
+        return report
 
 
-def last_report() -> RankReport | None:
-    """The report of the merge in progress, or else of the last finished merge in this process."""
+def last_report(kind: str = "pave") -> Any:
+    """The ``kind`` report of the merge in progress, or else of the last finished merge in this process."""
     with _lock:
-        return _current if _current is not None else _last
+        return _current.get(kind) or _last.get(kind)
 
 
 def _start_output(out_path: str) -> None:
-    """A merge opens its output directory: attach it to the report (start a new one if stale)."""
-    global _current
+    """A merge opens its output directory: attach it to the reports (drop stale ones)."""
+    global _out_path
     with _lock:
-        if _current is not None and (_current.out_path is not None or _current.finished):
-            _current.close()
-            _current = None
-        if _current is None:
-            _current = RankReport()
-        _current.attach(out_path)
+        for kind, report in list(_current.items()):
+            if report.out_path is not None or report.finished:
+                report.close()
+                del _current[kind]
+        _out_path = str(out_path)
+        for report in _current.values():
+            report.attach(_out_path)
 
 
 def _finish_output(out_path: str | None) -> None:
-    """The merge wrote its last tensor: write the final report, log the summary, reset."""
-    global _current, _last
+    """The merge wrote its last tensor: write the final reports, log their summaries, reset."""
+    global _out_path
     with _lock:
-        report, _current = _current, None
-    if report is None:
-        return
-    if out_path and not report.out_path:
-        report.out_path = str(out_path)
-    report.finished = True
-    if report.tensors:
-        path = report.write()
-        if report.out_path:
-            _remove(Path(report.out_path) / PARTIAL_NAME)
-        logger.info("%s\nrank report: %s", report.summary(), path)
-        if not any(r.get("purified") for r in report.tensors.values()):
-            logger.warning(
-                "pave: no tensor was purified (no covariance matched any weight); "
-                "the merge equals the inner method on the plain task vectors"
-            )
-    elif report.out_path:
-        _retire_stale_report(Path(report.out_path))
-    report.close()
+        reports = dict(_current)
+        _current.clear()
+        folder = out_path or _out_path
+        _out_path = None
+    for report in reports.values():
+        if folder and not report.out_path:
+            report.out_path = str(folder)
+        report.finished = True
+        if report.tensors:
+            path = report.write()
+            if report.out_path:
+                _remove(Path(report.out_path) / report.partial_name)
+            logger.info("%s\n%s: %s", report.summary(), report.file_name, path)
+            warning = report.final_warning()
+            if warning:
+                logger.warning(warning)
+        report.close()
+    if folder:  # a report of another kind left there describes the model this merge replaced
+        written = {k for k, r in reports.items() if r.tensors}
+        for kind in REPORT_KINDS.keys() - written:
+            _retire_stale_report(Path(folder), kind)
     with _lock:
-        _last = report
+        _last.update({k: r for k, r in reports.items() if r.tensors or k not in _last})
 
 
-def _retire_stale_report(out: Path) -> None:
-    """A merge by another method finished in ``out``: a ``pave`` rank report there describes the
-    model this merge replaced, so it goes."""
-    _remove(out / PARTIAL_NAME)
-    stale = out / REPORT_NAME
-    if stale.is_file() and is_rank_report(stale):
+def _retire_stale_report(out: Path, kind: str) -> None:
+    """A merge that wrote no ``kind`` report finished in ``out``: a ``kind`` report there describes
+    the model this merge replaced, so it goes (with any partial one)."""
+    cls = REPORT_KINDS[kind]
+    _remove(out / cls().partial_name)
+    stale = out / cls.file_name
+    if stale.is_file() and is_rank_report(stale, REPORT_FORMATS[kind]):
         _remove(stale)
-        logger.warning("pave: removed %s: it described the previous pave merge in that folder, not this merge", stale)
+        logger.warning("%s: removed %s: it described the previous %s merge in that folder, not this merge",
+                       kind, stale, kind)
 
 
 def _remove(path: Path) -> None:
