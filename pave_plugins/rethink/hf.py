@@ -211,7 +211,9 @@ def hf_loss_fn(
     model: nn.Module | None = None,
 ) -> core.LossFn:
     """``loss_fn(forward, batch)`` for :func:`pave_plugins.core.rethink.rethink` on the batches of
-    :func:`build_batches` (``heads[task]`` replaces the classification head of that task)."""
+    :func:`build_batches` (``heads[task]`` replaces the classification head of that task); the loss
+    itself is :func:`pave_plugins.rethink.losses.batch_loss`, which reads the model kind from the
+    model (``kind`` and ``model`` are accepted for compatibility and not needed)."""
     if loss not in core.LOSSES:
         raise ValueError(f"loss must be one of {core.LOSSES}, got {loss!r}")
 
