@@ -497,3 +497,16 @@ def test_fusion_bench_report_path_onto_a_covariance_file_is_refused(fam):
     with pytest.raises(PAVEConfigError, match=rf"report_path {fam['covs'][1]} is the input covariances {fam['covs'][1]}"):
         PAVEAlgorithm(covariances={"a": str(fam["covs"][0]), "b": str(fam["covs"][1])}, report_path=str(fam["covs"][1]))
     assert snap_all(fam["root"]) == before
+
+
+def test_rethink_rows_lacking_a_field_name_file_and_row(seq, capsys, caplog, tmp_path):
+    from collect_helpers import write_jsonl
+
+    rows = [json.loads(line) for line in Path(seq["calib"]["sent"]).read_text().splitlines() if line.strip()]
+    rows.insert(5, {"text": "no label here"})
+    bad = write_jsonl(tmp_path / "sent.jsonl", rows)
+    r = seq["root"]
+    code, msg = pave(["rethink", "--base", r / "base", "--merged", r / "merged", "--calib", f"sent={bad}",
+                      "--samples", "2", "--no-progress", "--out", tmp_path / "o"], capsys, caplog)
+    assert code == 2 and f"calibration file {bad}: row 6 has no field 'label' (that row has ['text']; needed by loss=ce" in msg
+    assert not (tmp_path / "o").exists()
