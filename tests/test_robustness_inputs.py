@@ -427,7 +427,8 @@ def c_labels_missing_ce(env, tmp):
     nolab.write_text("".join(json.dumps({"text": "the cat sat"}) + "\n" for _ in range(4)))
     out = tmp / "out"
     return Case(lambda: cli(rethink_argv(env, out, calib=[f"sent={nolab}"])), out, ValueError,
-                rf"{re.escape(str(nolab))}.*missing field 'label' \(needed by loss=ce\)")
+                rf"calibration file {re.escape(str(nolab))}: row 1 has no field 'label' \(that row has \['text'\]; "
+                r"needed by loss=ce")
 
 
 def c_recipe_covariance_missing(env, tmp):

@@ -6,40 +6,41 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from typing import Any, Callable
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _at_least(parse: Callable[[str], float], low: float, what: str) -> Callable[[str], Any]:
+    def check(text: str):
+        value = parse(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return check
 
 
-def count_or_all(text: str) -> int:
-    """An integer >= 0 (0 means all)."""
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (or 0 for all), got {text}")
-    return value
-
-
-def nonnegative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
 def finite_float(text: str) -> float:
-    return _float(text)
+    """A finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+positive_int = _at_least(_int, 1, "a positive integer")
+count_or_all = _at_least(_int, 0, "a positive integer (or 0 for all)")
+nonnegative_int = _at_least(_int, 0, "a non-negative integer")
+nonnegative_float = _at_least(finite_float, 0.0, "a finite number >= 0")
 
 
 def regex(text: str) -> str:
@@ -70,20 +71,3 @@ def device(text: str) -> str:
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise argparse.ArgumentTypeError(f"{text}: no MPS device here; use cpu")
     return text
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value

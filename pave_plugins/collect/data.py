@@ -20,7 +20,7 @@ import json
 import logging
 import random
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,15 +149,17 @@ def template_fields(template: str) -> list[str]:
     return list(dict.fromkeys(f.split(".")[0].split("[")[0] for _, f, _, _ in parsed if f))
 
 
-def check_rows(table: Any, fields: Sequence[str], source: str) -> None:
+def check_rows(table: Any, fields: Sequence[str], source: str, why: Mapping[str, str] | None = None) -> None:
     """Every row of a list table has every field (a dataset's columns are the same for all rows):
-    else a :class:`DataError` naming the file, the row (1-based) and the fields that row has."""
+    else a :class:`DataError` naming the file, the row (1-based), the fields that row has and
+    ``why[field]`` when given."""
     if not isinstance(table, list):
         return
     for i, row in enumerate(table):
         missing = [f for f in fields if f not in row]
         if missing:
-            raise DataError(f"{source}: row {i + 1} has no field {missing[0]!r} (that row has {sorted(row)})")
+            reason = f"; {why[missing[0]]}" if why and missing[0] in why else ""
+            raise DataError(f"{source}: row {i + 1} has no field {missing[0]!r} (that row has {sorted(row)}{reason})")
 
 
 def text_builder(table: Any, *, text_field: str | None = None, template: str | None = None, source: str = "data"):

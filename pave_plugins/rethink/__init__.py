@@ -13,9 +13,14 @@ from .hf import (
     read_calibration,
     run_job,
 )
+from .losses import batch_loss
+from .output import LAMBDA_FILE, save_lambdas
 
 __all__ = [
+    "LAMBDA_FILE",
     "TASK_TYPES",
+    "batch_loss",
+    "save_lambdas",
     "RethinkJob",
     "build_batches",
     "hf_loss_fn",

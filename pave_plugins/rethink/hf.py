@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from pave_plugins.collect.data import ensure_pad_token, read_jsonl, seeded_subset
+from pave_plugins.collect.data import check_rows, ensure_pad_token, read_jsonl, seeded_subset, template_fields
 from pave_plugins.core import rethink as core
 from pave_plugins.rethink.losses import batch_loss
 from pave_plugins.rethink.output import LAMBDA_FILE, save_lambdas
@@ -44,15 +44,20 @@ RECIPE_FILE = "rethink.json"
 
 
 # ----------------------------------------------------------------------------- data
-def read_calibration(path: str | os.PathLike, *, limit: int | None = None, seed: int = 0) -> list[dict]:
+def read_calibration(
+    path: str | os.PathLike, *, limit: int | None = None, seed: int = 0, fields: Sequence[str] = (),
+    why: Mapping[str, str] | None = None,
+) -> list[dict]:
     """Records of a jsonl calibration file; ``limit`` keeps a seeded random subset of that size
-    (the paper samples 32 per task)."""
+    (the paper samples 32 per task). Every record (not only the subset) must have ``fields``
+    (``why[field]`` says why in the error)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"calibration file not found: {path}")
     records = read_jsonl(path)
     if not records:
         raise ValueError(f"calibration file {path} has no records")
+    check_rows(records, fields, f"calibration file {path}", why)
     keep = seeded_subset(len(records), limit, torch.Generator().manual_seed(int(seed)))
     return [records[i] for i in keep]
 
@@ -211,7 +216,9 @@ def hf_loss_fn(
     model: nn.Module | None = None,
 ) -> core.LossFn:
     """``loss_fn(forward, batch)`` for :func:`pave_plugins.core.rethink.rethink` on the batches of
-    :func:`build_batches` (``heads[task]`` replaces the classification head of that task)."""
+    :func:`build_batches` (``heads[task]`` replaces the classification head of that task); the loss
+    itself is :func:`pave_plugins.rethink.losses.batch_loss`, which reads the model kind from the
+    model (``kind`` and ``model`` are accepted for compatibility and not needed)."""
     if loss not in core.LOSSES:
         raise ValueError(f"loss must be one of {core.LOSSES}, got {loss!r}")
 
@@ -486,7 +493,8 @@ def _calibration_batches(job: RethinkJob, tokenizer, kind: str, config, label2id
     cfg = job.config
     batches: list[dict] = []
     for task, path in job.calib.items():
-        records = read_calibration(path, limit=cfg.samples, seed=cfg.seed)
+        fields, why = _required_fields(job, kind)
+        records = read_calibration(path, limit=cfg.samples, seed=cfg.seed, fields=fields, why=why)
         try:
             batches += build_batches(
                 task, records, tokenizer, kind, loss=cfg.loss, batch_size=cfg.batch_size, max_length=job.max_length,
@@ -497,6 +505,20 @@ def _calibration_batches(job: RethinkJob, tokenizer, kind: str, config, label2id
         except ValueError as exc:  # name the file, not only the task and record numbers
             raise ValueError(f"calibration file {path}: {exc}") from exc
     return batches
+
+
+def _required_fields(job: RethinkJob, kind: str) -> tuple[list[str], dict[str, str]]:
+    """The record fields a calibration example is built from (labels / targets only for ``ce``), and why."""
+    if job.template is not None:
+        fields = template_fields(job.template)
+    else:
+        fields = [job.text_field if kind == "seq-cls" else job.input_field]
+    why = {}
+    if job.config.loss == "ce":
+        field_name = job.label_field if kind == "seq-cls" else job.target_field
+        fields.append(field_name)
+        why[field_name] = "needed by loss=ce; --loss entropy needs none"
+    return fields, why
 
 
 def _recipe(job: RethinkJob, kind: str, result: core.RethinkResult) -> dict:
