@@ -59,6 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="iterations >= 2: exact closed-form SVD of the factored delta, or a dense SVD of the stored weights")
     p.add_argument("--compute-dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--samples", type=int, default=32, help="calibration samples per task (seeded random subset; 0 = all)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer folder (default: the --merged folder's, else the --base folder's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--template", help="python format string over a record, e.g. '{sentence1} [SEP] {sentence2}'")
@@ -101,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         redecompose=args.redecompose,
         compute_dtype=args.compute_dtype,
         samples=args.samples or None,
+        tokenizer=args.tokenizer,
         batch_size=args.batch_size,
         max_length=args.max_length,
         template=args.template,

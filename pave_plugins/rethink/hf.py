@@ -350,6 +350,7 @@ class RethinkJob:
     redecompose: str = "factored"
     compute_dtype: str = "float32"
     samples: int | None = 32
+    tokenizer: str | None = None  # folder of the tokenizer; default: the merged folder's, else the base's
     batch_size: int = 8
     max_length: int = 256
     template: str | None = None
@@ -371,18 +372,27 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _load_tokenizer(*dirs: str | None):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def _load_tokenizer(job: "RethinkJob"):
+    """The tokenizer of ``--tokenizer``, else of the merged folder, else of the base folder."""
     from transformers import AutoTokenizer
 
-    errors = []
+    dirs = [job.tokenizer] if job.tokenizer else [d for d in (job.merged, job.base) if d is not None]
     for d in dirs:
-        if d is None:
+        # transformers builds an empty tokenizer from a bare config.json: only folders with files count
+        if not Path(d).is_dir() or not any((Path(d) / f).is_file() for f in TOKENIZER_FILES):
             continue
         try:
             return AutoTokenizer.from_pretrained(d), d
         except Exception as exc:  # try the next folder
-            errors.append(f"{d}: {exc}")
-    raise ValueError("no tokenizer found in " + "; ".join(errors))
+            log.debug("rethink: no tokenizer in %s (%s)", d, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    if job.tokenizer:
+        raise ValueError(f"--tokenizer {job.tokenizer}: no tokenizer could be loaded from that folder")
+    raise ValueError(f"no tokenizer found in {' or '.join(dirs)}; pass --tokenizer DIR "
+                     "(a folder with the tokenizer files, e.g. the fine-tuned or base model's)")
 
 
 def run_job(job: RethinkJob) -> dict:
@@ -440,7 +450,7 @@ def run_job(job: RethinkJob) -> dict:
                 p.copy_((p.to(torch.float32) + low_rank[key].dense(torch.float32)).to(p.dtype))
         log.info("rethink: %d LoRA adapters merged (weights %s) on %d layers", len(names), weights, len(low_rank))
 
-    tokenizer, tok_dir = _load_tokenizer(job.merged, job.base)
+    tokenizer, tok_dir = _load_tokenizer(job)
     model.to(device)
 
     # per-task heads (sequence classification)
@@ -467,8 +477,10 @@ def run_job(job: RethinkJob) -> dict:
         log.warning("rethink: no --heads given; every task is evaluated through the merged model's own head")
 
     batches: list[dict] = []
+    samples_used: dict[str, int] = {}
     for task, path in job.calib.items():
         records = read_calibration(path, limit=job.samples, seed=job.seed)
+        samples_used[task] = len(records)
         try:
             batches += build_batches(
                 task, records, tokenizer, kind, loss=job.loss, batch_size=job.batch_size, max_length=job.max_length,
@@ -505,7 +517,8 @@ def run_job(job: RethinkJob) -> dict:
         "heads": dict(job.heads) if job.heads else None,
         "task_type": kind,
         "calibration": {t: str(p) for t, p in job.calib.items()},
-        "samples_per_task": job.samples,
+        "samples_per_task": samples_used,  # records actually used (at most --samples)
+        "tokenizer": str(tok_dir),
         "loss": job.loss,
         "iterations": job.iterations,
         "epochs": job.epochs,
@@ -548,6 +561,15 @@ def save_lambdas(result: core.RethinkResult, path: Path, recipe: Mapping[str, An
     save_file(tensors, str(path), metadata=meta)
 
 
+def _samples_text(samples: Mapping[str, int] | int | None) -> str:
+    if not isinstance(samples, Mapping):
+        return f"{samples} samples per task"
+    counts = set(samples.values())
+    if len(counts) == 1:
+        return f"{counts.pop()} samples per task"
+    return "samples per task: " + ", ".join(f"{t} {n}" for t, n in samples.items())
+
+
 def model_card_section(recipe: Mapping[str, Any]) -> str:
     """The ``## LoRA-DV spectral rethinking`` section of the output model card."""
     src = f"merged model `{recipe['merged']}`" if recipe.get("merged") else (
@@ -569,7 +591,7 @@ def model_card_section(recipe: Mapping[str, Any]) -> str:
         f"- task type: {recipe['task_type']}; loss: {recipe['loss']} ({'cross-entropy' if recipe['loss'] == 'ce' else 'Shannon entropy, eq. 14'})",
         f"- iterations T={recipe['iterations']}, epochs {recipe['epochs']}, Adam lr {recipe['lr']}, mode {recipe['mode']}, "
         f"top_k {recipe['top_k']}, seed {recipe['seed']}",
-        f"- calibration: {recipe['calibration']} ({recipe['samples_per_task']} samples per task)",
+        f"- calibration: {recipe['calibration']} ({_samples_text(recipe['samples_per_task'])})",
         f"- layers rethought: {recipe['layers']} ({recipe['low_rank_layers']} via the LoRA low-rank fast path), changed: {recipe['changed_layers']}",
         f"- calibration loss per iteration: {loss_line}",
         f"- learned Lambda per layer: `{LAMBDA_FILE}`; full recipe: `{RECIPE_FILE}`",
