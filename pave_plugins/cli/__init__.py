@@ -23,6 +23,25 @@ COMMANDS: dict[str, str] = {
 }
 
 
+# library messages name the Python keywords; on the command line the user needs the flags
+CLI_HINTS: tuple[tuple[str, str], ...] = (
+    ("pass overwrite to replace it", "pass --overwrite to replace it"),
+    ("pass on_fingerprint_mismatch='warn' to use it anyway", "pass --allow-fingerprint-mismatch to use it anyway"),
+    ("pass allow_different_models to sum anyway", "pass --allow-fingerprint-mismatch to sum anyway"),
+    (" (allow_fingerprint_mismatch=True)", ""),
+    (" (allow_pickle=True)", ""),
+    (" (allow_missing_covariance=True)", ""),
+)
+
+
+def cli_message(exc: BaseException) -> str:
+    """The error as the ``pave`` command prints it: Python keywords replaced by the CLI's flags."""
+    msg = str(exc)
+    for keyword, flag in CLI_HINTS:
+        msg = msg.replace(keyword, flag)
+    return msg
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pave",
@@ -53,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as exc:
-        logging.getLogger("pave").error("%s", exc)
+        logging.getLogger("pave").error("%s", cli_message(exc))
         return 2
 
 

@@ -43,6 +43,7 @@ from pave_plugins.core.rank_allocation import check_rho_gamma
 from pave_plugins.engine import DEFAULT_RHO, PaveEngine, PaveSettings, purified_weight
 
 from .covariances import CovarianceStore
+from .recipe_check import install_recipe_check
 from .report import current_report, install_output_hooks
 
 logger = logging.getLogger("pave_plugins.mergekit")
@@ -214,4 +215,5 @@ pave_merge_method = PaveMerge()
 # attach the rank report to mergekit's output writer when (and only if) it is imported:
 # mergekit.io.tasks pulls in transformers, too heavy for `import mergekit.merge_methods`
 when_imported("mergekit.io.tasks", install_output_hooks)
+when_imported("mergekit.plan", install_recipe_check)
 register_late(pave_merge_method)
