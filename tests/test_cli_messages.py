@@ -80,3 +80,16 @@ def test_recipe_check_in_the_python_api_raises(demo, tmp_path):
     with pytest.raises(RecipeParameterError, match=r"rank_allocation: Input should be 'spectral' or 'uniform'"):
         check_recipe(MergeConfiguration.model_validate(recipe))
     check_recipe(MergeConfiguration.model_validate(yaml.safe_load((demo / "mergekit" / "pave_ties.yaml").read_text())))
+
+
+def test_purify_log_names_no_inner_method(demo, tmp_path, caplog):
+    """``pave purify`` runs no inner method: its summary line does not say ``inner=None``."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    argv = ["purify", "--base", str(demo / "base")]
+    for k in range(2):
+        argv += ["--model", str(demo / f"ft_task_{k}"), "--covariance", str(demo / "covs" / f"task_{k}.safetensors")]
+    assert main([*argv, "--out", str(tmp_path / "purified")]) == 0
+    assert "purified 15 of 21 tensors" in caplog.text and "target=weight)" in caplog.text
+    assert "inner=None" not in caplog.text
