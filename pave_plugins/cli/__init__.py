@@ -13,6 +13,8 @@ import logging
 import sys
 from typing import Sequence
 
+from pave_plugins.hosts import HostMissingError
+
 # name -> module; each module provides add_parser(subparsers)
 COMMANDS: dict[str, str] = {
     "collect": "pave_plugins.cli.collect",
@@ -71,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError, HostMissingError) as exc:
         logging.getLogger("pave").error("%s", cli_message(exc))
         return 2
 

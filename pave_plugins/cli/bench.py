@@ -150,6 +150,10 @@ def resolve_device(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pave_plugins.hosts import require_host
+
+    require_host("fusion_bench", "pave bench (it merges through FusionBench)")
+    require_host("mergekit", "pave bench (it merges through mergekit)")
     from pave_plugins.bench.harness import BenchConfig, default_cache_dir
     from pave_plugins.bench.harness import run as run_bench
 
