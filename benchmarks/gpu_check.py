@@ -214,7 +214,8 @@ def purify_checks(paths: dict[str, Path], covs: dict[str, Path], work: Path, dev
     return [Check("pave purify", TOLERANCE["purify"], cmd("cpu", cpu), cmd(device, dev), cpu, dev)]
 
 
-def fusion_bench_checks(paths: dict[str, Path], covs: dict[str, Path], work: Path, device: str) -> list[Check]:
+def fusion_bench_checks(paths: dict[str, Path], covs: dict[str, Path], work: Path, device: str,
+                        quick: bool = False) -> list[Check]:
     def hydra_dict(d: dict) -> str:
         return "{" + ",".join(f'{k}:"{v}"' for k, v in d.items()) + "}"
 
@@ -226,6 +227,8 @@ def fusion_bench_checks(paths: dict[str, Path], covs: dict[str, Path], work: Pat
         "pave/pave_emr": ["method=pave/pave_emr", "method.rho=0.75", cov_arg],
         "FusionBench TSVM": ["method=task_singular_vector/TaskSingularVectorMerging"],
     }
+    if quick:  # each fusion_bench start costs seconds: one method, ours with covariance files
+        methods = {"pave/pave_ties": methods["pave/pave_ties"]}
     accel = "cpu" if device == "cpu" else "gpu"
     checks = []
     for name, args in methods.items():
@@ -294,7 +297,7 @@ def _run_host_paths(args: argparse.Namespace, work: Path) -> list[Check] | None:
     if "purify" in args.paths:
         stage += purify_checks(paths, covs, work, args.device)
     if "fusion_bench" in args.paths:
-        stage += fusion_bench_checks(paths, covs, work, args.device)
+        stage += fusion_bench_checks(paths, covs, work, args.device, quick=args.quick)
     results += run_stage(stage, work, args.workers)
     if "rethink" in args.paths:
         results += run_stage(rethink_checks(paths, work / "mk_pave_ties_cpu", work, args.device), work, args.workers)
@@ -375,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paths", nargs="+", choices=PATHS + ["bench"], default=PATHS,
                     help="paths to check (default: all but bench; collect always runs when another host path is asked)")
     ap.add_argument("--bench", action="store_true", help="also a `pave bench` smoke run on both devices")
+    ap.add_argument("--quick", action="store_true", help="CI-sized: fusion_bench with pave/pave_ties only")
     ap.add_argument("--json", default=None, help="write the per-path results to this JSON file")
     args = ap.parse_args(argv)
     if args.device != "cpu":

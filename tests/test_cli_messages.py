@@ -74,12 +74,15 @@ def test_mergekit_yaml_bad_parameter_is_one_line(demo, tmp_path, edit, expected)
 def test_recipe_check_in_the_python_api_raises(demo, tmp_path):
     from mergekit.config import MergeConfiguration
 
-    from pave_plugins.mergekit.recipe_check import RecipeParameterError, check_recipe
+    from mergekit.merge_methods import registry
+
+    from pave_plugins.mergekit.recipe import RecipeParameterError, check_recipe
 
     recipe = yaml.safe_load(_bad_recipe(demo, tmp_path, lambda r: r["parameters"].update(rank_allocation="even")).read_text())
     with pytest.raises(RecipeParameterError, match=r"rank_allocation: Input should be 'spectral' or 'uniform'"):
-        check_recipe(MergeConfiguration.model_validate(recipe))
-    check_recipe(MergeConfiguration.model_validate(yaml.safe_load((demo / "mergekit" / "pave_ties.yaml").read_text())))
+        check_recipe(MergeConfiguration.model_validate(recipe), registry.get("pave"))
+    check_recipe(MergeConfiguration.model_validate(yaml.safe_load((demo / "mergekit" / "pave_ties.yaml").read_text())),
+                 registry.get("pave"))
 
 
 def test_purify_log_names_no_inner_method(demo, tmp_path, caplog):

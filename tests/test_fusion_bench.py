@@ -23,7 +23,7 @@ from fusion_bench_helpers import (
     save_covariance_file,
     tiny_models,
 )
-from pave_plugins.core import allocate_ranks, co_svd, purify_from_cosvd
+from independent_reference import purified_weights
 from pave_plugins.fusion_bench import PAVEAlgorithm, TSVMerging
 
 TA = {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3}
@@ -43,16 +43,15 @@ def setup(tmp_path_factory):
 
 
 def hand_purified_pool(base, fts, covs, rho, target="weight", method="spectral"):
-    """Purified pool built independently: core.co_svd / allocate_ranks / purify_from_cosvd per layer."""
+    """Purified pool built independently: eq. 5 with an explicit inverse, literal Algorithm 1."""
     names = list(fts)
     out = {n: copy.deepcopy(m) for n, m in fts.items()}
     for layer in ("fc1", "fc2"):
         w0 = getattr(base, layer).weight.detach()
-        decs = [co_svd(getattr(fts[n], layer).weight.detach(), w0, covs[n][layer], target=target) for n in names]
-        ranks = allocate_ranks({layer: [d.s for d in decs]}, rho, method=method).ranks[layer]
-        for n, dec, r in zip(names, decs, ranks):
-            tv = purify_from_cosvd(dec, r).task_vector
-            getattr(out[n], layer).weight.data.copy_(w0 + tv)
+        w_fts = [getattr(fts[n], layer).weight.detach() for n in names]
+        purified = purified_weights(w0, w_fts, [covs[n][layer] for n in names], rho, target, method)
+        for n, w in zip(names, purified):
+            getattr(out[n], layer).weight.data.copy_(w.to(w0.dtype))
     return BaseModelPool(pool_dict(base, out))
 
 

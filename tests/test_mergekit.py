@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from independent_reference import ranks as independent_ranks
 from mergekit_helpers import build_family, load_tensors, run_mergekit_yaml, write_covariances
 from safetensors.torch import load_file
 
-from pave_plugins.core import spectral_rank_allocation
 from pave_plugins.io.covariance import CovarianceFile
 
 RHO = 0.875
@@ -106,8 +106,8 @@ def dense_purified_weight(w_ft: torch.Tensor, c: torch.Tensor, rank: int) -> tor
 
 
 def reference_ranks(w_fts, covs, rho):
-    svs = [torch.linalg.svdvals(w.double() @ c.double()) for w, c in zip(w_fts, covs)]
-    return spectral_rank_allocation(svs, rho)
+    """Algorithm 1 transcribed line by line, on the singular values of W_ft C."""
+    return independent_ranks(w_fts, covs, rho)
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,18 +137,25 @@ def test_stock_mergekit_finds_methods_and_opt_out(tmp_path):
     assert "not registered" not in first.stderr and "failed" not in first.stderr
 
 
-def test_startup_cost_under_10ms():
-    """``python -X importtime``: the .pth bootstrap (finder only, nothing heavy) costs well under 10 ms."""
+def test_startup_imports_only_the_finder():
+    """The .pth bootstrap runs at every interpreter start: beyond what ``site`` itself imports, it
+    may add only its own module and standard-library modules (no torch, no mergekit, nothing else
+    third-party). Start-up cost is a benchmark figure, not a timed test."""
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True, check=True)
-    lines = [ln for ln in r.stderr.splitlines() if "pave_plugins._mergekit_bootstrap" in ln]
-    assert lines, "the .pth bootstrap was not imported at start-up"
-    cumulative_us = int(lines[0].split("|")[1])
-    assert cumulative_us < 10_000, lines[0]
-    # nothing heavy is imported at start-up
-    assert not re.search(r"\|\s+(torch|mergekit)\s*$", r.stderr, flags=re.M)
+    def started(*flags: str) -> set[str]:
+        r = subprocess.run([sys.executable, *flags, "-X", "importtime", "-c", "pass"], capture_output=True, text=True,
+                           check=True)
+        return {ln.rsplit("|", 1)[1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+
+    with_site, without_site = started(), started("-S")
+    assert "pave_plugins._mergekit_bootstrap" in with_site, "the .pth bootstrap was not imported at start-up"
+    extra = with_site - without_site
+    third_party = sorted(m for m in extra if m.split(".")[0] not in sys.stdlib_module_names
+                         and not m.startswith("pave_plugins")
+                         and m not in ("_distutils_hack", "sitecustomize", "usercustomize"))  # site's own hooks
+    assert not third_party, third_party
 
 
 def test_plugin_errors_warn_and_never_override(caplog):

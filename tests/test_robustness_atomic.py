@@ -61,10 +61,21 @@ class Killer:
         return self
 
 
-def _old_dir(path: Path) -> Path:
+def _old_dir(path: Path, marker: str) -> Path:
+    """An earlier output of a command (its marker file present), which --overwrite may replace."""
     path.mkdir(parents=True)
     (path / "config.json").write_text('{"old": true}')
     (path / "model.safetensors").write_bytes(b"old weights")
+    (path / marker).write_text('{"format": "old"}')
+    return path
+
+
+def _old_purify_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "pave_rank_report.json").write_text('{"old": true}')
+    (path / "ft0").mkdir()
+    (path / "ft0" / "pave_purify.json").write_text('{"old": true}')
+    (path / "ft0" / "model.safetensors").write_bytes(b"old weights")
     return path
 
 
@@ -115,10 +126,10 @@ def _purify_complete(out: Path, fts) -> bool:
 def test_kill_mid_run_leaves_old_or_complete_output(work, tmp_path):
     w = work
     # old outputs
-    p_out = _old_dir(tmp_path / "purified")
+    p_out = _old_purify_dir(tmp_path / "purified")
     c_out = tmp_path / "cov.safetensors"
-    c_out.write_bytes(b"old covariance file")
-    r_out = _old_dir(tmp_path / "rethought")
+    c_out.write_bytes(w["covs"][0].read_bytes())  # an earlier covariance file
+    r_out = _old_dir(tmp_path / "rethought", "rethink.json")
     before = {k: snapshot(v) for k, v in (("p", p_out), ("c", c_out), ("r", r_out))}
 
     p_argv = PAVE + ["purify", "--base", str(w["base"])]

@@ -94,6 +94,7 @@ def test_fusion_bench_pave_ta_twice(tmp_path):
 def test_rethink_twice_with_seed(tmp_path):
     from rethink_helpers import build_seq_cls
 
+    from pave_plugins.core.rethink import RethinkConfig
     from pave_plugins.rethink import RethinkJob, run_job
 
     dirs, calib, _ = build_seq_cls(tmp_path)
@@ -101,7 +102,8 @@ def test_rethink_twice_with_seed(tmp_path):
     for n in "ab":
         out = tmp_path / f"out_{n}"
         run_job(RethinkJob(base=str(tmp_path / "base"), merged=str(tmp_path / "merged"), calib=calib, out=str(out),
-                           heads={t: str(d) for t, d in dirs.items()}, iterations=2, epochs=3, seed=5, device="cpu", progress=False))
+                           heads={t: str(d) for t, d in dirs.items()}, device="cpu",
+                           config=RethinkConfig(iterations=2, epochs=3, seed=5, progress=False)))
         outs.append(out)
     ta, tb = tensors_of(outs[0]), tensors_of(outs[1])
     assert_bit_identical(ta, tb)

@@ -156,15 +156,19 @@ def run(args: argparse.Namespace) -> int:
     require_host("mergekit", "pave bench (it merges through mergekit)")
     from pave_plugins.bench.harness import BenchConfig, default_cache_dir
     from pave_plugins.bench.harness import run as run_bench
+    from pave_plugins.io.atomic import check_apart
+
+    out, cache = args.out or new_out_dir(), args.cache or default_cache_dir()
+    for flag, path in (("--out", out), ("--cache", cache)):
+        check_apart(path, {"--data": [args.data], "--model": [args.model]}, out_flag=flag)
 
     device = resolve_device(args.device)
     data = resolve_data(args.data, list(args.tasks))
     if args.model and not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model}: folder not found")
-    out = args.out or new_out_dir()
 
     cfg = BenchConfig(data_dir=str(data), tasks=list(args.tasks), model_path=args.model or default_model_path(),
-                      out_dir=out, cache_dir=args.cache or default_cache_dir(), device=device,
+                      out_dir=out, cache_dir=cache, device=device,
                       seeds=list(args.seeds), steps=args.steps, lr=args.lr,
                       batch_size=args.batch_size, max_length=args.max_length, cov_examples=args.cov_examples,
                       val_per_class=args.val_per_class, test_per_class=args.test_per_class, threads=args.threads, methods=args.methods)

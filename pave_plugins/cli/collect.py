@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from pave_plugins.cli import checks
+
 log = logging.getLogger("pave.collect")
 
 EPILOG = """\
@@ -41,15 +43,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--text-field", default=None, help="column holding the text (default: 'text', or the only string column)")
     g.add_argument("--template", default=None, help="text built from columns, e.g. '{sentence1} {sentence2}' for pair tasks")
-    p.add_argument("--n-samples", type=int, default=512, help="examples drawn without replacement (default 512; 0 = all)")
+    p.add_argument("--n-samples", type=checks.count_or_all, default=512, help="examples drawn without replacement (default 512; 0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample draw (same seed, same examples)")
-    p.add_argument("--max-length", type=int, default=512, help="truncate each example to this many tokens (default 512)")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
+    p.add_argument("--max-length", type=checks.positive_int, default=512, help="truncate each example to this many tokens (default 512)")
+    p.add_argument("--batch-size", type=checks.positive_int, default=8, help="examples per forward pass (default 8)")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64",
                    help="accumulation dtype of the covariances (default float64; never half precision)")
     p.add_argument("--compute-dtype", choices=["float64", "float32"], default=None,
                    help="dtype of each batch's X^T X before it is added (default: --dtype); float32 is faster, less exact")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (cuda when present; "
+    p.add_argument("--device", default="auto", type=checks.device, help="cpu, cuda, cuda:1, ... or auto (cuda when present; "
                    "this rank's GPU under torchrun)")
     p.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. 'auto' (accelerate) for a model "
                    "that does not fit one device")
@@ -57,11 +59,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="dtype the model runs in (auto: float32 on CPU, the checkpoint's dtype on GPU)")
     p.add_argument("--accumulate-device", default=None, help="where accumulators live (default: each layer's device; "
                    "'cpu' when the covariances do not fit next to the model)")
-    p.add_argument("--layers", default=None, help="regular expression: only layers whose name matches")
+    p.add_argument("--layers", default=None, type=checks.regex, help="regular expression: only layers whose name matches")
     p.add_argument("--no-dedupe", action="store_true", help="one matrix per layer even when layers share an input")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-o", "--out", help="output .safetensors file (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing covariance file at -o (once the new one is complete)")
     p.add_argument("--merge", nargs="+", metavar="FILE", default=None,
                    help="sum covariance files collected in parts (same model; counts added) into --out")
     p.add_argument("--check", metavar="FILE", default=None, help="check a covariance file against --model (layer "
@@ -74,24 +76,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _check_out(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    if not args.out:
-        raise ValueError("give the output file with -o/--out")
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-    from pave_plugins.io.atomic import check_writable
-
-    check_writable(args.out)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.merge:
         from pave_plugins.collect.files import sum_covariance_files
+        from pave_plugins.collect.pipeline import check_output_file
 
-        _check_out(args)
-        sum_covariance_files(args.merge, args.out, allow_different_models=args.allow_fingerprint_mismatch)
+        check_output_file(args.out, {"--merge": args.merge}, overwrite=args.overwrite)
+        sum_covariance_files(args.merge, args.out, allow_different_models=args.allow_fingerprint_mismatch,
+                             overwrite=args.overwrite)
         print(f"wrote {args.out}")
         return 0
     if args.check:
@@ -106,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.model or not args.data:
         raise ValueError("give --model and --data (or --merge FILES -o OUT, or --check FILE --model DIR)")
-    _check_out(args)
     from pave_plugins.collect.distributed import dist_info
     from pave_plugins.collect.pipeline import collect_to_file
 
@@ -119,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, device_map=args.device_map, model_dtype=args.model_dtype,
         accumulate_device=args.accumulate_device, layer_filter=args.layers, dedupe=not args.no_dedupe,
         allow_pickle=args.allow_pickle,
-        progress=not args.no_progress,
+        progress=not args.no_progress, overwrite=args.overwrite,
     )
     if dist_info()[0] == 0:
         st = cs.stats

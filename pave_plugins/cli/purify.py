@@ -18,14 +18,17 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+from pave_plugins.cli import checks
 from pave_plugins.core.purify import TARGETS
 from pave_plugins.core.rank_allocation import ALLOCATIONS
+from pave_plugins.engine.report import REPORT_NAME
 from pave_plugins.engine.settings import COMPUTE_DTYPES, DEFAULT_RHO
 
 logger = logging.getLogger("pave.purify")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+PURIFY_RECORD = "pave_purify.json"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,8 +43,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--covariance", action="append", required=True, type=Path, help="covariance file of the preceding --model (repeat)"
     )
-    p.add_argument("--rho", type=float, default=DEFAULT_RHO, help=f"preserved rank ratio of Algorithm 1 (default {DEFAULT_RHO})")
-    p.add_argument("--gamma", type=float, default=None, help="stopping ratio (default rho - (1 - rho) / 2)")
+    p.add_argument("--rho", type=checks.finite_float, default=DEFAULT_RHO, help=f"preserved rank ratio of Algorithm 1 (default {DEFAULT_RHO})")
+    p.add_argument("--gamma", type=checks.finite_float, default=None, help="stopping ratio (default rho - (1 - rho) / 2)")
     p.add_argument("--rank-allocation", choices=ALLOCATIONS, default="spectral")
     p.add_argument(
         "--target",
@@ -50,10 +53,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="'weight': eq. 6 as published (SVD of W_ft C); 'delta': SVD of dW C (base weight untouched)",
     )
     p.add_argument("--compute-dtype", choices=tuple(COMPUTE_DTYPES), default="float64")
-    p.add_argument("--device", default="cpu", help="torch device for the maths (e.g. cuda)")
-    p.add_argument("--max-shard-size", type=int, default=5 * 10**9, help="bytes per output safetensors shard")
+    p.add_argument("--device", default="cpu", type=checks.device, help="torch device for the maths (e.g. cuda)")
+    p.add_argument("--max-shard-size", type=checks.positive_int, default=5 * 10**9, help="bytes per output safetensors shard")
     p.add_argument("--out", required=True, type=Path, help="output folder (one sub-folder per model)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of pave purify at --out (once the new one is complete)")
     p.add_argument(
         "--allow-missing-covariance",
         action="store_true",
@@ -73,6 +76,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.set_defaults(func=run)
     return p
+
+
+def _purify_output(entry: Path) -> bool:
+    """What ``pave purify`` writes into ``--out``: the rank report and one folder per model."""
+    return entry.name == REPORT_NAME if entry.is_file() else (entry / PURIFY_RECORD).is_file()
 
 
 def _output_names(models: Sequence[Path]) -> list[str]:
@@ -110,7 +118,7 @@ def purify_checkpoints(
     import torch
 
     from pave_plugins.engine import PaveSettings
-    from pave_plugins.io.atomic import check_writable
+    from pave_plugins.io.atomic import check_apart, check_replaceable, check_writable
 
     if len(models) != len(covariances):
         raise ValueError(
@@ -127,6 +135,9 @@ def purify_checkpoints(
         allow_missing_covariance=allow_missing_covariance,
         on_fingerprint_mismatch="warn" if allow_fingerprint_mismatch else "error",
     )
+    check_apart(out, {"--base": [base], "--model": models, "--covariance": covariances})
+    if overwrite:
+        check_replaceable(out, _purify_output, "pave purify", marker=REPORT_NAME)
     check_writable(Path(out) / "x")
     for c in covariances:
         if not Path(c).is_file():
@@ -181,7 +192,7 @@ def _write_purified(out, base, models, base_ck, cks, sources, settings, record, 
     """Build the output folder in a temporary sibling (renamed when complete); returns the report."""
     from tqdm import tqdm
 
-    from pave_plugins.engine import REPORT_NAME, PaveEngine, RankReport, purified_weight
+    from pave_plugins.engine import PaveEngine, RankReport, purified_weight
     from pave_plugins.io.atomic import atomic_directory
     from pave_plugins.io.checkpoints import ShardedWriter
 
@@ -189,7 +200,7 @@ def _write_purified(out, base, models, base_ck, cks, sources, settings, record, 
     engine = PaveEngine(settings, sources, labels)
     report = RankReport()
     out_names = _output_names(models)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, owned=_purify_output, who="pave purify", marker=REPORT_NAME) as tmp:
         writers = [ShardedWriter(tmp / n, max_shard_size=max_shard_size) for n in out_names]
         for name in tqdm(base_ck.names(), desc="pave purify", unit="tensor"):
             w_base = base_ck.get(name).to(dev)
@@ -216,13 +227,11 @@ def _write_purified(out, base, models, base_ck, cks, sources, settings, record, 
 
 def _copy_side_files(tmp: Path, base: Path, models: Sequence[Path], out_names: list[str], record: dict) -> None:
     """Config, tokenizer and other non-weight files of each fine-tune, and ``pave_purify.json``."""
-    from pave_plugins.engine import REPORT_NAME
-
     for src, n in zip(models, out_names):
         for f in Path(src).iterdir():
             if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in WEIGHT_INDEXES:
                 shutil.copy2(f, tmp / n / f.name)
-        (tmp / n / "pave_purify.json").write_text(
+        (tmp / n / PURIFY_RECORD).write_text(
             json.dumps({"source": str(src), "base": str(base), **record, "report": f"../{REPORT_NAME}"}, indent=1)
         )
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pave_plugins.cli import checks
+
 
 def _pairs(values: list[str] | None, what: str, *, stem_ok: bool = False) -> dict[str, str]:
     """``task=path`` items (or bare paths, named by their stem, when ``stem_ok``)."""
@@ -26,6 +28,10 @@ def _pairs(values: list[str] | None, what: str, *, stem_ok: bool = False) -> dic
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from pave_plugins.core.rethink import LOSSES, MODES, REDECOMPOSE, RethinkConfig
+    from pave_plugins.rethink.hf import RethinkJob
+
+    D = RethinkConfig()
     p = subparsers.add_parser(
         "rethink",
         help="LoRA-DV spectral rethinking of a merged model (learn singular-value scales on calibration data)",
@@ -41,28 +47,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--merged", help="merged model folder (mergekit-yaml output, fusion_bench, pave tools)")
     src.add_argument("--lora", nargs="+", metavar="TASK=DIR", help="PEFT LoRA adapter folders (low-rank fast path)")
-    p.add_argument("--lora-weights", nargs="+", type=float, help="merge rule for --lora: weights of the weighted sum (default 1 each)")
+    p.add_argument("--lora-weights", nargs="+", type=checks.finite_float, help="merge rule for --lora: weights of the weighted sum (default 1 each)")
     p.add_argument(
         "--calib", nargs="+", required=True, metavar="[TASK=]FILE.jsonl",
         help="one jsonl file per task: text-to-text 'input'/'target'; classifiers 'text' (or --template) and 'label'",
     )
     p.add_argument("--heads", nargs="+", metavar="TASK=DIR", help="sequence classifiers: each task's fine-tuned model (its head is used for that task)")
-    p.add_argument("--loss", choices=["ce", "entropy"], default="ce", help="ce: labels / target tokens; entropy: eq. 14, no labels")
-    p.add_argument("--iterations", type=int, default=3, help="T rethinking iterations")
-    p.add_argument("--epochs", type=int, default=10, help="epochs per iteration (0: write the input merge back unchanged)")
-    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (paper: 5e-3; LLMs 1e-4)")
-    p.add_argument("--mode", choices=["anisotropic", "scalar", "random"], default="anisotropic",
+    p.add_argument("--loss", choices=list(LOSSES), default=D.loss, help="ce: labels / target tokens; entropy: eq. 14, no labels")
+    p.add_argument("--iterations", type=checks.positive_int, default=D.iterations, help="T rethinking iterations")
+    p.add_argument("--epochs", type=checks.nonnegative_int, default=D.epochs, help="epochs per iteration (0: write the input merge back unchanged)")
+    p.add_argument("--lr", type=checks.nonnegative_float, default=D.lr, help="Adam learning rate (paper: 5e-3; LLMs 1e-4)")
+    p.add_argument("--mode", choices=list(MODES), default=D.mode,
                    help="Lambda per singular value (paper) | one scale per layer | random Lambda (Table 4 ablations)")
-    p.add_argument("--top-k", type=int, default=None, help="dense path: keep only the top-k components of each delta")
+    p.add_argument("--top-k", type=checks.positive_int, default=D.top_k, help="dense path: keep only the top-k components of each delta")
     p.add_argument("--keep-tail", action="store_true", help="with --top-k: keep the discarded tail frozen instead of dropping it")
-    p.add_argument("--redecompose", choices=["factored", "dense"], default="factored",
+    p.add_argument("--redecompose", choices=list(REDECOMPOSE), default=D.redecompose,
                    help="iterations >= 2: exact closed-form SVD of the factored delta, or a dense SVD of the stored weights")
-    p.add_argument("--compute-dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--samples", type=int, default=32, help="calibration samples per task (seeded random subset; 0 = all)")
+    p.add_argument("--compute-dtype", choices=["float32", "float64"], default=str(D.compute_dtype).removeprefix("torch."))
+    p.add_argument("--samples", type=checks.count_or_all, default=D.samples, help="calibration samples per task (seeded random subset; 0 = all)")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="tokenizer folder (default: the --merged folder's, else the --base folder's)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=checks.positive_int, default=D.batch_size)
+    p.add_argument("--max-length", type=checks.positive_int, default=RethinkJob.max_length)
     p.add_argument("--template", help="python format string over a record, e.g. '{sentence1} [SEP] {sentence2}'")
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default="label")
@@ -70,10 +76,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target-field", default="target")
     p.add_argument("--task-type", choices=["auto", "seq-cls", "seq2seq", "causal-lm"], default="auto")
     p.add_argument("--include-embeddings", action="store_true", help="also rethink input/output embedding matrices")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--seed", type=int, default=D.seed)
+    p.add_argument("--device", default="auto", type=checks.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", required=True, help="output model folder (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of pave rethink at --out (once the new one is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load model folders whose weights are a pickle (pytorch_model.bin); default: refused")
@@ -82,8 +88,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pave_plugins.core.rethink import RethinkConfig
     from pave_plugins.rethink import RethinkJob, run_job
 
+    config = RethinkConfig(
+        iterations=args.iterations, epochs=args.epochs, lr=args.lr, mode=args.mode, top_k=args.top_k,
+        keep_tail=args.keep_tail, redecompose=args.redecompose, compute_dtype=args.compute_dtype, seed=args.seed,
+        progress=not args.no_progress, loss=args.loss, samples=args.samples or None, batch_size=args.batch_size,
+    )
     job = RethinkJob(
         base=args.base,
         merged=args.merged,
@@ -92,19 +104,9 @@ def run(args: argparse.Namespace) -> int:
         heads=_pairs(args.heads, "--heads") or None,
         calib=_pairs(args.calib, "--calib", stem_ok=True),
         out=args.out,
+        config=config,
         task_type=args.task_type,
-        loss=args.loss,
-        iterations=args.iterations,
-        epochs=args.epochs,
-        lr=args.lr,
-        mode=args.mode,
-        top_k=args.top_k,
-        keep_tail=args.keep_tail,
-        redecompose=args.redecompose,
-        compute_dtype=args.compute_dtype,
-        samples=args.samples or None,
         tokenizer=args.tokenizer,
-        batch_size=args.batch_size,
         max_length=args.max_length,
         template=args.template,
         text_field=args.text_field,
@@ -112,10 +114,8 @@ def run(args: argparse.Namespace) -> int:
         input_field=args.input_field,
         target_field=args.target_field,
         include_embeddings=args.include_embeddings,
-        seed=args.seed,
         device=args.device,
         overwrite=args.overwrite,
-        progress=not args.no_progress,
         allow_pickle=args.allow_pickle,
     )
     recipe = run_job(job)

@@ -153,12 +153,13 @@ class CovarianceSet:
         model_fingerprint: str = "",
         max_length: int | None = None,
         extra: Mapping[str, Any] | None = None,
+        overwrite: bool = True,
     ) -> Path:
         """Write a covariance file atomically (see :mod:`pave_plugins.io.covariance`)."""
         meta = self.metadata(
             model_path=model_path, model_fingerprint=model_fingerprint, max_length=max_length, extra=extra
         )
-        return save_covariances(path, self.covariances, meta)
+        return save_covariances(path, self.covariances, meta, overwrite=overwrite)
 
     def __add__(self, other: "CovarianceSet") -> "CovarianceSet":
         """Sum of two sets collected on the same model (parts of one data set)."""
@@ -566,24 +567,7 @@ def collect_covariances(
             layer_filter=layer_filter,
             dedupe=dedupe,
         ) as col:
-            if total is None:
-                try:
-                    total = len(batches)  # type: ignore[arg-type]
-                except TypeError:
-                    total = None
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=total, desc="collect covariances", unit="batch")
-            for batch in batches:
-                col.step(batch)
-                if bar is not None:
-                    el = max(time.perf_counter() - t0, 1e-9)
-                    bar.update(1)
-                    bar.set_postfix(tokens=col.n_tokens, tok_s=f"{col.n_tokens / el:.0f}", refresh=False)
-            if bar is not None:
-                bar.close()
+            _feed(col, batches, progress=progress, total=total, t0=t0)
             out = col.result()
     finally:
         model.train(was_training)
@@ -600,3 +584,25 @@ def collect_covariances(
         out.stats["tokens_per_s"], {k: f"{v:.2f} GiB" for k, v in peak_memory(dev).items()},
     )
     return out
+
+
+def _feed(col: CovarianceCollector, batches: Iterable[Any], *, progress: bool, total: int | None, t0: float) -> None:
+    """Every batch through the collector, with a tokens/s progress bar."""
+    if total is None:
+        try:
+            total = len(batches)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="collect covariances", unit="batch")
+    for batch in batches:
+        col.step(batch)
+        if bar is not None:
+            el = max(time.perf_counter() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(tokens=col.n_tokens, tok_s=f"{col.n_tokens / el:.0f}", refresh=False)
+    if bar is not None:
+        bar.close()

@@ -33,7 +33,9 @@ class DataError(ValueError):
     """Calibration data is missing, empty, or lacks the field a text is built from."""
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (blank lines skipped; a bare string is a row ``{"text": ...}``);
+    a bad line is a :class:`DataError` naming the file and line."""
     rows = []
     with path.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -54,13 +56,13 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def _read_file(path: Path, split: str | None) -> Any:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _read_jsonl(path)
+        return read_jsonl(path)
     if suffix == ".json":
         text = path.read_text(encoding="utf-8")
         try:
             obj = json.loads(text)
         except json.JSONDecodeError:
-            return _read_jsonl(path)
+            return read_jsonl(path)
         if isinstance(obj, dict) and split is not None and isinstance(obj.get(split), list):
             obj = obj[split]
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -128,41 +130,70 @@ def load_table(path: str | Path, *, split: str | None = None) -> Any:
 
 
 def columns_of(table: Any) -> list[str]:
+    """Column names: a dataset's own, or the fields of all rows of a list (in first-seen order)."""
     names = getattr(table, "column_names", None)
     if names is not None:
         return list(names)
-    return list(table[0].keys()) if len(table) else []
+    cols: dict[str, None] = {}
+    for row in table:
+        cols.update(dict.fromkeys(row))
+    return list(cols)
+
+
+def template_fields(template: str) -> list[str]:
+    """The record fields a format string reads (``{a} {b[0]} {c.d}`` -> ``a, b, c``)."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise DataError(f"template {template!r} is not a valid format string ({exc})") from exc
+    return list(dict.fromkeys(f.split(".")[0].split("[")[0] for _, f, _, _ in parsed if f))
+
+
+def check_rows(table: Any, fields: Sequence[str], source: str) -> None:
+    """Every row of a list table has every field (a dataset's columns are the same for all rows):
+    else a :class:`DataError` naming the file, the row (1-based) and the fields that row has."""
+    if not isinstance(table, list):
+        return
+    for i, row in enumerate(table):
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise DataError(f"{source}: row {i + 1} has no field {missing[0]!r} (that row has {sorted(row)})")
 
 
 def text_builder(table: Any, *, text_field: str | None = None, template: str | None = None, source: str = "data"):
-    """A function ``row -> text`` after checking that the fields exist in ``table``."""
+    """A function ``row -> text`` after checking that every row has the fields it reads."""
     cols = columns_of(table)
     if text_field and template:
         raise DataError("give either a text field or a template, not both")
     if template is not None:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
-        missing = [f for f in fields if f.split(".")[0].split("[")[0] not in cols]
+        fields = template_fields(template)
         if not fields:
             raise DataError(f"template {template!r} names no field (use e.g. '{{sentence1}} {{sentence2}}')")
+        missing = [f for f in fields if f not in cols]
         if missing:
             raise DataError(f"{source}: template fields {missing} are not columns of the data (columns: {cols})")
+        check_rows(table, fields, source)
         return lambda row: template.format_map(row)
     if text_field is None:
-        if "text" in cols:
-            text_field = "text"
-        else:
-            first = table[0] if len(table) else {}
-            str_cols = [c for c in cols if isinstance(first.get(c), str)]
-            if len(str_cols) != 1:
-                raise DataError(
-                    f"{source}: no 'text' column; choose one with --text-field or build one with --template "
-                    f"(columns: {cols})"
-                )
-            text_field = str_cols[0]
+        text_field = _default_text_field(table, cols, source)
     if text_field not in cols:
         raise DataError(f"{source}: text field {text_field!r} is not a column of the data (columns: {cols})")
+    check_rows(table, [text_field], source)
     field = text_field
     return lambda row: row[field] if isinstance(row[field], str) else ("" if row[field] is None else str(row[field]))
+
+
+def _default_text_field(table: Any, cols: list[str], source: str) -> str:
+    """``text``, or the only column holding strings (in the first row)."""
+    if "text" in cols:
+        return "text"
+    first = table[0] if len(table) else {}
+    str_cols = [c for c in cols if isinstance(first.get(c), str)]
+    if len(str_cols) != 1:
+        raise DataError(
+            f"{source}: no 'text' column; choose one with --text-field or build one with --template (columns: {cols})"
+        )
+    return str_cols[0]
 
 
 def sample_indices(n_rows: int, n: int | None, seed: int) -> list[int]:
@@ -172,6 +203,21 @@ def sample_indices(n_rows: int, n: int | None, seed: int) -> list[int]:
     if n <= 0:
         raise DataError(f"the number of samples must be positive, got {n}")
     return sorted(random.Random(seed).sample(range(n_rows), n))
+
+
+def seeded_subset(n_rows: int, n: int | None, generator: Any) -> list[int]:
+    """The calibration subset of LoRA-DV: the first ``n`` of a ``torch.randperm`` drawn from
+    ``generator`` (a ``torch.Generator``), sorted; all rows when ``n`` is None. Several tasks drawn
+    from one generator get different subsets; a fresh generator per task repeats one draw."""
+    import torch
+
+    if n is not None and n <= 0:
+        raise DataError(f"the number of samples must be positive, got {n}")
+    if n is None or n >= n_rows:
+        if n is not None:  # draw anyway: the generator advances as it always did
+            torch.randperm(n_rows, generator=generator)
+        return list(range(n_rows))
+    return sorted(torch.randperm(n_rows, generator=generator)[:n].tolist())
 
 
 def load_texts(
@@ -208,8 +254,9 @@ def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
     return list(items[rank::world_size])
 
 
-def prepare_tokenizer(tokenizer: Any) -> Any:
-    """Right padding (real tokens keep their positions) and a pad token (eos or unk if missing)."""
+def ensure_pad_token(tokenizer: Any) -> Any:
+    """The one pad-token rule: a tokenizer without a pad token pads with its eos, else unk, else bos
+    token (a tokenizer with none of them is refused)."""
     if getattr(tokenizer, "pad_token", None) is None:
         for cand in ("eos_token", "unk_token", "bos_token"):
             if getattr(tokenizer, cand, None) is not None:
@@ -217,6 +264,12 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
                 break
         else:
             raise DataError("the tokenizer has no pad, eos, unk or bos token to pad batches with")
+    return tokenizer
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Right padding (real tokens keep their positions) and a pad token (:func:`ensure_pad_token`)."""
+    ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"
     return tokenizer
 

@@ -23,6 +23,7 @@ def sum_covariance_files(
     out: str | os.PathLike,
     *,
     allow_different_models: bool = False,
+    overwrite: bool = True,
 ) -> Path:
     """Sum covariance files collected in parts (different samples, same model) into ``out``.
 
@@ -86,7 +87,7 @@ def sum_covariance_files(
         extra={**m0.extra, "collection": {"parts": [str(f.path) for f in files]}},
     )
     log.info("summed %d covariance files: %d samples, %d tokens -> %s", len(files), meta.n_samples, meta.n_tokens, out)
-    return save_covariances(out, total, meta)
+    return save_covariances(out, total, meta, overwrite=overwrite)
 
 
 def _weight_in_features(

@@ -134,17 +134,17 @@ def collect_to_file(
     layer_filter: str | None = None,
     dedupe: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> CovarianceSet:
-    """Load model + tokenizer, sample texts, collect, write ``out`` atomically (rank 0 under torchrun)."""
-    from transformers import AutoTokenizer
+    """Load model + tokenizer, sample texts, collect, write ``out`` atomically (rank 0 under torchrun).
 
-    from .fingerprint import model_fingerprint
-
+    ``out`` is never one of the inputs (model, adapter, tokenizer, data) nor inside one; an existing
+    ``out`` is replaced only with ``overwrite`` and only when it is a covariance file.
+    """
     if accumulate_dtype not in ("float64", "float32"):
         raise ValueError(f"--dtype must be float64 or float32, got {accumulate_dtype!r}")
-    from pave_plugins.io.atomic import check_writable
-
-    check_writable(out)
+    check_output_file(out, {"--model": [model_path], "--adapter": [adapter], "--tokenizer": [tokenizer_path],
+                            "--data": [data]}, overwrite=overwrite)
     texts = load_texts(data, text_field=text_field, template=template, split=split, n_samples=n_samples, seed=seed)
     dev = resolve_device(device)
     created = init_from_env(dev)
@@ -152,11 +152,7 @@ def collect_to_file(
         rank, world = dist_info()
         if not Path(model_path).exists():
             raise FileNotFoundError(f"model directory not found: {model_path}")
-        tok_src = tokenizer_path or model_path
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
-        except Exception as exc:
-            raise ValueError(f"cannot load a tokenizer from {tok_src} ({exc}); pass --tokenizer") from exc
+        tokenizer = _tokenizer(tokenizer_path or model_path)
         model = load_model(model_path, adapter=adapter, device=dev, device_map=device_map, dtype=model_dtype,
                            allow_pickle=allow_pickle)
         log.info("collecting on %d texts (%s), rank %d of %d, device %s", len(texts), data, rank, world, dev)
@@ -171,18 +167,14 @@ def collect_to_file(
             progress=progress and rank == 0,
         )
         if rank == 0:
-            # an adapter's covariances serve the merged weights: fingerprint those
-            fp_model = model.merge_and_unload() if adapter is not None else model
-            fp = model_fingerprint(fp_model)
             extra: dict[str, Any] = {
                 "data": str(data), "split": split, "text_field": text_field, "template": template,
                 "seed": seed, "n_samples_requested": n_samples, "batch_size": batch_size,
                 "adapter": str(adapter) if adapter else None, "model_dtype": model_dtype,
                 "device": dev, "device_map": device_map, "world_size": world,
             }
-            cs.save(out, model_path=str(model_path), model_fingerprint=fp, max_length=max_length, extra=extra)
-            log.info("wrote %s (%d covariances, %d layers, %d samples, %d tokens)", out,
-                     len(cs.covariances), len(cs.layer_map), cs.n_samples, cs.n_tokens)
+            _save(cs, out, model, model_path=model_path, merged_adapter=adapter is not None, max_length=max_length,
+                  extra=extra, overwrite=overwrite)
         if world > 1:
             import torch.distributed as dist
 
@@ -193,3 +185,43 @@ def collect_to_file(
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _tokenizer(source: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except Exception as exc:
+        raise ValueError(f"cannot load a tokenizer from {source} ({exc}); pass --tokenizer") from exc
+
+
+def check_output_file(out, inputs: dict, *, overwrite: bool) -> None:
+    """The covariance file ``out`` (``-o``) is apart from every input and replaces only a covariance
+    file, and only with ``overwrite``."""
+    from pave_plugins.io.atomic import OutputError, check_apart, check_writable
+    from pave_plugins.io.covariance import is_covariance_file
+
+    if not out:
+        raise ValueError("give the output file with -o/--out")
+    check_apart(out, inputs, out_flag="-o/--out")
+    if Path(out).exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        if not is_covariance_file(out):
+            raise OutputError(f"-o/--out {out} is not a covariance file: --overwrite replaces only an earlier "
+                              "output of pave collect; choose another -o/--out")
+    check_writable(out)
+
+
+def _save(cs: CovarianceSet, out, model, *, model_path, merged_adapter: bool, max_length: int, extra: dict,
+          overwrite: bool) -> None:
+    """Write the covariance file (atomically) with the fingerprint of the weights it serves."""
+    from .fingerprint import model_fingerprint
+
+    # an adapter's covariances serve the merged weights: fingerprint those
+    fp = model_fingerprint(model.merge_and_unload() if merged_adapter else model)
+    cs.save(out, model_path=str(model_path), model_fingerprint=fp, max_length=max_length, extra=extra,
+            overwrite=overwrite)
+    log.info("wrote %s (%d covariances, %d layers, %d samples, %d tokens)", out,
+             len(cs.covariances), len(cs.layer_map), cs.n_samples, cs.n_tokens)

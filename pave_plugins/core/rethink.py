@@ -239,9 +239,20 @@ def token_loss(
 
 
 # ----------------------------------------------------------------------------- rethinking
+def _positive_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and int(value) == value and value >= 1
+
+
 @dataclass
 class RethinkConfig:
-    """Hyper-parameters (paper defaults: T=3, 10 epochs, Adam lr 5e-3; LLMs lr 1e-4, 5 epochs)."""
+    """LoRA-DV hyper-parameters, declared once: the ``pave rethink`` flags, the FusionBench
+    ``pave/rethink`` config and the Python API all map onto this record, validated when built.
+
+    Paper defaults: T=3 iterations, 10 epochs, Adam lr 5e-3, 32 calibration samples per task
+    (LLMs: lr 1e-4, 5 epochs). ``loss``: ``ce`` (labels) or ``entropy`` (eq. 14); ``samples``:
+    calibration samples per task (``None``: all); ``batch_size``: calibration batch size;
+    ``compute_dtype``: ``float32``/``float64`` (a name or a torch dtype).
+    """
 
     iterations: int = 3
     epochs: int = 10
@@ -256,9 +267,18 @@ class RethinkConfig:
     random_range: tuple[float, float] = (0.0, 2.0)
     min_delta_norm: float = 0.0
     progress: bool = True
+    loss: str = "ce"
+    samples: int | None = 32
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.compute_dtype, str):
+            name = self.compute_dtype.lower().replace("torch.", "")
+            self.compute_dtype = getattr(torch, name) if name in ("float32", "float64") else self.compute_dtype
+        self.validate()
 
     def validate(self) -> None:
-        if isinstance(self.iterations, bool) or int(self.iterations) != self.iterations or self.iterations < 1:
+        if not _positive_int(self.iterations):
             raise ValueError(f"iterations must be a positive integer, got {self.iterations!r}")
         if isinstance(self.epochs, bool) or int(self.epochs) != self.epochs or self.epochs < 0:
             raise ValueError(f"epochs must be a non-negative integer, got {self.epochs!r}")
@@ -268,13 +288,19 @@ class RethinkConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.redecompose not in REDECOMPOSE:
             raise ValueError(f"redecompose must be one of {REDECOMPOSE}, got {self.redecompose!r}")
-        if self.top_k is not None and (int(self.top_k) != self.top_k or self.top_k < 1):
+        if self.top_k is not None and not _positive_int(self.top_k):
             raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
         if self.compute_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"compute_dtype must be float32 or float64, got {self.compute_dtype}")
         lo, hi = self.random_range
         if not lo <= hi:
             raise ValueError(f"random_range must be (low, high) with low <= high, got {self.random_range}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.samples is not None and not _positive_int(self.samples):
+            raise ValueError(f"samples must be a positive integer (or None for all), got {self.samples!r}")
+        if not _positive_int(self.batch_size):
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
 
 
 @dataclass
@@ -399,50 +425,9 @@ def rethink(
     cfg.validate()
     low_rank = dict(low_rank or {})
     params = _param_dict(model)
-    if layers is None:
-        layers = default_layers(model, base)
-    for name in list(layers) + list(low_rank):
-        if name not in params:
-            raise KeyError(f"rethink: the model has no parameter {name!r}")
-        if name not in base:
-            raise KeyError(f"rethink: no base (theta_pre) tensor for layer {name!r}")
-        if tuple(base[name].shape) != tuple(params[name].shape):
-            raise ValueError(
-                f"rethink: layer {name!r}: base shape {tuple(base[name].shape)} != merged shape {tuple(params[name].shape)}"
-            )
-    layers = list(dict.fromkeys(list(layers) + [n for n in low_rank if n not in layers]))
-    dt = cfg.compute_dtype
-
-    # ---- first decomposition (eq. 7)
-    states: dict[str, LayerState] = {}
-    paths: dict[str, str] = {}
+    layers = _checked_layers(params, base, default_layers(model, base) if layers is None else layers, low_rank)
     with torch.no_grad():
-        for name in layers:
-            p = params[name]
-            theta_pre = base[name].to(device=p.device, dtype=dt)
-            if name in low_rank:
-                spec = decompose_low_rank(low_rank[name], top_k=cfg.top_k, compute_dtype=dt, name=name)
-                spec = Spectrum(*(t.to(p.device) for t in (spec.u, spec.s, spec.v)))
-                paths[name] = "low_rank"
-                delta = None
-            else:
-                delta = p.detach().to(dt) - theta_pre
-                if float(delta.norm()) <= cfg.min_delta_norm:
-                    log.debug("rethink: layer %s has a zero difference vector, skipped", name)
-                    continue
-                spec = decompose_dense(delta, top_k=cfg.top_k, compute_dtype=dt, name=name)
-                paths[name] = "dense"
-            anchor = theta_pre
-            if cfg.keep_tail and cfg.top_k is not None:
-                full = delta if delta is not None else low_rank[name].dense(dt).to(p.device)
-                anchor = theta_pre + (full - spec.matrix())
-            states[name] = LayerState(
-                name=name,
-                anchor=anchor,
-                spectrum=spec,
-                gain=torch.ones_like(spec.s),
-                origin=torch.arange(spec.rank, device=spec.s.device),
-            )
+        states, paths = _first_decomposition(params, base, layers, low_rank, cfg)
     result = RethinkResult(layers=list(states), paths=paths, config=cfg)
     if not states:
         log.warning("rethink: no layer to rethink (no 2-D parameter differs from the base)")
@@ -453,29 +438,13 @@ def rethink(
         sum(1 if cfg.mode == "scalar" else s.spectrum.rank for s in states.values()),
         cfg.mode, cfg.iterations, cfg.epochs, cfg.lr,
     )
-
-    gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
     was_training = model.training
     requires = {n: p.requires_grad for n, p in params.items()}
     model.eval()
     for p in params.values():
         p.requires_grad_(False)
     try:
-        iter_bar = _bar(progress_bar, cfg, range(cfg.iterations), "rethink iterations")
-        for t in iter_bar:
-            if t > 0:
-                _redecompose(states, params, base, cfg)
-            lams = _init_lambdas(states, cfg, gen)
-            with torch.enable_grad():  # callers (e.g. a model pool's loader) may run under no_grad
-                epoch_losses = (
-                    _train(model, states, lams, batches, loss_fn, cfg, gen, t, progress_bar) if cfg.mode != "random" else []
-                )
-            result.lambdas.append({n: lam.detach().clone() for n, lam in lams.items()})
-            result.sigmas.append({n: st.spectrum.s.detach().clone() for n, st in states.items()})
-            result.losses.append(epoch_losses)
-            if epoch_losses and hasattr(iter_bar, "set_postfix"):
-                iter_bar.set_postfix(loss=f"{epoch_losses[-1]:.4g}")
-            _write_back(states, params, lams, cfg)
+        _iterate(model, params, base, states, batches, loss_fn, cfg, progress_bar, result)
     finally:
         for n, p in params.items():
             p.requires_grad_(requires[n])
@@ -484,6 +453,92 @@ def rethink(
         result.gains[name] = st.gain.detach().clone()
     result.changed = [n for n, st in states.items() if st.changed]
     return result
+
+
+def _checked_layers(
+    params: Mapping[str, Tensor], base: Mapping[str, Tensor], layers: Sequence[str], low_rank: Mapping[str, LowRankDelta]
+) -> list[str]:
+    """``layers`` plus the low-rank ones, each present in the model and the base with one shape."""
+    for name in list(layers) + list(low_rank):
+        if name not in params:
+            raise KeyError(f"rethink: the model has no parameter {name!r}")
+        if name not in base:
+            raise KeyError(f"rethink: no base (theta_pre) tensor for layer {name!r}")
+        if tuple(base[name].shape) != tuple(params[name].shape):
+            raise ValueError(
+                f"rethink: layer {name!r}: base shape {tuple(base[name].shape)} != merged shape {tuple(params[name].shape)}"
+            )
+    return list(dict.fromkeys(list(layers) + [n for n in low_rank if n not in layers]))
+
+
+def _first_decomposition(
+    params: Mapping[str, Tensor],
+    base: Mapping[str, Tensor],
+    layers: Sequence[str],
+    low_rank: Mapping[str, LowRankDelta],
+    cfg: RethinkConfig,
+) -> tuple[dict[str, LayerState], dict[str, str]]:
+    """Eq. 7: the frozen pieces of every layer (low-rank fast path where the factors are known)."""
+    dt = cfg.compute_dtype
+    states: dict[str, LayerState] = {}
+    paths: dict[str, str] = {}
+    for name in layers:
+        p = params[name]
+        theta_pre = base[name].to(device=p.device, dtype=dt)
+        if name in low_rank:
+            spec = decompose_low_rank(low_rank[name], top_k=cfg.top_k, compute_dtype=dt, name=name)
+            spec = Spectrum(*(t.to(p.device) for t in (spec.u, spec.s, spec.v)))
+            paths[name] = "low_rank"
+            delta = None
+        else:
+            delta = p.detach().to(dt) - theta_pre
+            if float(delta.norm()) <= cfg.min_delta_norm:
+                log.debug("rethink: layer %s has a zero difference vector, skipped", name)
+                continue
+            spec = decompose_dense(delta, top_k=cfg.top_k, compute_dtype=dt, name=name)
+            paths[name] = "dense"
+        anchor = theta_pre
+        if cfg.keep_tail and cfg.top_k is not None:
+            full = delta if delta is not None else low_rank[name].dense(dt).to(p.device)
+            anchor = theta_pre + (full - spec.matrix())
+        states[name] = LayerState(
+            name=name,
+            anchor=anchor,
+            spectrum=spec,
+            gain=torch.ones_like(spec.s),
+            origin=torch.arange(spec.rank, device=spec.s.device),
+        )
+    return states, paths
+
+
+def _iterate(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    base: Mapping[str, Tensor],
+    states: dict[str, LayerState],
+    batches: Sequence[Any],
+    loss_fn: LossFn,
+    cfg: RethinkConfig,
+    progress_bar: ProgressBar | None,
+    result: RethinkResult,
+) -> None:
+    """The ``T`` iterations (Sec. 4.2): re-decompose, learn Lambda, write the weights back."""
+    gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
+    iter_bar = _bar(progress_bar, cfg, range(cfg.iterations), "rethink iterations")
+    for t in iter_bar:
+        if t > 0:
+            _redecompose(states, params, base, cfg)
+        lams = _init_lambdas(states, cfg, gen)
+        with torch.enable_grad():  # callers (e.g. a model pool's loader) may run under no_grad
+            epoch_losses = (
+                _train(model, states, lams, batches, loss_fn, cfg, gen, t, progress_bar) if cfg.mode != "random" else []
+            )
+        result.lambdas.append({n: lam.detach().clone() for n, lam in lams.items()})
+        result.sigmas.append({n: st.spectrum.s.detach().clone() for n, st in states.items()})
+        result.losses.append(epoch_losses)
+        if epoch_losses and hasattr(iter_bar, "set_postfix"):
+            iter_bar.set_postfix(loss=f"{epoch_losses[-1]:.4g}")
+        _write_back(states, params, lams, cfg)
 
 
 def _bar(progress_bar: ProgressBar | None, cfg: RethinkConfig, it: Iterable, desc: str) -> Iterable:

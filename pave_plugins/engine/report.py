@@ -2,7 +2,10 @@
 to the covariance, the relative change ``||dW_PAVE - dW||_F / ||dW||_F`` and the normalised activated
 pruning error (PAVE eq. 8); per model ``rho_i = sum_l r_i^l / sum_l R^l`` (Algorithm 1, line 15).
 
-Written as ``pave_rank_report.json`` by the mergekit ``pave`` method and by ``pave purify``.
+Written as ``pave_rank_report.json`` by the mergekit ``pave`` method and by ``pave purify``, once,
+atomically, when the output is complete; while a mergekit merge runs, its progress goes to the hidden
+``.pave_rank_report.partial.json`` beside it, so that a failed or killed merge never replaces the
+report of the previous merge.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -20,6 +24,9 @@ from pave_plugins.io.atomic import atomic_path
 logger = logging.getLogger("pave_plugins")
 
 REPORT_NAME = "pave_rank_report.json"
+#: the report of a merge still running (mergekit), beside the model; renamed to nothing, removed at the end
+PARTIAL_NAME = ".pave_rank_report.partial.json"
+REPORT_FORMAT = "pave-rank-report"
 _WRITE_INTERVAL_S = 5.0
 
 
@@ -37,6 +44,12 @@ class RankReport:
         # hooks run when a merge starts / ends (e.g. clearing the covariance caches)
         self.on_close: list[Callable[[], None]] = []
 
+    def attach(self, out_path: str | os.PathLike) -> None:
+        """The merge writes to ``out_path``: progress goes there (hidden, partial) from a few seconds on."""
+        with self.lock:
+            self.out_path = str(out_path)
+            self._last_write = time.monotonic()
+
     # -- recording ---------------------------------------------------------------------------
     def add_tensor(self, name: str, record: dict[str, Any], settings: dict[str, Any]) -> None:
         with self.lock:
@@ -46,7 +59,7 @@ class RankReport:
                     self.models.append(model)
             self.tensors[name] = record
             if self.out_path and time.monotonic() - self._last_write > _WRITE_INTERVAL_S:
-                self.write()
+                self.write(Path(self.out_path) / PARTIAL_NAME)
 
     # -- summaries ---------------------------------------------------------------------------
     def model_ratios(self) -> dict[str, float]:
@@ -60,12 +73,24 @@ class RankReport:
                     full[model] += int(m["full_rank"])
         return {m: (kept[m] / full[m] if full[m] else None) for m in self.models}
 
-    def to_dict(self) -> dict[str, Any]:
+    def on_close_once(self, fn: Callable[[], None]) -> bool:
+        """Register ``fn`` to run at :meth:`close` unless it already is; True when newly registered
+        (atomic: with mergekit's parallel executors several tensors start at once)."""
         with self.lock:
-            purified = [n for n, r in self.tensors.items() if r.get("purified")]
-            plain = [n for n, r in self.tensors.items() if not r.get("purified")]
+            if fn in self.on_close:
+                return False
+            self.on_close.append(fn)
+            return True
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report; tensors in natural name order, so that a merge run serially or with
+        mergekit's parallel executors (which finish tensors in any order) writes the same file."""
+        with self.lock:
+            tensors = {n: self.tensors[n] for n in sorted(self.tensors, key=_natural_key)}
+            purified = [n for n, r in tensors.items() if r.get("purified")]
+            plain = [n for n, r in tensors.items() if not r.get("purified")]
             return {
-                "format": "pave-rank-report",
+                "format": REPORT_FORMAT,
                 "format_version": 1,
                 "method": "pave",
                 "paper": "https://arxiv.org/abs/2510.14697",
@@ -77,7 +102,7 @@ class RankReport:
                 "n_purified": len(purified),
                 "budget_not_met": [n for n in purified if not self.tensors[n].get("budget_met", True)],
                 "plain_task_vector": plain,
-                "tensors": self.tensors,
+                "tensors": tensors,
             }
 
     def summary(self) -> str:
@@ -139,6 +164,19 @@ class RankReport:
                 fn()
             except Exception:  # pragma: no cover - cache clearing cannot really fail
                 logger.debug("report close hook failed", exc_info=True)
+
+
+def _natural_key(name: str) -> list:
+    """``layers.2`` before ``layers.10``."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def is_rank_report(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a PAVE rank report (its JSON says so)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8")).get("format") == REPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _median(values: list[float]) -> float:

@@ -6,6 +6,8 @@ mergekit parameters, FusionBench config keys and ``pave purify`` flags all map o
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,20 @@ DEFAULT_RHO = 0.9375
 #: ill-conditioned covariances, see README)
 COMPUTE_DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
 _DTYPE_ALIASES = {"double": "float64", "fp64": "float64", "float": "float32", "fp32": "float32"}
+
+logger = logging.getLogger("pave_plugins")
+
+
+@functools.lru_cache(maxsize=1)
+def warn_float32_weight_target() -> None:
+    """Once per process: eq. 6 in float32 is inaccurate on real covariances (measured)."""
+    logger.warning(
+        "pave: compute_dtype float32 with target 'weight' (eq. 6) is inaccurate on ill-conditioned "
+        "covariances: eq. 6 truncates the whole fine-tuned weight, so float32's error in the discarded "
+        "subspace scales with ||W||, not ||dW||; measured on LLaMA-7B layer shapes with cond(C) ~ 1e6, the "
+        "purified task vector is 43-98% off its float64 value (1% with target 'delta'). Use float64 (the "
+        "default) or target 'delta'."
+    )
 
 
 def compute_dtype_name(value: str | torch.dtype) -> str:
@@ -58,6 +74,8 @@ class PaveSettings:
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         object.__setattr__(self, "compute_dtype", compute_dtype_name(self.compute_dtype))
+        if self.compute_dtype == "float32" and self.target == "weight":
+            warn_float32_weight_target()
         if self.on_fingerprint_mismatch not in FINGERPRINT_POLICIES:
             raise ValueError(
                 f"on_fingerprint_mismatch must be one of {FINGERPRINT_POLICIES}, got {self.on_fingerprint_mismatch!r}"

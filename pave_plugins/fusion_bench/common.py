@@ -60,6 +60,46 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[key]
 
 
+SPLITS = ("train", "val", "test")
+
+
+def pool_split(modelpool: Any, split: str) -> tuple[list[str], Any]:
+    """``(dataset names, loader)`` of one split (``train``/``val``/``test``) of a model pool."""
+    has = getattr(modelpool, f"has_{split}_dataset")
+    names = list(getattr(modelpool, f"{split}_dataset_names")) if has else []
+    return names, getattr(modelpool, f"load_{split}_dataset")
+
+
+def run_inner_method(cfg: DictConfig, pool: Any, *, fabric=None) -> Any:
+    """Instantiate and run a FusionBench method on ``pool`` (with its start/end hooks)."""
+    inner = instantiate_algorithm(cfg, fabric=fabric, program=None)
+    if hasattr(inner, "on_run_start"):
+        inner.on_run_start()
+    result = inner.run(pool)
+    if hasattr(inner, "on_run_end"):
+        inner.on_run_end()
+    return result
+
+
+def padding_collate(modelpool: Any):
+    """Calibration batches of a pool with a tokenizer: ``DataCollatorWithPadding`` after the one
+    pad-token rule (:func:`pave_plugins.collect.data.ensure_pad_token`); ``None`` (the default
+    collate) when the pool has no tokenizer."""
+    tokenizer = None
+    if hasattr(modelpool, "load_tokenizer"):
+        try:
+            tokenizer = modelpool.load_tokenizer()
+        except Exception:  # a pool without a usable tokenizer: its datasets collate themselves
+            tokenizer = None
+    if tokenizer is None:
+        return None
+    from transformers import DataCollatorWithPadding
+
+    from pave_plugins.collect.data import ensure_pad_token
+
+    return DataCollatorWithPadding(ensure_pad_token(tokenizer))
+
+
 def method_config_roots() -> list[Path]:
     """Folders searched for ``method/<name>.yaml``: FusionBench's own configs, then ours."""
     roots: list[Path] = []

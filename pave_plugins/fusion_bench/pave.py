@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from pave_plugins.core.rank_allocation import model_rank_ratios
 from pave_plugins.engine import DEFAULT_RHO, PaveEngine, PaveSettings, purified_weight_from_tail
+from pave_plugins.io.atomic import check_apart
 from pave_plugins.io.sources import CovarianceSource, PreparedCache
 
 from .common import (
@@ -48,9 +49,11 @@ from .common import (
     algorithm_log_dir,
     checked_pool,
     inner_method_config,
-    instantiate_algorithm,
+    padding_collate,
+    pool_split,
     program_config_yaml,
     program_save_path,
+    run_inner_method,
     write_json,
     write_model_card,
 )
@@ -149,6 +152,12 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             )
         if progressive_search and inplace:
             raise PAVEConfigError("PAVE: progressive_search needs the unpurified models; it cannot be used with inplace")
+        if report_path and covariances is not None:
+            inputs = [covariances] if isinstance(covariances, (str, os.PathLike)) else list(dict(covariances).values())
+            try:
+                check_apart(report_path, {"covariances": inputs}, out_flag="report_path")
+            except FileExistsError as exc:
+                raise PAVEConfigError(f"PAVE: {exc}") from exc
         self._inner_cfg = inner_method_config(inner)  # unknown inner method: clear error now
         self.last_report: dict | None = None
 
@@ -168,7 +177,9 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             for n, m in originals.items():
                 if not isinstance(m, nn.Module):
                     raise PAVEConfigError(
-                        f"PAVE: model {n!r} loaded as {type(m).__name__}, not a torch module (disable lazy loading)"
+                        f"PAVE: model {n!r} loaded as {type(m).__name__}, not a torch module: the inner FusionBench "
+                        "method takes whole models, so a lazy pool would hold them all anyway; disable lazy loading, "
+                        "or stream one tensor at a time with `pave purify` or mergekit's `pave`"
                     )
             working = {
                 n: (copy.deepcopy(m) if instance and not self.inplace else m) for n, m in originals.items()
@@ -256,11 +267,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     def _collect(self, modelpool: BaseModelPool, name: str, model: nn.Module) -> CovarianceSource:
         """In-run collection: ``n_samples`` examples of task ``name`` fed to fine-tuned model ``name``."""
         split = self.covariance_split
-        names = {
-            "train": modelpool.train_dataset_names if modelpool.has_train_dataset else [],
-            "val": modelpool.val_dataset_names if modelpool.has_val_dataset else [],
-            "test": modelpool.test_dataset_names if modelpool.has_test_dataset else [],
-        }[split]
+        names, loader = pool_split(modelpool, split)
         if name not in names:
             raise PAVEConfigError(
                 f"PAVE: missing covariance for model {name!r}: method.covariances is null and the model pool "
@@ -275,8 +282,6 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
                 f"PAVE: in-run covariance collection needs pave_plugins.collect ({exc}); "
                 "collect with `pave collect` and pass method.covariances instead"
             ) from exc
-        loader = {"train": modelpool.load_train_dataset, "val": modelpool.load_val_dataset,
-                  "test": modelpool.load_test_dataset}[split]
         dataset = loader(name)
         n = min(int(self.n_samples), len(dataset))
         subset = torch.utils.data.Subset(dataset, list(range(n)))
@@ -294,17 +299,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
 
     @staticmethod
     def _collate_fn(modelpool):
-        tokenizer = None
-        if hasattr(modelpool, "load_tokenizer"):
-            try:
-                tokenizer = modelpool.load_tokenizer()
-            except Exception:
-                tokenizer = None
-        if tokenizer is not None:
-            from transformers import DataCollatorWithPadding
-
-            return DataCollatorWithPadding(tokenizer)
-        return None
+        return padding_collate(modelpool)
 
     # ------------------------------------------------------------- purify
     def _purify(self, base, working, sources, names, tails) -> dict[str, dict]:
@@ -384,15 +379,9 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         return BaseModelPool({"_pretrained_": base, **models})
 
     def _run_inner(self, pool: BaseModelPool):
-        inner = instantiate_algorithm(self._inner_cfg, fabric=self._fabric_instance, program=None)
         log.info("PAVE: running inner method %s on the purified pool", self._inner_cfg._target_)
         with self.profile("inner method"):
-            if hasattr(inner, "on_run_start"):
-                inner.on_run_start()
-            result = inner.run(pool)
-            if hasattr(inner, "on_run_end"):
-                inner.on_run_end()
-        return result
+            return run_inner_method(self._inner_cfg, pool, fabric=self._fabric_instance)
 
     # ----------------------------------------------------- progressive search
     def _taskpool(self):

@@ -27,28 +27,33 @@ from fusion_bench import BaseAlgorithm, BaseModelPool
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
 from torch import Tensor, nn
 
+from pave_plugins.collect.data import seeded_subset
 from pave_plugins.core import rethink as core
+from pave_plugins.rethink.losses import NEEDS_LABELS, batch_loss
+from pave_plugins.rethink.output import save_lambdas
 from pave_plugins.rethink.progress import tqdm_bar
 
 from .common import (
+    SPLITS,
     algorithm_log_dir,
     checked_pool,
     inner_method_config,
-    instantiate_algorithm,
+    padding_collate,
+    pool_split,
     program_config_yaml,
     program_save_path,
-    resolve_dtype,
+    run_inner_method,
     write_json,
     write_model_card,
 )
 
 log = logging.getLogger(__name__)
+_D = core.RethinkConfig()
 
 LORA_DV_PAPER = (
     "LoRA-DV: Spectral Rethinking for Reducing Task Interference via Difference Vector in Model Merging",
     "anonymous ACL submission (no public URL known)",
 )
-SPLITS = ("train", "val", "test")
 
 
 class RethinkConfigError(ValueError):
@@ -81,43 +86,37 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
     def __init__(
         self,
         inner: Any = "task_arithmetic",
-        loss: str = "ce",
-        iterations: int = 3,
-        epochs: int = 10,
-        lr: float = 5e-3,
-        n_samples: int = 32,
-        batch_size: int = 8,
+        loss: str = _D.loss,
+        iterations: int = _D.iterations,
+        epochs: int = _D.epochs,
+        lr: float = _D.lr,
+        n_samples: int = _D.samples,
+        batch_size: int = _D.batch_size,
         calibration_split: str = "val",
-        mode: str = "anisotropic",
-        top_k: int | None = None,
-        keep_tail: bool = False,
-        redecompose: str = "factored",
-        compute_dtype: str = "float32",
+        mode: str = _D.mode,
+        top_k: int | None = _D.top_k,
+        keep_tail: bool = _D.keep_tail,
+        redecompose: str = _D.redecompose,
+        compute_dtype: str = str(_D.compute_dtype).removeprefix("torch."),
         include_embeddings: bool = False,
         exclude_keys: list[str] | None = None,
-        seed: int = 0,
+        seed: int = _D.seed,
         lambda_save_path: str | None = None,
         report_path: str | None = None,
         write_model_card: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if loss not in core.LOSSES:
-            raise RethinkConfigError(f"rethink: loss must be one of {core.LOSSES}, got {loss!r}")
         if calibration_split not in SPLITS:
             raise RethinkConfigError(f"rethink: calibration_split must be one of {SPLITS}, got {calibration_split!r}")
-        if isinstance(n_samples, bool) or int(n_samples) != n_samples or int(n_samples) < 1:
-            raise RethinkConfigError(f"rethink: n_samples must be a positive integer, got {n_samples!r}")
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or int(batch_size) < 1:
-            raise RethinkConfigError(f"rethink: batch_size must be a positive integer, got {batch_size!r}")
-        self._core_cfg = core.RethinkConfig(
-            iterations=iterations, epochs=epochs, lr=float(lr), mode=mode, top_k=top_k, keep_tail=keep_tail,
-            redecompose=redecompose, compute_dtype=resolve_dtype(compute_dtype), seed=int(seed),
-        )
         try:
-            self._core_cfg.validate()
-        except ValueError as exc:
-            raise RethinkConfigError(f"rethink: {exc}") from exc
+            self._core_cfg = core.RethinkConfig(
+                iterations=iterations, epochs=epochs, lr=float(lr), mode=mode, top_k=top_k, keep_tail=keep_tail,
+                redecompose=redecompose, compute_dtype=compute_dtype, seed=int(seed), loss=loss,
+                samples=n_samples, batch_size=batch_size,
+            )
+        except (TypeError, ValueError) as exc:
+            raise RethinkConfigError(f"rethink: {str(exc).replace('samples', 'n_samples', 1)}") from exc
         self._inner_cfg = inner_method_config(inner)
         self.last_result: core.RethinkResult | None = None
         self.last_report: dict | None = None
@@ -157,23 +156,13 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
         return merged
 
     def _run_inner(self, pool: BaseModelPool):
-        inner = instantiate_algorithm(self._inner_cfg, fabric=self._fabric_instance, program=None)
         log.info("rethink: running inner method %s", self._inner_cfg._target_)
-        if hasattr(inner, "on_run_start"):
-            inner.on_run_start()
-        result = inner.run(pool)
-        if hasattr(inner, "on_run_end"):
-            inner.on_run_end()
-        return result
+        return run_inner_method(self._inner_cfg, pool, fabric=self._fabric_instance)
 
     # ----------------------------------------------------------------- data
     def _calibration_batches(self, modelpool: BaseModelPool, names: list[str]) -> list[Any]:
         split = self.calibration_split
-        available = {
-            "train": modelpool.train_dataset_names if modelpool.has_train_dataset else [],
-            "val": modelpool.val_dataset_names if modelpool.has_val_dataset else [],
-            "test": modelpool.test_dataset_names if modelpool.has_test_dataset else [],
-        }[split]
+        available, loader = pool_split(modelpool, split)
         tasks = [n for n in names if n in available] or list(available)
         if not tasks:
             raise RethinkConfigError(
@@ -183,14 +172,13 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
         missing = [n for n in names if n not in available]
         if missing:
             log.warning("rethink: no %s dataset for model(s) %s; calibrating on %s", split, missing, tasks)
-        loader = {"train": modelpool.load_train_dataset, "val": modelpool.load_val_dataset, "test": modelpool.load_test_dataset}[split]
         collate = self._collate_fn(modelpool)
         g = torch.Generator().manual_seed(int(self.seed))
         batches = []
         for task in tasks:
             dataset = loader(task)
-            n = min(int(self.n_samples), len(dataset))
-            idx = sorted(torch.randperm(len(dataset), generator=g)[:n].tolist())
+            idx = seeded_subset(len(dataset), int(self.n_samples), g)
+            n = len(idx)
             subset = torch.utils.data.Subset(dataset, idx)
             for batch in torch.utils.data.DataLoader(subset, batch_size=int(self.batch_size), shuffle=False, collate_fn=collate):
                 batches.append((task, batch))
@@ -199,19 +187,7 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
 
     @staticmethod
     def _collate_fn(modelpool):
-        tokenizer = None
-        if hasattr(modelpool, "load_tokenizer"):
-            try:
-                tokenizer = modelpool.load_tokenizer()
-            except Exception:
-                tokenizer = None
-        if tokenizer is not None:
-            from transformers import DataCollatorWithPadding
-
-            if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-                tokenizer.pad_token = tokenizer.eos_token
-            return DataCollatorWithPadding(tokenizer)
-        return None
+        return padding_collate(modelpool)
 
     def _layers(self, model: nn.Module, base_state: Mapping[str, Tensor]) -> list[str]:
         exclude = set()
@@ -236,9 +212,8 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
 
         * ``(inputs, labels)``: ``forward(inputs)`` gives class logits;
         * dict for a sequence classifier: ``logits`` ``[B, C]``;
-        * dict for a seq2seq model: CE on the ``labels`` tokens (padding ignored), or the entropy
-          of the first decoder step (the FusionBench Flan-T5 convention);
-        * dict for a causal LM: CE on ``labels`` (shifted), or entropy over the attention mask.
+        * a dict (Hugging Face sequence classifier, seq2seq or causal LM):
+          :func:`pave_plugins.rethink.losses.batch_loss` (the rule ``pave rethink`` uses too).
         """
         loss = self.loss
         if isinstance(batch, (tuple, list)):
@@ -248,38 +223,15 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
             return core.classification_loss(logits, labels if loss == "ce" else None, loss)
         if not isinstance(batch, Mapping):
             raise RethinkConfigError(f"rethink: cannot compute a loss on a batch of type {type(batch).__name__}; override compute_loss")
-        batch = dict(batch)
-        labels = batch.pop("labels", None)
-        if labels is None:
-            labels = batch.pop("label", None)
-        model = forward.model
-        config = getattr(model, "config", None)
-        if getattr(config, "is_encoder_decoder", False):
-            pad = getattr(config, "pad_token_id", None)
-            start = getattr(config, "decoder_start_token_id", None)
-            start = start if start is not None else (pad if pad is not None else 0)
-            if loss == "ce":
-                if labels is None:
-                    raise RethinkConfigError("rethink: loss=ce needs labels in the calibration data (or use loss=entropy)")
-                if pad is not None and not bool((labels == -100).any()):
-                    labels = labels.masked_fill(labels == pad, -100)
-                dec = model.prepare_decoder_input_ids_from_labels(labels=labels)
-                logits = forward(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), decoder_input_ids=dec).logits
-                return core.token_loss(logits, labels, "ce", shift=False)
-            dec = torch.full((batch["input_ids"].shape[0], 1), int(start), dtype=torch.long, device=batch["input_ids"].device)
-            logits = forward(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), decoder_input_ids=dec).logits
-            return core.entropy_loss(logits[:, 0])
-        logits = forward(**batch).logits
-        if logits.ndim == 2:  # sequence classification
-            return core.classification_loss(logits, labels if loss == "ce" else None, loss)
-        if loss == "ce" and labels is None:
-            raise RethinkConfigError("rethink: loss=ce needs labels in the calibration data (or use loss=entropy)")
-        return core.token_loss(logits, labels if loss == "ce" else None, loss, shift=True, mask=batch.get("attention_mask"))
+        try:
+            return batch_loss(forward, batch, loss)
+        except ValueError as exc:
+            if str(exc) == NEEDS_LABELS:
+                raise RethinkConfigError(f"rethink: {exc}") from exc
+            raise
 
     # --------------------------------------------------------------- output
     def _finish(self, result: core.RethinkResult, names: list[str], timings: dict) -> None:
-        from safetensors.torch import save_file
-
         log_dir = algorithm_log_dir(self) or getattr(getattr(self, "_program", None), "log_dir", None)
         report = {
             "method": "pave/rethink (LoRA-DV spectral rethinking)",
@@ -299,13 +251,7 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
         self.last_report = report
         lam_path = self.lambda_save_path or (f"{log_dir}/rethink_lambda.safetensors" if log_dir else None)
         if lam_path and result.layers:
-            from pathlib import Path
-
-            from pave_plugins.io.atomic import atomic_path
-
-            Path(lam_path).parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(lam_path) as tmp:
-                save_file(result.lambda_tensors(), str(tmp), metadata={"format": "pave_plugins.rethink/1"})
+            save_lambdas(result, lam_path)
             log.info("rethink: learned Lambda written to %s", lam_path)
         rep_path = self.report_path or (f"{log_dir}/rethink_report.json" if log_dir else None)
         if rep_path:

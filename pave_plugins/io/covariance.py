@@ -20,6 +20,7 @@ covariance at a time, so a merge never holds a whole set in memory.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +32,18 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_path
 
+logger = logging.getLogger("pave_plugins.io.covariance")
+
 FORMAT = "pave-covariance"
 FORMAT_VERSION = "1"
 
 
 class CovarianceFileError(ValueError):
     """A covariance file is missing, corrupt, or does not fit the model it is used with."""
+
+
+#: safetensors dtype codes of half-precision covariances (used with a warning)
+LOW_PRECISION = {"F16": "float16", "BF16": "bfloat16"}
 
 
 class MissingCovarianceError(CovarianceFileError):
@@ -99,8 +106,11 @@ def save_covariances(
     path: str | os.PathLike,
     covariances: Mapping[str, torch.Tensor],
     metadata: CovarianceMetadata,
+    *,
+    overwrite: bool = True,
 ) -> Path:
-    """Write ``{tensor key: C}`` and metadata atomically (temp file, then rename)."""
+    """Write ``{tensor key: C}`` and metadata atomically (temp file, then rename; with
+    ``overwrite=False`` a file that appeared meanwhile is not replaced)."""
     path = Path(path)
     missing = sorted(set(metadata.layer_map.values()) - set(covariances))
     if missing:
@@ -110,9 +120,18 @@ def save_covariances(
         if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
             raise ValueError(f"covariance {key!r} must be square, got {tuple(cov.shape)}")
         tensors[key] = cov.detach().to("cpu").contiguous()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata=metadata.to_strings())
     return path
+
+
+def is_covariance_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file written by ``pave collect`` (its header says so)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # not safetensors at all
+        return False
 
 
 def _layer_of(name: str) -> str:
@@ -147,12 +166,18 @@ class CovarianceFile:
             with safe_open(str(self.path), framework="pt") as f:
                 meta = f.metadata() or {}
                 self._keys = set(f.keys())
+                stored = sorted({f.get_slice(k).get_dtype() for k in self._keys})
         except Exception as exc:  # safetensors raises several types for corrupt headers
             raise CovarianceFileError(f"{self.path}: cannot read covariance file ({exc})") from exc
         self.metadata = CovarianceMetadata.from_strings(meta, self.path)
         absent = sorted(set(self.metadata.layer_map.values()) - self._keys)
         if absent:
             raise CovarianceFileError(f"{self.path}: layer_map names tensors that are missing: {absent[:5]}")
+        low = [d for d in stored if d in LOW_PRECISION]
+        if low:
+            logger.warning("%s: covariances stored in %s: their rounding changes the singular values and so the ranks "
+                           "Algorithm 1 keeps; collect them in float64 (pave collect's default) or float32",
+                           self.path, LOW_PRECISION[low[0]])
 
     @property
     def layers(self) -> list[str]:

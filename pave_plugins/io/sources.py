@@ -85,7 +85,7 @@ class PreparedCache:
     def get(
         self, source: CovarianceSource, layer: str, *, device: torch.device | str, compute_dtype: torch.dtype
     ) -> tuple[PreparedCovariance, str]:
-        """The prepared covariance of ``layer`` and its key; damping is logged at debug level."""
+        """The prepared covariance of ``layer`` and its key; damping is logged (warning) with the amount."""
         key = source.key_for(layer)
         ck = (key, str(device), str(compute_dtype))
         with self._lock:
@@ -103,6 +103,9 @@ class PreparedCache:
             except ValueError as exc:
                 raise CovarianceFileError(str(exc)) from exc
             self.n_prepared += 1
+            if prepared.damping > 0:
+                logger.warning("covariance %r (layer %r) in %s is singular: damped with %.3g (%.3g x mean diag C)",
+                               key, layer, source.origin, prepared.damping, prepared.relative_damping)
             cache[ck] = prepared
             while len(cache) > self.per_source:
                 cache.popitem(last=False)

@@ -43,7 +43,7 @@ from pave_plugins.core.rank_allocation import check_rho_gamma
 from pave_plugins.engine import DEFAULT_RHO, PaveEngine, PaveSettings, purified_weight
 
 from .covariances import CovarianceStore
-from .recipe_check import install_recipe_check
+from .recipe import install_recipe_check
 from .report import current_report, install_output_hooks
 
 logger = logging.getLogger("pave_plugins.mergekit")
@@ -146,9 +146,8 @@ class PaveMerge(GroupMergeMethod):
             allow_missing_covariance=bool(params.get("allow_missing_covariance", False)),
         )
         report = current_report()
-        if self.store.clear not in report.on_close:
+        if report.on_close_once(self.store.clear):
             self.store.clear()  # a new merge: drop the caches of the previous one
-            report.on_close.append(self.store.clear)
 
         purified_group, record = self._purify(group, name, settings, params["covariance"])
         report_settings = {k: params[k] for k in ("inner", "rho", "gamma", "rank_allocation", "target", "compute_dtype")}
@@ -215,5 +214,6 @@ pave_merge_method = PaveMerge()
 # attach the rank report to mergekit's output writer when (and only if) it is imported:
 # mergekit.io.tasks pulls in transformers, too heavy for `import mergekit.merge_methods`
 when_imported("mergekit.io.tasks", install_output_hooks)
+# check the recipe (covariance placement, unknown parameter names) when mergekit plans a merge
 when_imported("mergekit.plan", install_recipe_check)
 register_late(pave_merge_method)

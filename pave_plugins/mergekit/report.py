@@ -16,9 +16,12 @@ output directory and the end of the merge:
 * ``FinalizeModel.execute`` (runs once, after the last tensor is written) writes the final
   ``pave_rank_report.json`` atomically next to the merged weights and logs a summary.
 
-Between the two the JSON is rewritten atomically at most every few seconds, so a long merge that is
-interrupted still leaves a valid partial report. Both wrappers call mergekit's original method
-first and never raise (a failure to write the report is logged, the merge is not affected).
+Between the two, the report in progress is rewritten atomically at most every few seconds to the
+hidden ``.pave_rank_report.partial.json`` (never to ``pave_rank_report.json``): a merge that fails or
+is killed leaves the previous merge's ``pave_rank_report.json`` whole. A merge with another method
+into a folder that holds a ``pave`` rank report removes that report when it finishes (it would
+describe a model that is no longer there). Both wrappers call mergekit's original method first and
+never raise (a failure to write the report is logged, the merge is not affected).
 For merges without an output directory (mergekit's in-memory API), :func:`last_report` returns
 the report object.
 """
@@ -27,9 +30,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
-from pave_plugins.engine.report import REPORT_NAME, RankReport
+from pave_plugins.engine.report import PARTIAL_NAME, REPORT_NAME, RankReport, is_rank_report
 
 logger = logging.getLogger("pave_plugins.mergekit")
 
@@ -64,7 +68,7 @@ def _start_output(out_path: str) -> None:
             _current = None
         if _current is None:
             _current = RankReport()
-        _current.out_path = str(out_path)
+        _current.attach(out_path)
 
 
 def _finish_output(out_path: str | None) -> None:
@@ -79,15 +83,36 @@ def _finish_output(out_path: str | None) -> None:
     report.finished = True
     if report.tensors:
         path = report.write()
+        if report.out_path:
+            _remove(Path(report.out_path) / PARTIAL_NAME)
         logger.info("%s\nrank report: %s", report.summary(), path)
         if not any(r.get("purified") for r in report.tensors.values()):
             logger.warning(
                 "pave: no tensor was purified (no covariance matched any weight); "
                 "the merge equals the inner method on the plain task vectors"
             )
+    elif report.out_path:
+        _retire_stale_report(Path(report.out_path))
     report.close()
     with _lock:
         _last = report
+
+
+def _retire_stale_report(out: Path) -> None:
+    """A merge by another method finished in ``out``: a ``pave`` rank report there describes the
+    model this merge replaced, so it goes."""
+    _remove(out / PARTIAL_NAME)
+    stale = out / REPORT_NAME
+    if stale.is_file() and is_rank_report(stale):
+        _remove(stale)
+        logger.warning("pave: removed %s: it described the previous pave merge in that folder, not this merge", stale)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def install_output_hooks(tasks: Any = None) -> bool:

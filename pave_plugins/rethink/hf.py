@@ -15,6 +15,7 @@ Calibration data, one jsonl file per task:
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import math
@@ -26,7 +27,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from pave_plugins.collect.data import ensure_pad_token, read_jsonl, seeded_subset
 from pave_plugins.core import rethink as core
+from pave_plugins.rethink.losses import batch_loss
+from pave_plugins.rethink.output import LAMBDA_FILE, save_lambdas
 from pave_plugins.rethink.progress import tqdm_bar
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,6 @@ PAPER = (
     "LoRA-DV: Spectral Rethinking for Reducing Task Interference via Difference Vector in Model Merging",
     "anonymous ACL submission; no public URL known",
 )
-LAMBDA_FILE = "rethink_lambda.safetensors"
 RECIPE_FILE = "rethink.json"
 
 
@@ -47,26 +50,11 @@ def read_calibration(path: str | os.PathLike, *, limit: int | None = None, seed:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"calibration file not found: {path}")
-    records = []
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{i}: each line must be a JSON object, got {type(rec).__name__}")
-            records.append(rec)
+    records = read_jsonl(path)
     if not records:
         raise ValueError(f"calibration file {path} has no records")
-    if limit is not None and len(records) > limit:
-        g = torch.Generator().manual_seed(int(seed))
-        keep = sorted(torch.randperm(len(records), generator=g)[:limit].tolist())
-        records = [records[i] for i in keep]
-    return records
+    keep = seeded_subset(len(records), limit, torch.Generator().manual_seed(int(seed)))
+    return [records[i] for i in keep]
 
 
 def model_kind(config: Any) -> str:
@@ -94,16 +82,21 @@ def auto_class(kind: str):
 
 
 def _label_id(value: Any, label2id: Mapping[str, int] | None, where: str) -> int:
+    """The class index of a label (an int or a name in the head's ``label2id``), within the head's classes."""
     if isinstance(value, bool):
         raise ValueError(f"{where}: label must be an int or a label name, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        if label2id and value in label2id:
-            return int(label2id[value])
-        if value.lstrip("-").isdigit():
-            return int(value)
-    raise ValueError(f"{where}: label {value!r} is neither an int nor a name in the head's label2id {dict(label2id or {})}")
+    if isinstance(value, str) and label2id and value in label2id:
+        return int(label2id[value])
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int):
+        raise ValueError(
+            f"{where}: label {value!r} is neither an int nor a name in the head's label2id {dict(label2id or {})}"
+        )
+    if label2id and not 0 <= value < len(label2id):
+        raise ValueError(f"{where}: label {value} is outside the head's {len(label2id)} classes (0-{len(label2id) - 1}); "
+                         "give this task's fine-tuned model with --heads TASK=DIR")
+    return value
 
 
 def _text(rec: dict, template: str | None, field_name: str, where: str) -> str:
@@ -137,10 +130,7 @@ def build_batches(
     """Tokenised batches of one task (batches never mix tasks: each task may have its own head)."""
     if kind not in TASK_TYPES:
         raise ValueError(f"task type must be one of {TASK_TYPES}, got {kind!r}")
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     batches = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
@@ -228,20 +218,8 @@ def hf_loss_fn(
     def fn(forward: core.Forward, batch: Mapping[str, Any]) -> Tensor:
         batch = _to(batch, device) if device is not None else dict(batch)
         task = batch.pop("task", None)
-        labels = batch.pop("labels", None)
         extra = heads.get(task) if heads and task is not None else None
-        if kind == "seq-cls":
-            logits = forward(**batch, params=extra).logits
-            return core.classification_loss(logits, labels if loss == "ce" else None, loss)
-        if kind == "seq2seq":
-            if labels is not None and "decoder_input_ids" not in batch:
-                batch["decoder_input_ids"] = forward.model.prepare_decoder_input_ids_from_labels(labels=labels)
-            logits = forward(**batch, params=extra).logits
-            if labels is None:
-                return core.entropy_loss(logits[:, 0])
-            return core.token_loss(logits, labels, loss, shift=False)
-        logits = forward(**batch, params=extra).logits
-        return core.token_loss(logits, labels, loss, shift=True, mask=batch.get("attention_mask"))
+        return batch_loss(forward, batch, loss, params=extra)
 
     return fn
 
@@ -330,28 +308,20 @@ def load_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
 # ----------------------------------------------------------------------------- the job
 @dataclass
 class RethinkJob:
-    """Everything ``pave rethink`` does, as data (see :func:`run_job`)."""
+    """Everything ``pave rethink`` does, as data (see :func:`run_job`): the LoRA-DV
+    hyper-parameters in ``config`` (:class:`pave_plugins.core.rethink.RethinkConfig`), the rest
+    says where the models and data are and how to read them."""
 
     base: str
     out: str
     calib: Mapping[str, str]
+    config: core.RethinkConfig = field(default_factory=core.RethinkConfig)
     merged: str | None = None
     lora: Mapping[str, str] | None = None
     lora_weights: Sequence[float] | None = None
     heads: Mapping[str, str] | None = None
     task_type: str = "auto"
-    loss: str = "ce"
-    iterations: int = 3
-    epochs: int = 10
-    lr: float = 5e-3
-    mode: str = "anisotropic"
-    top_k: int | None = None
-    keep_tail: bool = False
-    redecompose: str = "factored"
-    compute_dtype: str = "float32"
-    samples: int | None = 32
     tokenizer: str | None = None  # folder of the tokenizer; default: the merged folder's, else the base's
-    batch_size: int = 8
     max_length: int = 256
     template: str | None = None
     text_field: str = "text"
@@ -359,11 +329,15 @@ class RethinkJob:
     input_field: str = "input"
     target_field: str = "target"
     include_embeddings: bool = False
-    seed: int = 0
     device: str = "auto"
     overwrite: bool = False
-    progress: bool = True
     allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
+            raise ValueError(f"max_length must be a positive integer, got {self.max_length!r}")
+        if self.task_type != "auto" and self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type must be auto or one of {TASK_TYPES}, got {self.task_type!r}")
 
 
 def _device(name: str) -> torch.device:
@@ -376,7 +350,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "spiece.model", "sentencepiece.bpe.model")
 
 
-def _load_tokenizer(job: "RethinkJob"):
+def _load_tokenizer(job: RethinkJob):
     """The tokenizer of ``--tokenizer``, else of the merged folder, else of the base folder."""
     from transformers import AutoTokenizer
 
@@ -399,116 +373,149 @@ def run_job(job: RethinkJob) -> dict:
     """Load, rethink, save (atomic). Returns the recipe dict written to ``rethink.json``."""
     from transformers import AutoConfig
 
-    from pave_plugins.io.atomic import atomic_directory, check_writable
     from pave_plugins.io.checkpoints import load_pretrained
+
+    _check_job(job)
+    cfg = job.config
+    torch.manual_seed(int(cfg.seed))
+    device = _device(job.device)
+    src = job.merged if job.merged is not None else job.base
+    config = AutoConfig.from_pretrained(src)
+    kind = model_kind(config) if job.task_type == "auto" else job.task_type
+    cls = auto_class(kind)
+    log.info("rethink: %s model from %s (%s)", kind, src, cls.__name__)
+    model = load_pretrained(cls, src, allow_pickle=job.allow_pickle, dtype="auto")
+    base_state = _base_state(job, cls, model)
+    low_rank = _merge_lora(job, model) if job.lora else {}
+    tokenizer, tok_dir = _load_tokenizer(job)
+    model.to(device)
+    head_names: list[str] = head_parameter_names(model) if kind == "seq-cls" else []
+    heads, label2ids = _task_heads(job, cls, config, kind, head_names, device)
+    batches, samples_used = _calibration_batches(job, tokenizer, kind, config, label2ids)
+    exclude = set(head_names) | (set() if job.include_embeddings else embedding_parameter_names(model))
+    layers = [] if job.lora else core.default_layers(model, base_state, exclude=exclude)
+    result = core.rethink(
+        model, base_state, batches, hf_loss_fn(kind, cfg.loss, heads=heads, device=device),
+        layers=layers, low_rank=low_rank, config=cfg, progress_bar=tqdm_bar,
+    )
+    recipe = _recipe(job, kind, result)
+    recipe.update(samples_per_task=samples_used, tokenizer=str(tok_dir))  # records actually used (at most --samples)
+    _save(job, model, tokenizer, result, recipe)
+    log.info("rethink: wrote %s", job.out)
+    return recipe
+
+
+#: what ``pave rethink`` writes into ``--out``: the model and tokenizer files, Lambda, recipe, model card
+WRITES = ("config.json", "generation_config.json", "README.md", RECIPE_FILE, LAMBDA_FILE, "model.safetensors",
+          "model-*.safetensors", "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
+          "added_tokens.json", "vocab*", "merges.txt", "*.model", "chat_template*")
+
+
+def rethink_output(entry: Path) -> bool:
+    """Whether ``entry`` is something ``pave rethink`` writes (see :data:`WRITES`)."""
+    return entry.is_file() and any(fnmatch.fnmatch(entry.name, pattern) for pattern in WRITES)
+
+
+def _check_job(job: RethinkJob) -> None:
+    """Everything that can be refused before a model is loaded."""
+    from pave_plugins.io.atomic import check_apart, check_replaceable, check_writable
 
     if (job.merged is None) == (not job.lora):
         raise ValueError("give either a merged model folder (--merged) or LoRA adapters (--lora), not both")
     if not job.calib:
         raise ValueError("no calibration file (--calib task=file.jsonl ...)")
     out = Path(job.out)
+    check_apart(out, {"--base": [job.base], "--merged": [job.merged], "--lora": list((job.lora or {}).values()),
+                      "--heads": list((job.heads or {}).values()), "--calib": list(job.calib.values())})
     if out.exists() and any(out.iterdir()) and not job.overwrite:
         raise FileExistsError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
+    if job.overwrite:
+        check_replaceable(out, rethink_output, "pave rethink", marker=RECIPE_FILE)
     check_writable(out)
     for d in [job.base, job.merged, *(job.lora or {}).values(), *(job.heads or {}).values()]:
         if d is not None and not Path(d).exists():
             raise FileNotFoundError(f"model folder not found: {d}")
-    torch.manual_seed(int(job.seed))
-    device = _device(job.device)
-    src = job.merged if job.merged is not None else job.base
-    config = AutoConfig.from_pretrained(src)
-    kind = model_kind(config) if job.task_type == "auto" else job.task_type
-    if kind not in TASK_TYPES:
-        raise ValueError(f"task_type must be auto or one of {TASK_TYPES}, got {job.task_type!r}")
-    cls = auto_class(kind)
-    log.info("rethink: %s model from %s (%s)", kind, src, cls.__name__)
-    model = load_pretrained(cls, src, allow_pickle=job.allow_pickle, dtype="auto")
-    base_model = load_pretrained(cls, job.base, allow_pickle=job.allow_pickle, dtype="auto") if job.merged is not None else None
-    base_state = {k: v.detach() for k, v in (base_model or model).state_dict().items()}
-    if base_model is not None:
-        del base_model
-    else:
-        base_state = {k: v.clone() for k, v in base_state.items()}
 
-    # LoRA experts: merged = base + sum_i w_i B_i A_i, fast path
+
+def _base_state(job: RethinkJob, cls, model: nn.Module) -> dict[str, Tensor]:
+    """theta_pre: the base model's tensors (a copy of the model's own when LoRA adapters are merged in)."""
+    from pave_plugins.io.checkpoints import load_pretrained
+
+    if job.merged is None:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    base_model = load_pretrained(cls, job.base, allow_pickle=job.allow_pickle, dtype="auto")
+    return {k: v.detach() for k, v in base_model.state_dict().items()}
+
+
+def _merge_lora(job: RethinkJob, model: nn.Module) -> dict[str, core.LowRankDelta]:
+    """LoRA experts: merged = base + sum_i w_i B_i A_i written into ``model``; the factors for the fast path."""
+    names = list(job.lora)
+    weights = list(job.lora_weights) if job.lora_weights else [1.0] * len(names)
+    if len(weights) != len(names):
+        raise ValueError(f"{len(weights)} --lora-weights for {len(names)} adapters")
+    adapters = [load_lora_adapter(job.lora[n]) for n in names]
+    params = dict(model.named_parameters())
     low_rank: dict[str, core.LowRankDelta] = {}
-    if job.lora:
-        names = list(job.lora)
-        weights = list(job.lora_weights) if job.lora_weights else [1.0] * len(names)
-        if len(weights) != len(names):
-            raise ValueError(f"{len(weights)} --lora-weights for {len(names)} adapters")
-        adapters = [load_lora_adapter(job.lora[n]) for n in names]
-        params = dict(model.named_parameters())
-        keys = sorted(set().union(*(a.factors for a in adapters)))
-        for key in keys:
-            if key not in params:
-                raise ValueError(f"LoRA adapter targets {key!r}, which the base model {job.base} does not have")
-            pairs = [(w, a.factors[key]) for w, a in zip(weights, adapters) if key in a.factors]
-            low_rank[key] = core.LowRankDelta([p[1][0] for p in pairs], [p[1][1] for p in pairs], [p[0] for p in pairs])
-            with torch.no_grad():
-                p = params[key]
-                p.copy_((p.to(torch.float32) + low_rank[key].dense(torch.float32)).to(p.dtype))
-        log.info("rethink: %d LoRA adapters merged (weights %s) on %d layers", len(names), weights, len(low_rank))
+    for key in sorted(set().union(*(a.factors for a in adapters))):
+        if key not in params:
+            raise ValueError(f"LoRA adapter targets {key!r}, which the base model {job.base} does not have")
+        pairs = [(w, a.factors[key]) for w, a in zip(weights, adapters) if key in a.factors]
+        low_rank[key] = core.LowRankDelta([p[1][0] for p in pairs], [p[1][1] for p in pairs], [p[0] for p in pairs])
+        with torch.no_grad():
+            p = params[key]
+            p.copy_((p.to(torch.float32) + low_rank[key].dense(torch.float32)).to(p.dtype))
+    log.info("rethink: %d LoRA adapters merged (weights %s) on %d layers", len(names), weights, len(low_rank))
+    return low_rank
 
-    tokenizer, tok_dir = _load_tokenizer(job)
-    model.to(device)
 
-    # per-task heads (sequence classification)
+def _task_heads(job: RethinkJob, cls, config, kind: str, head_names: list[str], device):
+    """Per-task classification heads (``--heads``) and each task's ``label2id``."""
+    from pave_plugins.io.checkpoints import load_pretrained
+
     heads: dict[str, dict[str, Tensor]] = {}
-    head_names: list[str] = head_parameter_names(model) if kind == "seq-cls" else []
-    label2ids: dict[str, Mapping[str, int] | None] = {}
+    label2ids: dict[str, Mapping[str, int] | None] = {task: getattr(config, "label2id", None) for task in job.calib}
+    if not job.heads:
+        if kind == "seq-cls" and len(job.calib) > 1:
+            log.warning("rethink: no --heads given; every task is evaluated through the merged model's own head")
+        return heads, label2ids
+    if kind != "seq-cls":
+        raise ValueError("--heads applies to sequence classifiers only")
+    missing = [t for t in job.calib if t not in job.heads]
+    if missing:
+        raise ValueError(f"no head for task(s) {missing}: give --heads {missing[0]}=<fine-tuned model dir> for each task")
     for task in job.calib:
-        label2ids[task] = getattr(config, "label2id", None)
-    if job.heads:
-        if kind != "seq-cls":
-            raise ValueError("--heads applies to sequence classifiers only")
-        missing = [t for t in job.calib if t not in job.heads]
-        if missing:
-            raise ValueError(f"no head for task(s) {missing}: give --heads {missing[0]}=<fine-tuned model dir> for each task")
-        for task in job.calib:
-            ft = load_pretrained(cls, job.heads[task], allow_pickle=job.allow_pickle, dtype="auto")
-            sd = dict(ft.named_parameters())
-            heads[task] = {n: sd[n].detach().to(device) for n in head_names if n in sd}
-            if len(heads[task]) != len(head_names):
-                raise ValueError(f"fine-tuned model {job.heads[task]} lacks head parameters {set(head_names) - set(heads[task])}")
-            label2ids[task] = getattr(ft.config, "label2id", None)
-            del ft
-    elif kind == "seq-cls" and len(job.calib) > 1:
-        log.warning("rethink: no --heads given; every task is evaluated through the merged model's own head")
+        ft = load_pretrained(cls, job.heads[task], allow_pickle=job.allow_pickle, dtype="auto")
+        sd = dict(ft.named_parameters())
+        heads[task] = {n: sd[n].detach().to(device) for n in head_names if n in sd}
+        if len(heads[task]) != len(head_names):
+            raise ValueError(f"fine-tuned model {job.heads[task]} lacks head parameters {set(head_names) - set(heads[task])}")
+        label2ids[task] = getattr(ft.config, "label2id", None)
+    return heads, label2ids
 
+
+def _calibration_batches(job: RethinkJob, tokenizer, kind: str, config, label2ids) -> tuple[list[dict], dict[str, int]]:
+    """The batches of every task, and how many records each task contributed."""
+    cfg = job.config
     batches: list[dict] = []
-    samples_used: dict[str, int] = {}
+    used: dict[str, int] = {}
     for task, path in job.calib.items():
-        records = read_calibration(path, limit=job.samples, seed=job.seed)
-        samples_used[task] = len(records)
+        records = read_calibration(path, limit=cfg.samples, seed=cfg.seed)
+        used[task] = len(records)
         try:
             batches += build_batches(
-                task, records, tokenizer, kind, loss=job.loss, batch_size=job.batch_size, max_length=job.max_length,
+                task, records, tokenizer, kind, loss=cfg.loss, batch_size=cfg.batch_size, max_length=job.max_length,
                 template=job.template, text_field=job.text_field, label_field=job.label_field,
                 input_field=job.input_field, target_field=job.target_field, label2id=label2ids[task],
                 decoder_start_token_id=getattr(config, "decoder_start_token_id", None),
             )
         except ValueError as exc:  # name the file, not only the task and record numbers
             raise ValueError(f"calibration file {path}: {exc}") from exc
+    return batches, used
 
-    exclude = set(head_names)
-    if not job.include_embeddings:
-        exclude |= embedding_parameter_names(model)
-    if job.lora:
-        layers: list[str] = []
-    else:
-        layers = core.default_layers(model, base_state, exclude=exclude)
-    dtype = {"float32": torch.float32, "float64": torch.float64}.get(job.compute_dtype)
-    if dtype is None:
-        raise ValueError(f"compute_dtype must be float32 or float64, got {job.compute_dtype!r}")
-    result = core.rethink(
-        model, base_state, batches, hf_loss_fn(kind, job.loss, heads=heads, device=device),
-        layers=layers, low_rank=low_rank,
-        iterations=job.iterations, epochs=job.epochs, lr=job.lr, mode=job.mode, top_k=job.top_k,
-        keep_tail=job.keep_tail, redecompose=job.redecompose, compute_dtype=dtype, seed=job.seed,
-        progress=job.progress, progress_bar=tqdm_bar,
-    )
-    recipe = {
+
+def _recipe(job: RethinkJob, kind: str, result: core.RethinkResult) -> dict:
+    cfg = job.config
+    return {
         "method": "LoRA-DV spectral rethinking (pave_plugins)",
         "base": str(job.base),
         "merged": str(job.merged) if job.merged else None,
@@ -517,24 +524,30 @@ def run_job(job: RethinkJob) -> dict:
         "heads": dict(job.heads) if job.heads else None,
         "task_type": kind,
         "calibration": {t: str(p) for t, p in job.calib.items()},
-        "samples_per_task": samples_used,  # records actually used (at most --samples)
-        "tokenizer": str(tok_dir),
-        "loss": job.loss,
-        "iterations": job.iterations,
-        "epochs": job.epochs,
-        "lr": job.lr,
-        "mode": job.mode,
-        "top_k": job.top_k,
-        "keep_tail": job.keep_tail,
-        "redecompose": job.redecompose,
-        "compute_dtype": job.compute_dtype,
-        "seed": job.seed,
+        "samples_per_task": cfg.samples,
+        "loss": cfg.loss,
+        "iterations": cfg.iterations,
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        "mode": cfg.mode,
+        "top_k": cfg.top_k,
+        "keep_tail": cfg.keep_tail,
+        "redecompose": cfg.redecompose,
+        "compute_dtype": str(cfg.compute_dtype).removeprefix("torch."),
+        "seed": cfg.seed,
         "layers": len(result.layers),
         "low_rank_layers": sum(v == "low_rank" for v in result.paths.values()),
         "changed_layers": len(result.changed),
         "losses": result.losses,
     }
-    with atomic_directory(out, overwrite=job.overwrite) as tmp:
+
+
+def _save(job: RethinkJob, model: nn.Module, tokenizer, result: core.RethinkResult, recipe: dict) -> None:
+    """The model folder, tokenizer, Lambda file, recipe and model card, moved into place when complete."""
+    from pave_plugins.io.atomic import atomic_directory
+
+    with atomic_directory(Path(job.out), overwrite=job.overwrite, owned=rethink_output, who="pave rethink",
+                          marker=RECIPE_FILE) as tmp:
         model.to("cpu")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -543,22 +556,6 @@ def run_job(job: RethinkJob) -> dict:
         card = Path(job.merged) / "README.md" if job.merged else None
         prior = card.read_text(encoding="utf-8") if card is not None and card.is_file() else ""
         (tmp / "README.md").write_text(prior.rstrip() + ("\n\n" if prior else "") + model_card_section(recipe), encoding="utf-8")
-    log.info("rethink: wrote %s", out)
-    return recipe
-
-
-def save_lambdas(result: core.RethinkResult, path: Path, recipe: Mapping[str, Any] | None = None) -> None:
-    """Learned Lambda per layer and iteration (``<layer>.lambda.<t>``), the singular values they
-    scale (``<layer>.sigma.<t>``) and the overall gain (``<layer>.gain``), as safetensors."""
-    from safetensors.torch import save_file
-
-    meta = {"format": "pave_plugins.rethink/1"}
-    if recipe is not None:
-        meta["recipe"] = json.dumps({k: v for k, v in recipe.items() if k != "losses"})
-    tensors = result.lambda_tensors()
-    if not tensors:
-        tensors = {"_empty": torch.zeros(0)}
-    save_file(tensors, str(path), metadata=meta)
 
 
 def _samples_text(samples: Mapping[str, int] | int | None) -> str:

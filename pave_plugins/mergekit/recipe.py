@@ -1,0 +1,135 @@
+"""Recipe checks for the ``pave`` and ``tsv`` methods, run when mergekit plans a merge (before any
+tensor is read or written): a covariance given where it cannot be meant is an error that says where
+it belongs; a parameter name the method does not know is a warning naming the nearest valid one; a
+value the method does not accept (``rho: 1.5``, a covariance file that does not exist, ``target:
+wieght``) is an error naming the parameter and the allowed values, checked with the method's own
+parameter types before mergekit's planner would fail on it deep in a pydantic traceback.
+
+The errors are :class:`RecipeParameterError`; in a program that does not catch them
+(``mergekit-yaml``) they are printed as one line, without the traceback. The Python API gets the
+exception as usual.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import sys
+from typing import Any, Iterator
+
+logger = logging.getLogger("pave_plugins.mergekit")
+
+WHERE = "put each model's own file under that model: `models: [{model: M, parameters: {covariance: FILE}}]`"
+
+
+class RecipeParameterError(ValueError):
+    """A ``pave`` or ``tsv`` parameter of a mergekit recipe has a value or place the method does not accept."""
+
+
+def check_recipe(config: Any, method: Any = None) -> None:
+    """Check a ``MergeConfiguration`` of a ``pave`` or ``tsv`` merge (other methods: nothing)."""
+    if config.merge_method not in ("pave", "tsv"):
+        return
+    for where, model, params in _parameter_blocks(config):
+        try:
+            if config.merge_method == "pave":
+                _check_covariance(where, model, params)
+        except RecipeParameterError:
+            raise
+        except ValueError as exc:
+            raise RecipeParameterError(str(exc)) from None
+        if method is not None:
+            _warn_unknown(config.merge_method, method, where, params)
+            _check_values(config.merge_method, method, where, params)
+
+
+def _check_values(name: str, method: Any, where: str, params: dict) -> None:
+    """Each scalar value against the method's parameter type (gradients and filters: mergekit resolves them)."""
+    from pydantic import ValidationError
+
+    specs = {p.name: p for p in method.spec.parameters}
+    for key, value in params.items():
+        spec = specs.get(key)
+        if spec is None or isinstance(value, (list, dict)):
+            continue
+        try:
+            spec.validate(value)
+        except ValidationError as exc:
+            msg = str(exc.errors()[0].get("msg", exc)).removeprefix("Value error, ")
+            msg = msg if msg.startswith(key) else f"{key}: {msg}"
+            raise RecipeParameterError(f"{name} recipe ({where}): {msg}") from None
+
+
+def _parameter_blocks(config: Any) -> Iterator[tuple[str, Any, dict]]:
+    """``(where, model or None, parameters)`` for every parameter block of the recipe."""
+    yield "the recipe's global `parameters`", None, config.parameters or {}
+    modules = [("", config)] + [(f"module {n!r}: ", m) for n, m in (config.modules or {}).items()]
+    for prefix, mod in modules:
+        if mod is not config:
+            yield f"{prefix}`parameters`", None, mod.parameters or {}
+        for m in mod.models or []:
+            yield f"{prefix}model {m.model}", m.model, m.parameters or {}
+        for i, sl in enumerate(mod.slices or []):
+            yield f"{prefix}slice {i} `parameters`", None, sl.parameters or {}
+            for src in sl.sources:
+                yield f"{prefix}slice {i} model {src.model}", src.model, src.parameters or {}
+
+
+def _check_covariance(where: str, model: Any, params: dict) -> None:
+    if "covariance" not in params:
+        return
+    value = params["covariance"]
+    if model is None:
+        raise ValueError(f"pave: `covariance:` under {where} would give every model the same covariance "
+                         f"(one task's statistics for all); {WHERE}")
+    if not isinstance(value, str):
+        raise ValueError(f"pave: {where}: covariance must be one file path, got {type(value).__name__} {value!r}; "
+                         f"{WHERE}")
+    if os.path.isdir(os.path.expanduser(value)):
+        raise ValueError(f"pave: {where}: covariance {value} is a folder; give this model's covariance file "
+                         "(the .safetensors file `pave collect` wrote for it)")
+
+
+def _warn_unknown(name: str, method: Any, where: str, params: dict) -> None:
+    known = sorted(p.name for p in method.spec.parameters)
+    for key in params:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f" (known: {', '.join(known)})"
+            logger.warning("%s: unknown parameter %r under %s, ignored%s", name, key, where, hint)
+
+
+def install_recipe_check(plan: Any) -> bool:
+    """Wrap ``mergekit.plan.MergePlanner.__init__`` so that :func:`check_recipe` runs first (idempotent)."""
+    planner = getattr(plan, "MergePlanner", None)
+    if planner is None or getattr(planner, "_pave_recipe_check", False):
+        return planner is not None
+    original = planner.__init__
+
+    def __init__(self, config, *args, **kwargs):
+        from mergekit.merge_methods import registry
+
+        method = registry.get(config.merge_method) if config.merge_method in ("pave", "tsv") else None
+        check_recipe(config, method)
+        original(self, config, *args, **kwargs)
+
+    __init__.__wrapped__ = original  # type: ignore[attr-defined]
+    planner.__init__ = __init__
+    planner._pave_recipe_check = True
+    if not getattr(sys.excepthook, "_pave_recipe_hook", False):
+        sys.excepthook = _excepthook(sys.excepthook)
+    return True
+
+
+def _excepthook(previous):
+    """Print an uncaught :class:`RecipeParameterError` as one line; everything else as before."""
+
+    def hook(exc_type, exc, tb):
+        if isinstance(exc, RecipeParameterError):
+            logger.error("%s", exc)
+            return
+        previous(exc_type, exc, tb)
+
+    hook._pave_recipe_hook = True  # type: ignore[attr-defined]
+    return hook
