@@ -39,8 +39,15 @@ def build_models(seed: int = 0):
 
 
 def main(workdir: str | None = None) -> dict:
+    """Run the example; covariance files go to ``workdir`` (default: a temporary folder, removed)."""
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="pave-fb-example-") as tmp:
+            return run(Path(tmp))
+    return run(Path(workdir))
+
+
+def run(workdir: Path) -> dict:
     base, fine_tuned = build_models()
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="pave-fb-example-"))
     # PAVE feeds task k's data to fine-tuned model k; here random tokens stand in for the data.
     # The algorithm's parameters must be YAML-serialisable (FusionBench records its config),
     # so covariances are passed as files, as `pave collect` writes them.

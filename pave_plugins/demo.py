@@ -10,6 +10,9 @@ Everything is built locally (no hub) and goes through the same code paths a user
    next to the models: stock ``task_arithmetic``, our ``pave`` (inner ``task_arithmetic``, Algorithm 1
    ranks) and our ``tsv`` (TSV-M);
 4. next-token accuracy of every model on every task, and the rank report that ``pave`` wrote.
+
+The folder also gets what the README's other commands need (:mod:`pave_plugins.demo_folder`):
+calibration data, recipes for every method (mergekit and FusionBench) and the inputs of ``pave bench``.
 """
 
 from __future__ import annotations
@@ -24,10 +27,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from .demo_folder import (
+    SEQ,
+    VOCAB,
+    mergekit_recipes,
+    word_tokenizer,
+    write_bench_inputs,
+    write_calibration,
+    write_fusion_bench_configs,
+)
 
-VOCAB = 48
-SEQ = 12
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,7 +48,7 @@ class DemoResult:
     full_ranks: dict[str, int]
     relative_change: float
     seconds: float
-    workdir: str
+    workdir: str | None  # None: a temporary folder, removed
 
 
 def tiny_llama(seed: int) -> nn.Module:
@@ -46,7 +56,7 @@ def tiny_llama(seed: int) -> nn.Module:
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=VOCAB + 1,  # + <pad>
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -82,21 +92,6 @@ def fine_tune(model: nn.Module, step: int, steps: int, seed: int) -> nn.Module:
     return model.eval()
 
 
-def recipe(method: str, base: Path, models: list[Path], covs: list[Path] | None, **params) -> str:
-    """A mergekit YAML recipe (absolute paths: mergekit reads ``a/b`` as a hub id)."""
-    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
-    for i, m in enumerate(models):
-        lines.append(f"  - model: {m}")
-        per_model = {"weight": 1.0}
-        if covs is not None:
-            per_model["covariance"] = str(covs[i])
-        lines.append("    parameters: " + json.dumps(per_model))
-    if params:
-        lines.append("parameters: " + json.dumps(params))
-    lines.append("dtype: float32")
-    return "\n".join(lines) + "\n"
-
-
 def merge_with_mergekit(config_yaml: str, out: Path) -> Path:
     """What ``mergekit-yaml recipe.yaml out`` does, in-process."""
     import yaml
@@ -109,7 +104,7 @@ def merge_with_mergekit(config_yaml: str, out: Path) -> Path:
     load_plugins()  # pave and tsv from the entry points, if the start-up hook has not (PAVE_PLUGINS_DISABLE: none)
 
     cfg = MergeConfiguration.model_validate(yaml.safe_load(config_yaml))
-    run_merge(cfg, str(out), options=MergeOptions(copy_tokenizer=False, quiet=True), config_source=config_yaml)
+    run_merge(cfg, str(out), options=MergeOptions(quiet=True), config_source=config_yaml)
     return out
 
 
@@ -122,30 +117,62 @@ def run_demo(
     lam: float = 1.0,
     seed: int = 0,
 ) -> DemoResult:
-    """Build, fine-tune, collect, purify and merge; models and recipes go under ``workdir``."""
+    """Build, fine-tune, collect, purify and merge; models, data and recipes go under ``workdir``."""
     # the models are tiny: one thread is faster, and much faster on a busy machine
     from transformers.utils import logging as hf_logging
 
     threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()  # per-file save/load bars of tiny models are noise here
+    merge_log = logging.getLogger("pave_plugins.mergekit")
+    level = merge_log.level
     try:
         if workdir is None:
+            # the folder is removed at the end: the merge log's paths would name files that are gone
+            merge_log.setLevel(logging.WARNING)
             with tempfile.TemporaryDirectory(prefix="pave-demo-") as tmp:
                 res = _run_demo(Path(tmp), num_tasks, steps, rho, lam, seed)
-            res.workdir = "not kept (pass --out DIR to keep them)"
+            res.workdir = None
             return res
         return _run_demo(Path(workdir), num_tasks, steps, rho, lam, seed)
     finally:
+        merge_log.setLevel(level)
         torch.set_num_threads(threads)
         if bars:
             hf_logging.enable_progress_bar()
 
 
+# the demo's own merges (recipe name -> label in the printed table)
+DEMO_MERGES = {"task_arithmetic": "task arithmetic", "pave_ta": "PAVE + task arithmetic", "tsv_m": "TSV-M"}
+
+
+def _fine_tunes(root: Path, task_steps: list[int], steps: int, seed: int, g: torch.Generator) -> tuple[list, list, dict]:
+    """Fine-tune, save (with the tokenizer), write calibration data and collect covariances, per task."""
+    from .collect import collect_covariances, model_fingerprint
+
+    tok = word_tokenizer()
+    ft_dirs, cov_files, models = [], [], {}
+    for k, st in enumerate(task_steps):
+        model = fine_tune(tiny_llama(seed), st, steps, seed + 1 + k)
+        ft_dir = root / f"ft_task_{k}"
+        model.save_pretrained(ft_dir)
+        tok.save_pretrained(ft_dir)
+        # task k's calibration data, and its covariances fed to fine-tuned model k (PAVE Sec. 3.2)
+        calib = task_batch(st, 32, g)
+        write_calibration(root / "data" / f"task_{k}.jsonl", calib)
+        cov_set = collect_covariances(model, [{"input_ids": b} for b in calib.split(16)], progress=False)
+        (root / "covs").mkdir(exist_ok=True)
+        cov_file = cov_set.save(root / "covs" / f"task_{k}.safetensors", model_path=str(ft_dir),
+                                model_fingerprint=model_fingerprint(model))
+        ft_dirs.append(ft_dir)
+        cov_files.append(cov_file)
+        models[f"fine-tune {k}"] = model
+        logger.info("task %d: fine-tuned and %d covariances collected", k, len(cov_set.covariances))
+    return ft_dirs, cov_files, models
+
+
 def _run_demo(root: Path, num_tasks: int, steps: int, rho: float, lam: float, seed: int) -> DemoResult:
     from transformers import LlamaForCausalLM
-
-    from .collect import collect_covariances, model_fingerprint
 
     t0 = time.perf_counter()
     root = root.resolve()
@@ -154,37 +181,22 @@ def _run_demo(root: Path, num_tasks: int, steps: int, rho: float, lam: float, se
     base = tiny_llama(seed)
     base_dir = root / "base"
     base.save_pretrained(base_dir)
+    word_tokenizer().save_pretrained(base_dir)
     g = torch.Generator().manual_seed(seed + 100)
     test_ids = [task_batch(st, 64, g) for st in task_steps]
-    ft_dirs, cov_files, models = [], [], {"base": base}
-    for k, st in enumerate(task_steps):
-        model = fine_tune(tiny_llama(seed), st, steps, seed + 1 + k)
-        ft_dir = root / f"ft_task_{k}"
-        model.save_pretrained(ft_dir)
-        # covariances of task k's inputs, fed to fine-tuned model k (PAVE Sec. 3.2)
-        calib = [{"input_ids": task_batch(st, 16, g)} for _ in range(2)]
-        cov_set = collect_covariances(model, calib, progress=False)
-        cov_file = cov_set.save(
-            root / f"cov_task_{k}.safetensors", model_path=str(ft_dir), model_fingerprint=model_fingerprint(model)
-        )
-        ft_dirs.append(ft_dir)
-        cov_files.append(cov_file)
-        models[f"fine-tune {k}"] = model
-        logger.info("task %d: fine-tuned and %d covariances collected", k, len(cov_set.covariances))
+    ft_dirs, cov_files, models = _fine_tunes(root, task_steps, steps, seed, g)
+    models = {"base": base, **models}
 
-    recipes = {
-        "task arithmetic": recipe("task_arithmetic", base_dir, ft_dirs, None, **{"lambda": lam}),
-        "PAVE + task arithmetic": recipe(
-            "pave", base_dir, ft_dirs, cov_files, inner="task_arithmetic", rho=rho, **{"lambda": lam}
-        ),
-        "TSV-M": recipe("tsv", base_dir, ft_dirs, None, alpha=1.0),
-    }
+    recipes = mergekit_recipes(base_dir, ft_dirs, cov_files, rho, lam)
+    (root / "mergekit").mkdir(exist_ok=True)
     for name, config in recipes.items():
-        slug = name.replace(" + ", "_").replace(" ", "_").replace("-", "_").lower()
-        (root / f"recipe_{slug}.yaml").write_text(config)
-        out = merge_with_mergekit(config, root / f"merged_{slug}")
-        models[name] = LlamaForCausalLM.from_pretrained(out).eval()
-    report = json.loads((root / "merged_pave_task_arithmetic" / "pave_rank_report.json").read_text())
+        (root / "mergekit" / f"{name}.yaml").write_text(config)
+    write_fusion_bench_configs(root, base_dir, ft_dirs, cov_files, rho)
+    write_bench_inputs(root, seed)
+    for name, label in DEMO_MERGES.items():
+        out = merge_with_mergekit(recipes[name], root / "merged" / name)
+        models[label] = LlamaForCausalLM.from_pretrained(out).eval()
+    report = json.loads((root / "merged" / "pave_ta" / "pave_rank_report.json").read_text())
     acc = {name: [accuracy(m, ids) for ids in test_ids] for name, m in models.items()}
     ranks, full_ranks, changes = _ranks_from_report(report, len(ft_dirs))
     return DemoResult(
@@ -230,6 +242,9 @@ def format_result(res: DemoResult) -> str:
         lines.append(f"  ... {len(res.ranks) - 6} more layers")
     lines.append("  per-model preserved rank ratio rho_i (line 15): " + ", ".join(f"{r:.4f}" for r in res.model_ratios))
     lines.append(f"  mean ||dW_PAVE - dW|| / ||dW|| over purified weights: {res.relative_change:.3f}")
-    lines.append(f"models, covariance files, recipes and the rank report: {res.workdir}")
+    if res.workdir:
+        lines.append(f"models, data, covariance files, recipes and the rank report: {res.workdir}")
+    else:
+        lines.append("nothing kept (pass --out DIR to keep the models, data, covariance files and recipes)")
     lines.append(f"done in {res.seconds:.1f} s")
     return "\n".join(lines)

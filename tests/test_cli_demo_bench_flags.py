@@ -48,7 +48,7 @@ def test_demo_flags(tmp_path, capsys):
     a = tmp_path / "a"
     assert sorted(p.name for p in a.glob("ft_task_*")) == ["ft_task_0", "ft_task_1"]
     report = json.loads(
-        (a / "merged_pave_task_arithmetic" / "pave_rank_report.json").read_text()
+        (a / "merged" / "pave_ta" / "pave_rank_report.json").read_text()
     )
     assert report["settings"]["rho"] == 0.75
     for name, t in report[
@@ -82,6 +82,8 @@ def test_bench_flags_map_onto_the_configuration(tmp_path, monkeypatch):
 
     seen = []
     monkeypatch.setattr(harness, "run", seen.append)
+    for folder in ("d/x", "d/y", "m"):  # the data and model folders must exist
+        (tmp_path / folder).mkdir(parents=True)
     argv = ["bench", "--data", str(tmp_path / "d"), "--tasks", "x", "y", "--model", str(tmp_path / "m"),
             "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--seeds", "3", "4", "--steps", "7",
             "--lr", "0.002", "--batch-size", "5", "--max-length", "9", "--cov-examples", "11", "--val-per-class", "2",

@@ -205,7 +205,7 @@ def test_samples_and_seed_draw_a_subset(seq_cls, tmp_path):
             )
             == 0
         )
-        assert recipe(out)["samples_per_task"] == 3 and recipe(out)["seed"] == seed
+        assert recipe(out)["samples_per_task"] == {"sent": 3} and recipe(out)["seed"] == seed
         loss = recipe(out)["losses"][0][0]
         found[seed] = [
             idx for idx in itertools.combinations(range(len(rows)), 3)

@@ -10,10 +10,15 @@ import torch
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def test_fusion_bench_api_example(capfd, tmp_path):
+def _load():
     spec = importlib.util.spec_from_file_location("fusion_bench_api", EXAMPLES / "fusion_bench_api.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_fusion_bench_api_example(capfd, tmp_path):
+    module = _load()
     out = module.main(str(tmp_path))
     printed = capfd.readouterr().out
     assert "rho_i" in printed and "TSV-M" in printed
@@ -25,3 +30,11 @@ def test_fusion_bench_api_example(capfd, tmp_path):
     emb = "model.embed_tokens.weight"
     ta_emb = base.state_dict()[emb] + 0.5 * sum(m.state_dict()[emb] - base.state_dict()[emb] for m in fts.values())
     torch.testing.assert_close(out["pave"].state_dict()[emb], ta_emb)
+
+
+def test_fusion_bench_api_example_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    _load().main()
+    assert list(tmp_path.iterdir()) == []

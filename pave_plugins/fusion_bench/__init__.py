@@ -12,8 +12,12 @@ Found by the stock ``fusion_bench`` CLI through the Hydra search-path plugin
   (arXiv 2412.00081), same weights as FusionBench's TSVM, streamed.
 """
 
-from .pave import PAVEAlgorithm, PAVEConfigError
-from .regmean import RegMeanAlgorithm, RegMeanConfigError
-from .tsv import TSVCompression, TSVMerging
+from pave_plugins.hosts import require_host
+
+require_host("fusion_bench", "pave_plugins.fusion_bench")
+
+from .pave import PAVEAlgorithm, PAVEConfigError  # noqa: E402
+from .regmean import RegMeanAlgorithm, RegMeanConfigError  # noqa: E402
+from .tsv import TSVCompression, TSVMerging  # noqa: E402
 
 __all__ = ["PAVEAlgorithm", "PAVEConfigError", "RegMeanAlgorithm", "RegMeanConfigError", "TSVCompression", "TSVMerging"]

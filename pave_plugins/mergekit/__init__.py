@@ -12,6 +12,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from pave_plugins.hosts import require_host
+
+require_host("mergekit", "pave_plugins.mergekit")
+
 __all__ = [
     "pave_merge_method", "tsv_merge_method", "regmean_merge_method", "last_report", "PAVE_URL", "TSV_URL",
     "REGMEAN_URL",

@@ -1,12 +1,21 @@
 """Recipe checks for the ``pave`` and ``tsv`` methods, run when mergekit plans a merge (before any
 tensor is read or written): a covariance given where it cannot be meant is an error that says where
-it belongs; a parameter name the method does not know is a warning naming the nearest valid one."""
+it belongs; a parameter name the method does not know is a warning naming the nearest valid one; a
+value the method does not accept (``rho: 1.5``, a covariance file that does not exist, ``target:
+wieght``) is an error naming the parameter and the allowed values, checked with the method's own
+parameter types before mergekit's planner would fail on it deep in a pydantic traceback.
+
+The errors are :class:`RecipeParameterError`; in a program that does not catch them
+(``mergekit-yaml``) they are printed as one line, without the traceback. The Python API gets the
+exception as usual.
+"""
 
 from __future__ import annotations
 
 import difflib
 import logging
 import os
+import sys
 from typing import Any, Iterator
 
 logger = logging.getLogger("pave_plugins.mergekit")
@@ -14,15 +23,42 @@ logger = logging.getLogger("pave_plugins.mergekit")
 WHERE = "put each model's own file under that model: `models: [{model: M, parameters: {covariance: FILE}}]`"
 
 
+class RecipeParameterError(ValueError):
+    """A ``pave`` or ``tsv`` parameter of a mergekit recipe has a value or place the method does not accept."""
+
+
 def check_recipe(config: Any, method: Any = None) -> None:
     """Check a ``MergeConfiguration`` of a ``pave`` or ``tsv`` merge (other methods: nothing)."""
     if config.merge_method not in ("pave", "tsv"):
         return
     for where, model, params in _parameter_blocks(config):
-        if config.merge_method == "pave":
-            _check_covariance(where, model, params)
+        try:
+            if config.merge_method == "pave":
+                _check_covariance(where, model, params)
+        except RecipeParameterError:
+            raise
+        except ValueError as exc:
+            raise RecipeParameterError(str(exc)) from None
         if method is not None:
             _warn_unknown(config.merge_method, method, where, params)
+            _check_values(config.merge_method, method, where, params)
+
+
+def _check_values(name: str, method: Any, where: str, params: dict) -> None:
+    """Each scalar value against the method's parameter type (gradients and filters: mergekit resolves them)."""
+    from pydantic import ValidationError
+
+    specs = {p.name: p for p in method.spec.parameters}
+    for key, value in params.items():
+        spec = specs.get(key)
+        if spec is None or isinstance(value, (list, dict)):
+            continue
+        try:
+            spec.validate(value)
+        except ValidationError as exc:
+            msg = str(exc.errors()[0].get("msg", exc)).removeprefix("Value error, ")
+            msg = msg if msg.startswith(key) else f"{key}: {msg}"
+            raise RecipeParameterError(f"{name} recipe ({where}): {msg}") from None
 
 
 def _parameter_blocks(config: Any) -> Iterator[tuple[str, Any, dict]]:
@@ -81,4 +117,19 @@ def install_recipe_check(plan: Any) -> bool:
     __init__.__wrapped__ = original  # type: ignore[attr-defined]
     planner.__init__ = __init__
     planner._pave_recipe_check = True
+    if not getattr(sys.excepthook, "_pave_recipe_hook", False):
+        sys.excepthook = _excepthook(sys.excepthook)
     return True
+
+
+def _excepthook(previous):
+    """Print an uncaught :class:`RecipeParameterError` as one line; everything else as before."""
+
+    def hook(exc_type, exc, tb):
+        if isinstance(exc, RecipeParameterError):
+            logger.error("%s", exc)
+            return
+        previous(exc_type, exc, tb)
+
+    hook._pave_recipe_hook = True  # type: ignore[attr-defined]
+    return hook

@@ -328,6 +328,7 @@ class RethinkJob:
     lora_weights: Sequence[float] | None = None
     heads: Mapping[str, str] | None = None
     task_type: str = "auto"
+    tokenizer: str | None = None  # folder of the tokenizer; default: the merged folder's, else the base's
     max_length: int = 256
     template: str | None = None
     text_field: str = "text"
@@ -352,18 +353,27 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _load_tokenizer(*dirs: str | None):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def _load_tokenizer(job: RethinkJob):
+    """The tokenizer of ``--tokenizer``, else of the merged folder, else of the base folder."""
     from transformers import AutoTokenizer
 
-    errors = []
+    dirs = [job.tokenizer] if job.tokenizer else [d for d in (job.merged, job.base) if d is not None]
     for d in dirs:
-        if d is None:
+        # transformers builds an empty tokenizer from a bare config.json: only folders with files count
+        if not Path(d).is_dir() or not any((Path(d) / f).is_file() for f in TOKENIZER_FILES):
             continue
         try:
             return AutoTokenizer.from_pretrained(d), d
         except Exception as exc:  # try the next folder
-            errors.append(f"{d}: {exc}")
-    raise ValueError("no tokenizer found in " + "; ".join(errors))
+            log.debug("rethink: no tokenizer in %s (%s)", d, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    if job.tokenizer:
+        raise ValueError(f"--tokenizer {job.tokenizer}: no tokenizer could be loaded from that folder")
+    raise ValueError(f"no tokenizer found in {' or '.join(dirs)}; pass --tokenizer DIR "
+                     "(a folder with the tokenizer files, e.g. the fine-tuned or base model's)")
 
 
 def run_job(job: RethinkJob) -> dict:
@@ -384,11 +394,11 @@ def run_job(job: RethinkJob) -> dict:
     model = load_pretrained(cls, src, allow_pickle=job.allow_pickle, dtype="auto")
     base_state = _base_state(job, cls, model)
     low_rank = _merge_lora(job, model) if job.lora else {}
-    tokenizer, _ = _load_tokenizer(job.merged, job.base)
+    tokenizer, tok_dir = _load_tokenizer(job)
     model.to(device)
     head_names: list[str] = head_parameter_names(model) if kind == "seq-cls" else []
     heads, label2ids = _task_heads(job, cls, config, kind, head_names, device)
-    batches = _calibration_batches(job, tokenizer, kind, config, label2ids)
+    batches, samples_used = _calibration_batches(job, tokenizer, kind, config, label2ids)
     exclude = set(head_names) | (set() if job.include_embeddings else embedding_parameter_names(model))
     layers = [] if job.lora else core.default_layers(model, base_state, exclude=exclude)
     result = core.rethink(
@@ -396,6 +406,7 @@ def run_job(job: RethinkJob) -> dict:
         layers=layers, low_rank=low_rank, config=cfg, progress_bar=tqdm_bar,
     )
     recipe = _recipe(job, kind, result)
+    recipe.update(samples_per_task=samples_used, tokenizer=str(tok_dir))  # records actually used (at most --samples)
     _save(job, model, tokenizer, result, recipe)
     log.info("rethink: wrote %s", job.out)
     return recipe
@@ -489,12 +500,15 @@ def _task_heads(job: RethinkJob, cls, config, kind: str, head_names: list[str], 
     return heads, label2ids
 
 
-def _calibration_batches(job: RethinkJob, tokenizer, kind: str, config, label2ids) -> list[dict]:
+def _calibration_batches(job: RethinkJob, tokenizer, kind: str, config, label2ids) -> tuple[list[dict], dict[str, int]]:
+    """The batches of every task, and how many records each task contributed."""
     cfg = job.config
     batches: list[dict] = []
+    used: dict[str, int] = {}
     for task, path in job.calib.items():
         fields, why = _required_fields(job, kind)
         records = read_calibration(path, limit=cfg.samples, seed=cfg.seed, fields=fields, why=why)
+        used[task] = len(records)
         try:
             batches += build_batches(
                 task, records, tokenizer, kind, loss=cfg.loss, batch_size=cfg.batch_size, max_length=job.max_length,
@@ -504,7 +518,7 @@ def _calibration_batches(job: RethinkJob, tokenizer, kind: str, config, label2id
             )
         except ValueError as exc:  # name the file, not only the task and record numbers
             raise ValueError(f"calibration file {path}: {exc}") from exc
-    return batches
+    return batches, used
 
 
 def _required_fields(job: RethinkJob, kind: str) -> tuple[list[str], dict[str, str]]:
@@ -566,6 +580,15 @@ def _save(job: RethinkJob, model: nn.Module, tokenizer, result: core.RethinkResu
         (tmp / "README.md").write_text(prior.rstrip() + ("\n\n" if prior else "") + model_card_section(recipe), encoding="utf-8")
 
 
+def _samples_text(samples: Mapping[str, int] | int | None) -> str:
+    if not isinstance(samples, Mapping):
+        return f"{samples} samples per task"
+    counts = set(samples.values())
+    if len(counts) == 1:
+        return f"{counts.pop()} samples per task"
+    return "samples per task: " + ", ".join(f"{t} {n}" for t, n in samples.items())
+
+
 def model_card_section(recipe: Mapping[str, Any]) -> str:
     """The ``## LoRA-DV spectral rethinking`` section of the output model card."""
     src = f"merged model `{recipe['merged']}`" if recipe.get("merged") else (
@@ -587,7 +610,7 @@ def model_card_section(recipe: Mapping[str, Any]) -> str:
         f"- task type: {recipe['task_type']}; loss: {recipe['loss']} ({'cross-entropy' if recipe['loss'] == 'ce' else 'Shannon entropy, eq. 14'})",
         f"- iterations T={recipe['iterations']}, epochs {recipe['epochs']}, Adam lr {recipe['lr']}, mode {recipe['mode']}, "
         f"top_k {recipe['top_k']}, seed {recipe['seed']}",
-        f"- calibration: {recipe['calibration']} ({recipe['samples_per_task']} samples per task)",
+        f"- calibration: {recipe['calibration']} ({_samples_text(recipe['samples_per_task'])})",
         f"- layers rethought: {recipe['layers']} ({recipe['low_rank_layers']} via the LoRA low-rank fast path), changed: {recipe['changed_layers']}",
         f"- calibration loss per iteration: {loss_line}",
         f"- learned Lambda per layer: `{LAMBDA_FILE}`; full recipe: `{RECIPE_FILE}`",
