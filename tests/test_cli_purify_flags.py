@@ -169,7 +169,7 @@ def test_target_delta(fam, tmp_path):
     assert report["settings"]["target"] == "delta"
 
 
-def test_compute_dtype_float32_and_device(fam, tmp_path):
+def test_compute_dtype_float32_and_device(fam, tmp_path, capsys):
     """float32 maths: the reference to float32 accuracy, not the float64 result bit for bit;
     --device cpu is the default's result bit for bit; an unknown device is refused by main."""
     a, b, c = tmp_path / "f64", tmp_path / "f32", tmp_path / "cpu"
@@ -199,7 +199,10 @@ def test_compute_dtype_float32_and_device(fam, tmp_path):
         ]
         == "float32"
     )
-    assert main(argv(fam, tmp_path / "bad", "--device", "nodevice")) == 2
+    with pytest.raises(SystemExit) as err:  # refused by the parser, naming the flag
+        main(argv(fam, tmp_path / "bad", "--device", "nodevice"))
+    assert err.value.code == 2
+    assert "argument --device" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
@@ -269,7 +272,8 @@ def test_verbose_flag_logs_debug(fam, tmp_path):
         (("--rank-allocation", "greedy"), "invalid choice: 'greedy'"),
         (("--target", "bias"), "invalid choice: 'bias'"),
         (("--compute-dtype", "float16"), "invalid choice: 'float16'"),
-        (("--max-shard-size", "1e9"), "invalid int value: '1e9'"),
+        (("--max-shard-size", "1e9"), "not an integer: '1e9'"),
+        (("--max-shard-size", "0"), "must be a positive integer, got 0"),
     ],
 )
 def test_parser_rejects_bad_values(fam, tmp_path, capsys, extra, message):
