@@ -146,3 +146,87 @@ def test_malformed_spectra_are_refused(svals, message):
 def test_bad_rho_gamma(rho, gamma, message):
     with pytest.raises(ValueError, match=message):
         check_rho_gamma(rho, gamma)
+
+
+# ----------------------------------------------------------------------------- LoRA-DV pieces
+def test_low_rank_delta_defaults_dtypes_and_tuple_form():
+    """No weights means weight 1 each; the decomposition follows compute_dtype; (B, A) works too."""
+    from pave_plugins.core import rethink as rt
+
+    g = torch.Generator().manual_seed(0)
+    bs = [torch.randn(7, 2, generator=g) for _ in range(2)]
+    as_ = [torch.randn(2, 5, generator=g) for _ in range(2)]
+    plain = bs[0].double() @ as_[0].double() + bs[1].double() @ as_[1].double()
+    lr = rt.LowRankDelta(bs, as_)
+    dense = lr.dense(torch.float64)
+    assert dense.dtype == torch.float64
+    torch.testing.assert_close(dense, plain, rtol=1e-12, atol=1e-12)
+    spec = rt.decompose_low_rank(lr, compute_dtype=torch.float64)
+    assert spec.s.dtype == torch.float64 and spec.u.dtype == torch.float64
+    torch.testing.assert_close(spec.matrix(), plain, rtol=0, atol=1e-12)
+    b_cat, a_cat = torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+    spec2 = rt.decompose_low_rank((b_cat, a_cat), compute_dtype=torch.float64)
+    assert spec2.s.dtype == torch.float64
+    torch.testing.assert_close(spec2.matrix(), plain, rtol=0, atol=1e-12)
+    dd = rt.decompose_dense(plain.float(), compute_dtype=torch.float64)
+    assert dd.s.dtype == torch.float64
+    one = rt.decompose_dense(plain, top_k=1, compute_dtype=torch.float64)
+    assert one.rank == 1 and float(one.s[0]) == pytest.approx(
+        float(torch.linalg.svdvals(plain)[0]), rel=1e-12
+    )
+
+
+@pytest.mark.parametrize(
+    ("b", "a", "message"),
+    [
+        (
+            [torch.ones(4, 2), torch.ones(3, 2)],
+            [torch.ones(2, 5), torch.ones(2, 5)],
+            "do not form",
+        ),
+        (
+            [torch.ones(4, 2), torch.ones(4, 2)],
+            [torch.ones(2, 5), torch.ones(2, 6)],
+            "do not form",
+        ),
+        ([torch.ones(4, 2)], [torch.ones(2, 5, 1)], "do not form"),
+        ([torch.ones(4)], [torch.ones(1, 5)], "do not form"),
+        ([torch.ones(4, 2)], [torch.full((2, 5), float("nan"))], "NaN or Inf"),
+    ],
+)
+def test_low_rank_delta_bad_factors(b, a, message):
+    from pave_plugins.core import rethink as rt
+
+    with pytest.raises(ValueError, match=message):
+        rt.decompose_low_rank(rt.LowRankDelta(b, a))
+
+
+def test_loss_defaults_masks_and_shift():
+    """classification_loss defaults to cross-entropy; token_loss defaults to no shift; an integer
+    0/1 mask selects positions (eq. 14 averaged over them); with shift, position i predicts i+1,
+    so the mask is cut at the end; entropy needs no labels, ce does."""
+    from pave_plugins.core import rethink as rt
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 7, generator=g)
+    labels = torch.randint(0, 7, (2, 5), generator=g)
+    logp = torch.log_softmax(logits, -1)
+    ce_all = float(-logp.gather(-1, labels[..., None]).mean())
+    assert float(rt.token_loss(logits, labels)) == pytest.approx(ce_all, rel=1e-6)
+    flat = logits[:, 0]
+    assert float(rt.classification_loss(flat, labels[:, 0])) == pytest.approx(
+        float(-torch.log_softmax(flat, -1).gather(-1, labels[:, :1]).mean()), rel=1e-6
+    )
+    ent = -(logp.exp() * logp).sum(-1)  # [2, 5]
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    expect = float(ent[mask.bool()].mean())
+    assert float(rt.entropy_loss(logits, mask)) == pytest.approx(expect, rel=1e-6)
+    # shift: logits at positions 0..3 predict tokens 1..4; the mask of those positions is mask[:, :4]
+    shifted = float(ent[:, :4][mask[:, :4].bool()].mean())
+    assert float(
+        rt.token_loss(logits, None, "entropy", shift=True, mask=mask)
+    ) == pytest.approx(shifted, rel=1e-6)
+    with pytest.raises(ValueError, match="needs target tokens"):
+        rt.token_loss(logits, None, "ce")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        rt.token_loss(logits, labels, "mse")
