@@ -230,3 +230,57 @@ def test_loss_defaults_masks_and_shift():
         rt.token_loss(logits, None, "ce")
     with pytest.raises(ValueError, match="loss must be one of"):
         rt.token_loss(logits, labels, "mse")
+
+
+# ----------------------------------------------------------------------------- PAVE eq. 5-6
+def _layer(seed=0, out=6, inp=9, tokens=40):
+    g = torch.Generator().manual_seed(seed)
+    w_base = torch.randn(out, inp, generator=g, dtype=torch.float64)
+    w_fts = [
+        w_base + 0.1 * torch.randn(out, inp, generator=g, dtype=torch.float64)
+        for _ in range(2)
+    ]
+    xs = [
+        torch.randn(tokens, inp, generator=g, dtype=torch.float64)
+        * torch.logspace(0, -1, inp)
+        for _ in range(2)
+    ]
+    return w_base, w_fts, [x.T @ x for x in xs]
+
+
+def eq5(a, c, r):
+    u, s, vh = torch.linalg.svd(a @ c, full_matrices=False)
+    return (u[:, :r] * s[:r]) @ vh[:r] @ torch.linalg.inv(c)
+
+
+@pytest.mark.parametrize("target", ["weight", "delta"])
+def test_purified_weight_factors_are_eq5(target):
+    """left @ right = SVD_r(A C) C^{-1} with A = W_ft (weight) or dW (delta), explicit inverse."""
+    from pave_plugins.core.purify import co_svd, purified_weight_factors
+
+    w_base, (w_ft, _), (c, _) = _layer()
+    dec = co_svd(w_ft, w_base, c, target=target)
+    a = w_ft if target == "weight" else w_ft - w_base
+    for r in (1, 3, 6):
+        left, right = purified_weight_factors(dec, r)
+        assert left.shape == (6, r) and right.shape == (r, 9)
+        torch.testing.assert_close(left @ right, eq5(a, c, r), rtol=1e-9, atol=1e-10)
+
+
+def test_layer_compute_dtype_is_used():
+    """compute_dtype=float32 really computes in float32: the decompositions are float32 and the
+    purified task vectors differ from float64's in the last bits (and agree to float32 accuracy)."""
+    from pave_plugins.core.layer import layer_co_svds, purify_layer
+
+    w_base, w_fts, covs = _layer(1)
+    w_base, w_fts = w_base.float(), [w.float() for w in w_fts]
+    decs = layer_co_svds(
+        w_base, w_fts, covs, compute_dtype=torch.float32, names=["a", "b"]
+    )
+    assert all(d.u.dtype == torch.float32 for d in decs)
+    p32 = purify_layer(w_base, w_fts, covs, rho=0.75, compute_dtype=torch.float32)
+    p64 = purify_layer(w_base, w_fts, covs, rho=0.75)
+    assert p32.ranks == p64.ranks
+    for a, b in zip(p32.task_vectors, p64.task_vectors):
+        assert a.dtype == b.dtype == torch.float32 and not torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
