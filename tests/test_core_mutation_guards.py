@@ -284,3 +284,19 @@ def test_layer_compute_dtype_is_used():
     for a, b in zip(p32.task_vectors, p64.task_vectors):
         assert a.dtype == b.dtype == torch.float32 and not torch.equal(a, b)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_rethought_weight_scales_each_singular_value():
+    """eq. 8 by hand: anchor + U diag(lambda * sigma) V^T, for a Lambda that is not 1."""
+    from pave_plugins.core import rethink as rt
+
+    g = torch.Generator().manual_seed(2)
+    anchor = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    delta = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    spec = rt.decompose_dense(delta, compute_dtype=torch.float64)
+    lam = torch.tensor([0.5, 2.0, -1.0, 0.0], dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    expect = anchor + u @ torch.diag(lam * s) @ vh
+    torch.testing.assert_close(
+        rt.rethought_weight(anchor, spec, lam), expect, rtol=0, atol=1e-12
+    )
