@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from pave_plugins.bench.harness import run as run_bench
     from pave_plugins.io.atomic import check_apart
 
-    for flag, out in (("--out", args.out), ("--cache", args.cache)):
+    for flag, out in (("--out", args.out), ("--cache", args.cache or default_cache_dir())):
         check_apart(out, {"--data": [args.data], "--model": [args.model]}, out_flag=flag)
 
     device = resolve_device(args.device)
