@@ -379,8 +379,10 @@ def run_seed(cfg: BenchConfig, seed: int, tasks: list[Task], tok, base: nn.Modul
 class SeedRun:
     """One seed of the benchmark: its data, fine-tunes and results."""
 
-    def __init__(self, cfg: BenchConfig, seed: int, tasks: list[Task], tok, base: nn.Module) -> None:
+    def __init__(self, cfg: BenchConfig, seed: int, tasks: list[Task], tok, base: nn.Module,
+                 on_record: Callable[["SeedRun"], None] | None = None) -> None:
         self.t_start = time.perf_counter()
+        self.on_record = on_record
         self.cfg, self.seed, self.tasks, self.tok, self.base = cfg, seed, tasks, tok, base
         self.names = [t.name for t in tasks]
         self.heads = {t.name: label_head(base, tok, t.labels, cfg.max_length) for t in tasks}
@@ -420,6 +422,8 @@ class SeedRun:
                              "test_correct": {n: "".join("1" if b else "0" for b in c.tolist()) for n, c in correct.items()}}
         log.info("seed %d %-34s test avg %.2f  %s  hp=%s", self.seed, label, self.results[key]["test_avg"],
                  " ".join(f"{n}={a:.1f}" for n, a in te.items()), hp)
+        if self.on_record is not None:
+            self.on_record(self)
 
     def merge(self, kind: str, hp: dict, sds) -> Provider:
         grams = self.covariances()[0] if kind == "regmean" else None
@@ -794,9 +798,16 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     tasks = [load_task(Path(cfg.data_dir) / n) for n in cfg.tasks]
     tok, base = load_base(cfg.model_path)
     base = base.to(cfg.device)  # every model of the run is a copy of it: all the work happens there
-    per_seed = []
+    per_seed: list[dict[str, Any]] = []
+
+    def partial(seed_run: "SeedRun") -> None:  # results so far, after every method (a long run can be read early)
+        current = {"seed": seed_run.seed, "methods": dict(seed_run.results), "timings": dict(seed_run.timings),
+                   "task_vector_ratio": seed_run.tv_ratio, "partial": True}
+        if "individual" in current["methods"]:
+            write_results(cfg, tasks, per_seed + [current], t0, quiet=True)
+
     for s in cfg.seeds:
-        per_seed.append(run_seed(cfg, s, tasks, tok, base))
+        per_seed.append(SeedRun(cfg, s, tasks, tok, base, on_record=partial).run())
         write_results(cfg, tasks, per_seed, t0)
     return write_results(cfg, tasks, per_seed, t0)
 
@@ -825,8 +836,10 @@ def add_protocol_results(result: dict[str, Any], per_seed: list[dict], names: li
     return md
 
 
-def write_results(cfg: BenchConfig, tasks: list[Task], per_seed: list[dict], t0: float) -> dict[str, Any]:
-    """Write ``results.json``, ``results.md`` and ``results.png`` for the seeds done so far."""
+def write_results(cfg: BenchConfig, tasks: list[Task], per_seed: list[dict], t0: float, quiet: bool = False
+                  ) -> dict[str, Any]:
+    """Write ``results.json``, ``results.md`` and ``results.png`` for the seeds done so far (a seed
+    still running carries ``"partial": true`` and is said so in ``results.md``)."""
     from pave_plugins.io.atomic import atomic_path
 
     names = [t.name for t in tasks]
@@ -848,11 +861,13 @@ def write_results(cfg: BenchConfig, tasks: list[Task], per_seed: list[dict], t0:
         Path(tmp).write_text(f"Test accuracy (%), mean over seeds {[p['seed'] for p in per_seed]}; {len(names)} tasks, "
                              f"{cfg.steps}-step fine-tunes ({cfg.protocol}, {cfg.schedule} schedule, word embeddings "
                              f"{'trained' if cfg.train_embeddings else 'frozen'}); hyper-parameters chosen on "
-                             "validation.\n\n" + md + extra_md)
+                             "validation." + (" **Partial: a seed is still running.**" if any(p.get("partial") for p in per_seed)
+                                              else "") + "\n\n" + md + extra_md)
     try:
         plot(summary, out / "results.png",
              f"{len(names)} tasks, {cfg.steps}-step fine-tunes, seeds {[p['seed'] for p in per_seed]}")
     except ImportError:
         log.warning("matplotlib not installed: no plot (pip install 'pave-plugins[bench]')")
-    log.info("wrote %s (%.0f s)\n%s", out, time.perf_counter() - t0, md)
+    if not quiet:
+        log.info("wrote %s (%.0f s)\n%s", out, time.perf_counter() - t0, md)
     return result
