@@ -55,7 +55,8 @@ def test_bench_smoke_end_to_end(tmp_path, monkeypatch):
                       out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), seeds=[0], steps=40,
                       lr=2e-3, max_length=32, cov_examples=64, val_per_class=10, test_per_class=40,
                       methods=["ta", "pave_delta_spectral", "loradv_ce_ta"], ta_grid=[0.5, 1.0], rho_grid=[0.9375],
-                      pave_targets=["delta"], pave_allocations=["spectral"], pave_bases=["ta"])
+                      pave_targets=["delta"], pave_allocations=["spectral"], pave_bases=["ta"],
+                      extend_grids=0)
     result = run(cfg)
 
     out = tmp_path / "out"

@@ -161,3 +161,40 @@ def test_rank_deficient_triplets_are_orthonormal_in_both_compute_dtypes(dtype):
     eye = torch.eye(8, dtype=dtype)
     assert (u.T @ u - eye).abs().max() < tol and (v.T @ v - eye).abs().max() < tol
     assert rel((u * s) @ v.T, a) < tol
+
+
+def _sti_numpy(mats, ranks):
+    """Eq. 7 written out with numpy, each task's SVD cut at its known rank (independent of torch)."""
+    import numpy as np
+
+    us, ss, vs = [], [], []
+    for m, r in zip(mats, ranks):
+        u, s, vh = np.linalg.svd(m, full_matrices=False)
+        us.append(u[:, :r]), ss.append(s[:r]), vs.append(vh[:r].T)
+    u, s, v = np.concatenate(us, 1), np.diag(np.concatenate(ss)), np.concatenate(vs, 1)
+    eye = np.eye(u.shape[1])
+    return float(np.abs((u.T @ u - eye) @ s @ (v.T @ v - eye)).sum())
+
+
+def test_sti_drops_null_triplets_of_rank_deficient_tasks():
+    """Two rank-10 20 x 20 tasks in orthogonal subspaces do not interfere: STI ~ 0 (the null
+    triplets' arbitrary completion used to score ~77); rank-deficient overlapping tasks match eq. 7
+    over their non-null triplets."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    q_left, _ = np.linalg.qr(rng.standard_normal((20, 20)))
+    q_right, _ = np.linalg.qr(rng.standard_normal((20, 20)))
+    a = (q_left[:, :10] * rng.uniform(1, 2, 10)) @ q_right[:, :10].T
+    b = (q_left[:, 10:] * rng.uniform(1, 2, 10)) @ q_right[:, 10:].T
+    assert _sti_numpy([a, b], [10, 10]) < 1e-10  # the independent computation: no interference
+    got = sti([torch.from_numpy(a), torch.from_numpy(b)])
+    assert got == pytest.approx(0.0, abs=1e-9)
+    full = _sti_numpy([a, b], [20, 20])  # all 20 triplets of each, as before the fix
+    assert full > 1.0
+    c = rng.standard_normal((20, 7)) @ rng.standard_normal((7, 20))  # overlapping, rank 7 and 10
+    expected = _sti_numpy([a, c], [10, 7])
+    assert expected > 1.0
+    assert sti([torch.from_numpy(a), torch.from_numpy(c)]) == pytest.approx(expected, rel=1e-8)
+    # the null-triplet threshold is TSV-M's: a truncated k above the rank keeps only the rank
+    assert sti([torch.from_numpy(a), torch.from_numpy(c)], k=15) == pytest.approx(expected, rel=1e-8)

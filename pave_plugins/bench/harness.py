@@ -53,6 +53,8 @@ from .training import (  # noqa: F401  (re-exported: the harness's public names)
     logits,
     make_batches,
     mean_pool,
+    predictions,
+    task_vector_ratio,
     train_steps,
 )
 
@@ -196,8 +198,10 @@ def _pool(base: nn.Module, base_sd: dict[str, Tensor], sds: Sequence[dict[str, T
     return BaseModelPool(models)
 
 
-def run_method(kind: str, hp: dict[str, Any], base: nn.Module, base_sd, sds, names, cfg: BenchConfig, seed: int) -> Provider:
-    """Merge ``sds`` (fine-tuned or purified state dicts) with host method ``kind`` and ``hp``."""
+def run_method(kind: str, hp: dict[str, Any], base: nn.Module, base_sd, sds, names, cfg: BenchConfig, seed: int,
+               grams: Sequence[Any] | None = None) -> Provider:
+    """Merge ``sds`` (fine-tuned or purified state dicts) with host method ``kind`` and ``hp``
+    (``grams``: the models' Gram matrices, for RegMean)."""
     pool = _pool(base, base_sd, sds, names)
     if kind == "average":
         from fusion_bench.method import SimpleAverageAlgorithm
@@ -228,6 +232,12 @@ def run_method(kind: str, hp: dict[str, Any], base: nn.Module, base_sd, sds, nam
             return emr
 
         return provider
+    elif kind == "regmean":
+        from .regmean import regmean_merge
+
+        if grams is None:
+            raise ValueError("RegMean needs the models' Gram matrices")
+        merged = regmean_merge(pool, names, grams, hp["ratio"])
     elif kind == "tsvm_fb":
         from fusion_bench.method.task_singular_vector.TSVM import TaskSingularVectorMerging
 
@@ -281,11 +291,14 @@ def method_grid(kind: str, cfg: BenchConfig) -> list[dict[str, Any]]:
         return [{"lambda": v, "sparsity": s} for s in cfg.dare_sparsity for v in cfg.dare_grid]
     if kind in ("tsvm", "tsvm_fb"):
         return [{"alpha": v} for v in cfg.tsv_grid]
+    if kind == "regmean":
+        return [{"ratio": v} for v in cfg.regmean_grid]
     return [{}]
 
 
 BASE_METHODS = {"average": "simple average", "ta": "Task Arithmetic", "ties": "TIES", "dare": "DARE (TA)",
-                "emr": "EMR", "tsvm_fb": "TSV-M (FusionBench)", "tsvm": "TSV-M (ours)"}
+                "emr": "EMR", "tsvm_fb": "TSV-M (FusionBench)", "tsvm": "TSV-M (ours)",
+                "regmean": "RegMean (FusionBench, harness Gram matrices)"}
 
 
 # --------------------------------------------------------------------------- the run
@@ -331,6 +344,34 @@ class Choice:
 NO_CHOICE = Choice(hp={}, val={}, val_avg=-1.0, merge_s=0.0)
 
 
+def grid_extension(grid: Sequence[dict[str, Any]], best: dict[str, Any]) -> list[dict[str, Any]]:
+    """Points past the edge of ``grid`` when ``best`` sits on it; ``[]`` when it is inside.
+
+    Only the first hyper-parameter is extended (lambda, alpha, ratio; DARE's sparsity stays fixed
+    at the chosen value): below the lowest value by half of it, above the highest by the grid's
+    last step. Values stay positive; RegMean's ``ratio`` stays at most 1.
+    """
+    if len(grid) < 2 or not best:
+        return []
+    name = next(iter(best))
+    same = [g for g in grid if all(g.get(k) == v for k, v in best.items() if k != name)]
+    values = sorted({float(g[name]) for g in same})
+    if len(values) < 2:
+        return []
+    v = float(best[name])
+    if v == values[0]:
+        new = values[0] / 2
+    elif v == values[-1]:
+        new = values[-1] + (values[-1] - values[-2])
+        if name == "ratio":
+            new = min(new, 1.0)
+    else:
+        return []
+    if new in values or new <= 0:
+        return []
+    return [{**best, name: round(new, 6)}]
+
+
 def run_seed(cfg: BenchConfig, seed: int, tasks: list[Task], tok, base: nn.Module) -> dict[str, Any]:
     """Fine-tune, collect, merge with every method, select on validation, evaluate on test."""
     return SeedRun(cfg, seed, tasks, tok, base).run()
@@ -339,8 +380,10 @@ def run_seed(cfg: BenchConfig, seed: int, tasks: list[Task], tok, base: nn.Modul
 class SeedRun:
     """One seed of the benchmark: its data, fine-tunes and results."""
 
-    def __init__(self, cfg: BenchConfig, seed: int, tasks: list[Task], tok, base: nn.Module) -> None:
+    def __init__(self, cfg: BenchConfig, seed: int, tasks: list[Task], tok, base: nn.Module,
+                 on_record: Callable[["SeedRun"], None] | None = None) -> None:
         self.t_start = time.perf_counter()
+        self.on_record = on_record
         self.cfg, self.seed, self.tasks, self.tok, self.base = cfg, seed, tasks, tok, base
         self.names = [t.name for t in tasks]
         self.heads = {t.name: label_head(base, tok, t.labels, cfg.max_length) for t in tasks}
@@ -354,8 +397,13 @@ class SeedRun:
         self.selected: dict[str, dict] = {}
         self._covs: tuple[list, Path] | None = None
         t0 = time.perf_counter()
-        self.ft_sds = [finetune(base, tok, t, self.heads[t.name], cfg, seed) for t in tasks]
+        done = [finetune(base, tok, t, self.heads[t.name], cfg, seed) for t in tasks]
+        self.ft_sds = [sd for sd, _ in done]
+        self.heads = {t.name: head for t, (_, head) in zip(tasks, done)}  # trained heads: each task's own
         self.timings["finetune_or_load_s"] = time.perf_counter() - t0
+        self.tv_ratio = {t.name: task_vector_ratio(self.base_sd, sd) for t, sd in zip(tasks, self.ft_sds)}
+        log.info("seed %d ||tau||/||W|| (all parameters): %s", seed,
+                 " ".join(f"{n}={r['all']:.4f}" for n, r in self.tv_ratio.items()))
 
     def wanted(self, method: str) -> bool:
         return not self.cfg.methods or any(method == w or method.startswith(w) for w in self.cfg.methods)
@@ -366,18 +414,42 @@ class SeedRun:
     def record(self, key: str, label: str, provider: Provider, hp: dict, val_acc: dict | None, merge_s: float,
                extra=None) -> None:
         t1 = time.perf_counter()
-        te = self.evaluate(provider, self.test)
+        correct = {n: predictions(provider(n), self.heads[n], self.test[n], self.cfg.scale) for n in self.names}
+        te = {n: 100.0 * int(c.sum()) / max(c.numel(), 1) for n, c in correct.items()}
         self.results[key] = {"label": label, "hp": hp, "val": val_acc, "test": te,
                              "test_avg": sum(te.values()) / len(te), "merge_s": merge_s,
-                             "test_eval_s": time.perf_counter() - t1, **(extra or {})}
+                             "test_eval_s": time.perf_counter() - t1, **(extra or {}),
+                             # per test example, in the (fixed) order of the test batches: 1 correct, 0 not
+                             "test_correct": {n: "".join("1" if b else "0" for b in c.tolist()) for n, c in correct.items()}}
         log.info("seed %d %-34s test avg %.2f  %s  hp=%s", self.seed, label, self.results[key]["test_avg"],
                  " ".join(f"{n}={a:.1f}" for n, a in te.items()), hp)
+        if self.on_record is not None:
+            self.on_record(self)
 
     def merge(self, kind: str, hp: dict, sds) -> Provider:
-        return run_method(kind, hp, self.base, self.base_sd, sds, self.names, self.cfg, self.seed)
+        grams = self.covariances()[0] if kind == "regmean" else None
+        return run_method(kind, hp, self.base, self.base_sd, sds, self.names, self.cfg, self.seed, grams)
 
     def search(self, kind: str, sds, grid) -> Choice:
-        """Evaluate every grid point on validation; the best one, with the trace of all."""
+        """Evaluate every grid point on validation; the best one, with the trace of all. When the
+        best value of a 1-D grid sits on an edge of it, the grid is extended past that edge (at most
+        ``cfg.extend_grids`` times) and the extension is recorded in the choice's statistics."""
+        best = self._search_points(kind, sds, grid)
+        seen = list(grid)
+        for _ in range(self.cfg.extend_grids):
+            more = grid_extension(seen, best.hp)
+            if not more:
+                break
+            log.warning("%s: best %s on the edge of its grid: extending it with %s", kind, best.hp, more)
+            best = best.offer(self._search_points(kind, sds, more))
+            seen += more
+            best.stats.setdefault("grid_extended", []).extend(more)
+        if seen and grid_extension(seen, best.hp):
+            best.stats["on_grid_edge"] = True
+            log.warning("%s: best %s still on the edge of the (extended) grid", kind, best.hp)
+        return best
+
+    def _search_points(self, kind: str, sds, grid) -> Choice:
         best = NO_CHOICE
         for hp in grid:
             t1 = time.perf_counter()
@@ -407,17 +479,22 @@ class SeedRun:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, Any]:
-        self.record("zero_shot", "zero-shot (base)", lambda n: self.base, {}, None, 0.0)
+        self.record("zero_shot", "zero-shot (base)" if self.cfg.protocol == "zero-shot-heads" else
+                    "base encoder + each task's trained head", lambda n: self.base, {}, None, 0.0)
         ft_models = {n: _module(self.base, sd) for n, sd in zip(self.names, self.ft_sds)}
         self.record("individual", "individual fine-tunes", ft_models.__getitem__, {}, None, 0.0)
         del ft_models
         self.run_base_methods()
         self.run_lora_dv()
         self.run_pave()
-        lora_selected = self.run_lora_experts()
-        self.run_mergekit_paths(lora_selected)
+        if self.cfg.protocol == "zero-shot-heads":
+            lora_selected = self.run_lora_experts()
+            self.run_mergekit_paths(lora_selected)
+        elif any(self.wanted(k) for k in ("lora_experts", "mergekit")) and self.cfg.methods:
+            log.warning("LoRA experts and mergekit paths run under the zero-shot-heads protocol only: skipped")
         self.timings["seed_total_s"] = time.perf_counter() - self.t_start
-        return {"seed": self.seed, "methods": self.results, "timings": self.timings}
+        return {"seed": self.seed, "methods": self.results, "timings": self.timings,
+                "task_vector_ratio": self.tv_ratio}
 
     def run_base_methods(self) -> None:
         for kind, label in BASE_METHODS.items():
@@ -636,12 +713,14 @@ def lora_dv(merged: nn.Module, base_sd: dict[str, Tensor], tasks: list[Task], to
                                          cfg.max_length, sort=False, device=cfg.device):
             calib.append((t.name, ids, mask, y))
 
+    class _Forward(nn.Module):  # the rethink forward, seen by the harness's ``logits``
+        def __init__(self, forward):
+            super().__init__()
+            self.forward = forward
+
     def loss_fn(forward, batch):
         name, ids, mask, y = batch
-        out = forward(input_ids=ids, attention_mask=mask)
-        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        m = mask.unsqueeze(-1).to(h.dtype)
-        z = cfg.scale * F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1) @ heads[name].T
+        z = logits(_Forward(forward), heads[name], ids, mask, cfg.scale)
         return F.cross_entropy(z, y) if loss == "ce" else entropy_loss(z)
 
     layers = [k for k, v in merged.state_dict().items() if v.ndim == 2 and k not in cfg.exclude_keys]
@@ -720,15 +799,48 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     tasks = [load_task(Path(cfg.data_dir) / n) for n in cfg.tasks]
     tok, base = load_base(cfg.model_path)
     base = base.to(cfg.device)  # every model of the run is a copy of it: all the work happens there
-    per_seed = []
+    per_seed: list[dict[str, Any]] = []
+
+    def partial(seed_run: "SeedRun") -> None:  # results so far, after every method (a long run can be read early)
+        current = {"seed": seed_run.seed, "methods": dict(seed_run.results), "timings": dict(seed_run.timings),
+                   "task_vector_ratio": seed_run.tv_ratio, "partial": True}
+        if "individual" in current["methods"]:
+            write_results(cfg, tasks, per_seed + [current], t0, quiet=True)
+
     for s in cfg.seeds:
-        per_seed.append(run_seed(cfg, s, tasks, tok, base))
+        per_seed.append(SeedRun(cfg, s, tasks, tok, base, on_record=partial).run())
         write_results(cfg, tasks, per_seed, t0)
     return write_results(cfg, tasks, per_seed, t0)
 
 
-def write_results(cfg: BenchConfig, tasks: list[Task], per_seed: list[dict], t0: float) -> dict[str, Any]:
-    """Write ``results.json``, ``results.md`` and ``results.png`` for the seeds done so far."""
+def add_protocol_results(result: dict[str, Any], per_seed: list[dict], names: list[str]) -> str:
+    """Task-vector sizes (mean over seeds) and the paired bootstraps of PAVE+X against X, into
+    ``result``; returns their markdown."""
+    from .significance import comparisons
+    from .significance import markdown as significance_markdown
+
+    ratios = [s["task_vector_ratio"] for s in per_seed if "task_vector_ratio" in s]
+    md = ""
+    if ratios:
+        tv = {n: {part: sum(r[n][part] for r in ratios) / len(ratios) for part in ("all", "linear")} for n in names}
+        result["task_vector_ratio"] = tv
+        md += ("\n‖τ‖/‖W‖ per task (all encoder parameters; 2-D linear weights), mean over seeds: "
+               + ", ".join(f"{n} {v['all']:.4f}; {v['linear']:.4f}" for n, v in tv.items()) + "\n")
+    comp = comparisons(per_seed, names) if all("test_correct" in m for s in per_seed for m in s["methods"].values()) \
+        else {}
+    result["significance"] = comp
+    if comp:
+        labels = {k: v["label"] for k, v in result["summary"].items()}
+        md += ("\nPaired bootstrap over test examples (10 000 replicates, stratified by task, the same examples "
+               "for every seed): difference of test accuracy, 95 % percentile interval, two-sided p.\n\n"
+               + significance_markdown(comp, labels, names))
+    return md
+
+
+def write_results(cfg: BenchConfig, tasks: list[Task], per_seed: list[dict], t0: float, quiet: bool = False
+                  ) -> dict[str, Any]:
+    """Write ``results.json``, ``results.md`` and ``results.png`` for the seeds done so far (a seed
+    still running carries ``"partial": true`` and is said so in ``results.md``)."""
     from pave_plugins.io.atomic import atomic_path
 
     names = [t.name for t in tasks]
@@ -740,6 +852,7 @@ def write_results(cfg: BenchConfig, tasks: list[Task], per_seed: list[dict], t0:
                               "processor": platform.processor() or platform.machine(), "device": cfg.device,
                               "device_name": device_name(cfg.device)},
               "per_seed": per_seed, "summary": summary, "total_s": time.perf_counter() - t0}
+    extra_md = add_protocol_results(result, per_seed, names)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "results.json") as tmp:  # no machine paths: model as package==version, folders as <labels>
@@ -747,11 +860,15 @@ def write_results(cfg: BenchConfig, tasks: list[Task], per_seed: list[dict], t0:
     md = markdown_table(summary, names)
     with atomic_path(out / "results.md") as tmp:
         Path(tmp).write_text(f"Test accuracy (%), mean over seeds {[p['seed'] for p in per_seed]}; {len(names)} tasks, "
-                             f"{cfg.steps}-step fine-tunes; hyper-parameters chosen on validation.\n\n" + md)
+                             f"{cfg.steps}-step fine-tunes ({cfg.protocol}, {cfg.schedule} schedule, word embeddings "
+                             f"{'trained' if cfg.train_embeddings else 'frozen'}); hyper-parameters chosen on "
+                             "validation." + (" **Partial: a seed is still running.**" if any(p.get("partial") for p in per_seed)
+                                              else "") + "\n\n" + md + extra_md)
     try:
         plot(summary, out / "results.png",
              f"{len(names)} tasks, {cfg.steps}-step fine-tunes, seeds {[p['seed'] for p in per_seed]}")
     except ImportError:
         log.warning("matplotlib not installed: no plot (pip install 'pave-plugins[bench]')")
-    log.info("wrote %s (%.0f s)\n%s", out, time.perf_counter() - t0, md)
+    if not quiet:
+        log.info("wrote %s (%.0f s)\n%s", out, time.perf_counter() - t0, md)
     return result

@@ -10,11 +10,12 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,15 @@ class BenchConfig:
     mergekit_density: float = 0.2  # mergekit TIES trim (the FusionBench TIES threshold of 20 %)
     pave_host_final: list[str] | None = None  # PAVE+X finals through FusionBench pave/pave (None: every X)
     exclude_keys: list[str] = field(default_factory=lambda: ["embeddings.word_embeddings.weight"])
+    # protocol: "zero-shot-heads" (frozen label-name heads, all task knowledge in the encoder) or
+    # "trained-heads" (a linear head per task trained with the encoder, kept per task, never merged)
+    protocol: str = "zero-shot-heads"
+    schedule: str = "constant"  # or "linear": linear warm-up over warmup_ratio of the steps, then linear decay to 0
+    warmup_ratio: float = 0.06
+    train_embeddings: bool = False  # also fine-tune the word embeddings (frozen by default)
+    head_lr: float | None = None  # trained heads' learning rate (None: 10 x lr)
+    regmean_grid: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])  # reduce_non_diagonal_ratio
+    extend_grids: int = 2  # extend a 1-D grid whose best value sits on its edge, at most this many times
 
 
 # --------------------------------------------------------------------------- encoder utilities
@@ -171,12 +181,28 @@ def label_head(model: nn.Module, tok, labels: Sequence[str], max_length: int) ->
     return F.normalize(mean_pool(model.eval(), enc["input_ids"].to(dev), enc["attention_mask"].to(dev)), dim=-1)
 
 
-def logits(model: nn.Module, head: Tensor, input_ids: Tensor, attention_mask: Tensor, scale: float) -> Tensor:
-    return scale * F.normalize(mean_pool(model, input_ids, attention_mask), dim=-1) @ head.T
+Head = Tensor | dict[str, Tensor]  # zero-shot label embeddings, or a trained linear head {"weight", "bias"}
+
+
+def logits(model: nn.Module, head: Head, input_ids: Tensor, attention_mask: Tensor, scale: float) -> Tensor:
+    """Zero-shot head (a tensor of label embeddings): ``scale * cos(pooled, label)``; trained head (a
+    dict): ``pooled @ weight^T + bias``."""
+    pooled = mean_pool(model, input_ids, attention_mask)
+    if isinstance(head, dict):
+        return F.linear(pooled, head["weight"], head["bias"])
+    return scale * F.normalize(pooled, dim=-1) @ head.T
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, head: Tensor, batches: Iterable[Batch], scale: float) -> float:
+def predictions(model: nn.Module, head: Head, batches: Iterable[Batch], scale: float) -> Tensor:
+    """Per-example correctness (bool, in batch order) of ``model`` with ``head``."""
+    model.eval()
+    out = [logits(model, head, ids, mask, scale).argmax(-1) == y for ids, mask, y in batches]
+    return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.bool)
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, head: Head, batches: Iterable[Batch], scale: float) -> float:
     model.eval()
     correct = total = 0
     for ids, mask, y in batches:
@@ -198,18 +224,46 @@ def _model_fingerprint(model_path: str) -> str:
 def finetune_key(cfg: BenchConfig, task: Task, seed: int, kind: str = "full") -> str:
     spec = {"model": _model_fingerprint(cfg.model_path), "task": task.name, "data": task.digest, "steps": cfg.steps,
             "lr": cfg.lr, "bs": cfg.batch_size, "len": cfg.max_length, "scale": cfg.scale, "seed": seed, "kind": kind}
+    # options that change the fine-tune enter the key only when not at their default (older keys unchanged)
+    for name, default in (("protocol", "zero-shot-heads"), ("schedule", "constant"), ("train_embeddings", False)):
+        if getattr(cfg, name) != default:
+            spec[name] = getattr(cfg, name)
+    if cfg.schedule != "constant":
+        spec["warmup_ratio"] = cfg.warmup_ratio
+    if cfg.protocol != "zero-shot-heads":
+        spec["head_lr"] = head_lr(cfg)
     if torch.device(cfg.device).type != "cpu":  # trained elsewhere, rounded differently (CPU keys unchanged)
         spec["device"] = torch.device(cfg.device).type
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train_steps(encoder: nn.Module, params: Sequence[nn.Parameter], tok, task: Task, head: Tensor, cfg: BenchConfig,
-                seed: int, lr: float) -> float:
-    """``cfg.steps`` AdamW steps of cross-entropy through the frozen zero-shot head (shared by the
-    full fine-tunes and the LoRA experts); returns the seconds taken."""
+def head_lr(cfg: BenchConfig) -> float:
+    return 10.0 * cfg.lr if cfg.head_lr is None else cfg.head_lr
+
+
+def lr_lambda(cfg: BenchConfig) -> Callable[[int], float]:
+    """Multiplier of the learning rate at a step: 1 (``constant``), or linear warm-up over
+    ``warmup_ratio`` of the steps then linear decay to 0 (``linear``, as in the GLUE fine-tunes)."""
+    if cfg.schedule == "constant":
+        return lambda step: 1.0
+    if cfg.schedule != "linear":
+        raise ValueError(f"unknown schedule {cfg.schedule!r} (constant, linear)")
+    warm = max(1, int(round(cfg.warmup_ratio * cfg.steps)))
+    return lambda step: (step + 1) / warm if step < warm else max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
+
+
+def train_steps(encoder: nn.Module, params: Sequence[nn.Parameter], tok, task: Task, head: Head, cfg: BenchConfig,
+                seed: int, lr: float, head_params: Sequence[nn.Parameter] = ()) -> float:
+    """``cfg.steps`` AdamW steps of cross-entropy through ``head`` (shared by the full fine-tunes and
+    the LoRA experts; ``head_params``: a trained head's parameters, at :func:`head_lr`), with the
+    schedule of ``cfg.schedule``; returns the seconds taken."""
     encoder.train()
     dev = next(encoder.parameters()).device
-    opt = torch.optim.AdamW(list(params), lr=lr, weight_decay=0.0)
+    groups = [{"params": list(params), "lr": lr}]
+    if head_params:
+        groups.append({"params": list(head_params), "lr": head_lr(cfg)})
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     rows = task.splits["train"]
     g = torch.Generator().manual_seed(seed)
     perm: list[int] = []
@@ -225,14 +279,21 @@ def train_steps(encoder: nn.Module, params: Sequence[nn.Parameter], tok, task: T
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         if step % 25 == 0 or step == cfg.steps - 1:
             log.info("  %s seed %d step %d/%d loss %.3f", task.name, seed, step + 1, cfg.steps, float(loss.detach()))
     encoder.eval()
     return time.perf_counter() - t0
 
 
-def finetune(base: nn.Module, tok, task: Task, head: Tensor, cfg: BenchConfig, seed: int) -> dict[str, Tensor]:
-    """Full fine-tuning with frozen word embeddings and the frozen zero-shot head; cached on disk."""
+def finetune(base: nn.Module, tok, task: Task, head: Tensor, cfg: BenchConfig, seed: int
+             ) -> tuple[dict[str, Tensor], Head]:
+    """Full fine-tuning, cached on disk; returns the encoder's state dict and the task's head.
+
+    ``zero-shot-heads``: the frozen label-name head ``head`` (returned as is), word embeddings frozen
+    unless ``cfg.train_embeddings``. ``trained-heads``: a linear head (seeded random init, as a
+    classification head of the GLUE fine-tunes) trained with the encoder and stored with it.
+    """
     from safetensors.torch import load_file, save_file
 
     from pave_plugins.io.atomic import atomic_path
@@ -241,15 +302,52 @@ def finetune(base: nn.Module, tok, task: Task, head: Tensor, cfg: BenchConfig, s
     path = Path(cfg.cache_dir) / "finetunes" / f"{task.name}-s{seed}-{key}.safetensors"
     if path.is_file():
         log.info("fine-tune of %s (seed %d) from cache %s", task.name, seed, path)
-        return load_file(str(path), device=str(cfg.device))
+        return _split_head(load_file(str(path), device=str(cfg.device)), head)
     torch.manual_seed(seed)
     model = copy.deepcopy(base).to(cfg.device)
     for n, p in model.named_parameters():
-        p.requires_grad_("word_embeddings" not in n)
-    seconds = train_steps(model, [p for p in model.parameters() if p.requires_grad], tok, task, head, cfg, seed, cfg.lr)
+        p.requires_grad_(cfg.train_embeddings or "word_embeddings" not in n)
+    head_params: list[nn.Parameter] = []
+    if cfg.protocol == "trained-heads":
+        lin = nn.Linear(base.config.hidden_size, task.num_classes).to(cfg.device)
+        head_params = list(lin.parameters())
+        head = {"weight": lin.weight, "bias": lin.bias}
+    elif cfg.protocol != "zero-shot-heads":
+        raise ValueError(f"unknown protocol {cfg.protocol!r} (zero-shot-heads, trained-heads)")
+    seconds = train_steps(model, [p for p in model.parameters() if p.requires_grad], tok, task, head, cfg, seed, cfg.lr,
+                          head_params)
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    if isinstance(head, dict):
+        head = {k: v.detach().clone() for k, v in head.items()}
+        sd.update({f"{HEAD_PREFIX}{k}": v for k, v in head.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file({k: v.cpu() for k, v in sd.items()}, str(tmp), metadata={"task": task.name, "seed": str(seed), "seconds": f"{seconds:.1f}"})
     log.info("fine-tuned %s (seed %d) in %.1f s -> %s", task.name, seed, seconds, path)
-    return sd
+    return _split_head(sd, head)
+
+
+HEAD_PREFIX = "__task_head__."
+
+
+def _split_head(sd: dict[str, Tensor], head: Head) -> tuple[dict[str, Tensor], Head]:
+    """The encoder's state dict and the head (the trained one stored with it, else ``head``)."""
+    stored = {k[len(HEAD_PREFIX):]: v for k, v in sd.items() if k.startswith(HEAD_PREFIX)}
+    enc = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIX)}
+    return enc, (stored or head)
+
+
+def task_vector_ratio(base_sd: dict[str, Tensor], ft_sd: dict[str, Tensor]) -> dict[str, float]:
+    """``||tau|| / ||W||`` of a fine-tune over all encoder parameters and over the 2-D linear
+    weights only (embeddings excluded), Frobenius norms in float64."""
+    out = {}
+    for name, keep in (("all", lambda k, v: True),
+                       ("linear", lambda k, v: v.ndim == 2 and "embeddings" not in k)):
+        num = den = 0.0
+        for k, w in base_sd.items():
+            if not w.is_floating_point() or not keep(k, w):
+                continue
+            num += float((ft_sd[k].double() - w.double()).pow(2).sum())
+            den += float(w.double().pow(2).sum())
+        out[name] = math.sqrt(num / den) if den > 0 else 0.0
+    return out

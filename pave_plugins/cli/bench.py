@@ -71,6 +71,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--pave-host-final", nargs="*", default=None, choices=["ta", "ties", "dare", "emr", "tsvm"],
                    help="PAVE+X whose final merge goes through FusionBench pave/pave (default: all; the others "
                    "use the harness's core path, which gives the same weights)")
+    p.add_argument("--protocol", default="zero-shot-heads", choices=["zero-shot-heads", "trained-heads"],
+                   help="zero-shot-heads: frozen label-name heads (default); trained-heads: a linear head per task "
+                   "trained with the encoder, kept per task, every merge evaluated with each task's own head")
+    p.add_argument("--schedule", default="constant", choices=["constant", "linear"],
+                   help="learning-rate schedule of the fine-tunes (linear: warm-up then linear decay to 0)")
+    p.add_argument("--warmup-ratio", type=float, default=0.06, help="warm-up share of the steps (linear schedule)")
+    p.add_argument("--train-embeddings", action="store_true", help="also fine-tune the word embeddings")
+    p.add_argument("--head-lr", type=float, default=None, help="trained heads' learning rate (default: 10 x --lr)")
+    p.add_argument("--regmean-grid", nargs="+", type=float, default=None,
+                   help="RegMean reduce_non_diagonal_ratio grid (default 0.1 0.5 0.9)")
+    p.add_argument("--extend-grids", type=int, default=2,
+                   help="extend a 1-D grid whose best value is on its edge, at most this many times (0: never)")
     p.set_defaults(func=run)
     return p
 
@@ -171,11 +183,14 @@ def run(args: argparse.Namespace) -> int:
                       out_dir=out, cache_dir=cache, device=device,
                       seeds=list(args.seeds), steps=args.steps, lr=args.lr,
                       batch_size=args.batch_size, max_length=args.max_length, cov_examples=args.cov_examples,
-                      val_per_class=args.val_per_class, test_per_class=args.test_per_class, threads=args.threads, methods=args.methods)
+                      val_per_class=args.val_per_class, test_per_class=args.test_per_class, threads=args.threads, methods=args.methods,
+                      protocol=args.protocol, schedule=args.schedule, warmup_ratio=args.warmup_ratio,
+                      train_embeddings=args.train_embeddings, head_lr=args.head_lr, extend_grids=args.extend_grids)
     if args.rho:
         cfg.rho_grid = list(args.rho)
     for attr, grid in (("ta_grid", args.ta_grid), ("ties_grid", args.ties_grid), ("dare_grid", args.dare_grid),
-                       ("dare_sparsity", args.dare_sparsity), ("tsv_grid", args.tsv_grid)):
+                       ("dare_sparsity", args.dare_sparsity), ("tsv_grid", args.tsv_grid),
+                       ("regmean_grid", args.regmean_grid)):
         if grid:
             setattr(cfg, attr, list(grid))
     cfg.pave_host_final = args.pave_host_final

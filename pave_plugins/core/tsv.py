@@ -83,8 +83,7 @@ def top_singular_triplets(
     # s is descending, so the numerically-zero triplets are a suffix (their other side cannot be
     # recovered by division either). The Gram squares the spectrum: below ~sqrt(eps) s_1 its
     # eigen-pairs are round-off, hence the cut 10 sqrt(eps) s_1 (1.5e-7 float64, 3.5e-3 float32).
-    cut = 10.0 * math.sqrt(torch.finfo(compute_dtype).eps)
-    nonzero = int((s > s[0] * cut).sum()) if s[0] > 0 else 0
+    nonzero = nonnull_count(s)
     s, evecs = s[:nonzero], evecs[:, :nonzero]
     if wide:
         u = evecs
@@ -93,6 +92,20 @@ def top_singular_triplets(
         v = evecs
         u = (a @ v) / s
     return u, s, v
+
+
+def nonnull_count(s: Tensor) -> int:
+    """How many leading singular values of the descending ``s`` are not numerically zero:
+    ``s_i > 10 sqrt(eps) s_1`` (eps of ``s``'s dtype; 1.5e-7 in float64, 3.5e-3 in float32).
+
+    The one threshold for null triplets in TSV-M and STI. It is set for singular values obtained
+    from a Gram matrix, which squares the spectrum (below ~sqrt(eps) s_1 its eigenpairs are
+    round-off); for a direct SVD it is conservative.
+    """
+    if s.numel() == 0 or not bool(s[0] > 0):
+        return 0
+    cut = 10.0 * math.sqrt(torch.finfo(s.dtype).eps)
+    return int((s > s[0] * cut).sum())
 
 
 def procrustes_orthogonalize(x: Tensor) -> Tensor:
@@ -220,12 +233,17 @@ def sti(task_matrices: Sequence[Tensor], k: int | None = None) -> float:
     ``U, Sigma, V`` concatenate the SVDs of the task matrices (all components by default, as eq. 7
     is written; pass ``k`` for the truncated TSVs). ``||.||_1`` is the entry-wise L1 norm.
     Computed in float64.
+
+    Null singular triplets (``s_i <= 10 sqrt(eps) s_1``, the threshold of TSV-M, see
+    :func:`nonnull_count`) are dropped: the singular vectors of a rank-deficient matrix's null space
+    are an arbitrary completion, and kept they would count as interference between tasks that do
+    not interfere (two rank-10 20 x 20 matrices in orthogonal subspaces would score ~77, not 0).
     """
     _check_task_matrices(task_matrices)
     us, ss, vs = [], [], []
     for t in task_matrices:
         u, s, vh = torch.linalg.svd(t.double(), full_matrices=False)
-        kk = s.numel() if k is None else k
+        kk = nonnull_count(s) if k is None else min(k, nonnull_count(s))
         us.append(u[:, :kk])
         ss.append(s[:kk])
         vs.append(vh[:kk].T)
