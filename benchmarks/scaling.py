@@ -1,4 +1,4 @@
-"""Performance and scaling of the merges, side by side in one run (issue 8, item 4).
+"""Performance and scaling of the merges, side by side in one run.
 
 Every measurement runs in a fresh subprocess so that its peak RSS (``ru_maxrss``) is its own.
 Synthetic models: ``n_layers`` linear layers of one shape, a random base and K fine-tunes

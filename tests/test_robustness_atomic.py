@@ -1,4 +1,4 @@
-"""Robustness, issue 9 item 2: an interrupted ``pave collect`` / ``pave purify`` / ``pave rethink``
+"""Robustness: an interrupted ``pave collect`` / ``pave purify`` / ``pave rethink``
 leaves either the old output or the complete new one, never half of it.
 
 Each command runs in a subprocess over an existing (old) output with ``--overwrite`` and is killed

@@ -1,4 +1,4 @@
-"""Robustness, issue 9 item 3: the same inputs and seed give bit-identical outputs on CPU.
+"""Robustness: the same inputs and seed give bit-identical outputs on CPU.
 
 Each entry point runs twice in one test on the same inputs; every output tensor must be equal bit
 for bit (``torch.equal``), not merely close: mergekit ``pave`` + TIES (and + DARE-TIES under

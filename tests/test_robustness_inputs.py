@@ -1,4 +1,4 @@
-"""Robustness, issue 9 item 1: a matrix of bad inputs across the package.
+"""Robustness: a matrix of bad inputs across the package.
 
 Every case runs one of our entry points (``pave purify`` / ``pave collect`` / ``pave rethink``
 through their argparse front ends, mergekit's ``run_merge`` with ``pave``, FusionBench

@@ -1,4 +1,4 @@
-"""Numerical edge cases of the core maths (issue: robustness, item 4), each with what it should give.
+"""Numerical edge cases of the core maths, each with what it should give.
 
 References that must stay exact where float64 cannot (condition number 1e12) are computed with
 mpmath at 60 significant digits, independently of the code under test.

@@ -1,4 +1,4 @@
-"""The real offline benchmark harness (issue 8).
+"""The real offline benchmark harness.
 
 Pipeline, per seed:
 

@@ -1,4 +1,4 @@
-"""LoRA experts and mergekit merges for the benchmark harness (issue 8).
+"""LoRA experts and mergekit merges for the benchmark harness.
 
 * **LoRA experts** (PEFT): the same tasks trained as LoRA adapters on the frozen base encoder
   (frozen zero-shot heads, as for the full fine-tunes). Each adapter is saved with PEFT's
