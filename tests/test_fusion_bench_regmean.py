@@ -55,7 +55,8 @@ def test_regmean_matches_fusionbench(setup, a, weighting):
     for k, v in merged.state_dict().items():
         assert rel(v, ref[k]) < 1e-6, k  # float32 model weights; 1e-6 tolerance checks the maths
     rep = algo.last_report
-    assert rep["n_regmean"] == 2 and rep["damped"] == [] and rep["not_regmean"] == ["table", "fc1.bias", "norm.weight", "norm.bias", "fc2.bias"]
+    assert rep["n_regmean"] == 2 and rep["damped"] == [] and sorted(rep["not_regmean"]) == sorted(
+        ["table", "fc1.bias", "norm.weight", "norm.bias", "fc2.bias"])  # the report lists tensors by name
     if a == 1.0:  # and ``sum`` (the paper) is a different merge than FusionBench's per-token mean
         other = fusionbench_regmean(base, fts, {n: {k: g / N_TOKENS[n] for k, g in c.items()} for n, c in covs.items()}, a)
         assert rel(merged.fc1.weight, other["fc1.weight"]) > 1e-3
