@@ -199,9 +199,10 @@ def _pool(base: nn.Module, base_sd: dict[str, Tensor], sds: Sequence[dict[str, T
 
 
 def run_method(kind: str, hp: dict[str, Any], base: nn.Module, base_sd, sds, names, cfg: BenchConfig, seed: int,
-               grams: Sequence[Any] | None = None) -> Provider:
+               grams: Sequence[Any] | None = None, cov_dir: str | None = None) -> Provider:
     """Merge ``sds`` (fine-tuned or purified state dicts) with host method ``kind`` and ``hp``
-    (``grams``: the models' Gram matrices, for RegMean)."""
+    (``grams``: the models' Gram matrices, for FusionBench's RegMean; ``cov_dir``: their covariance
+    files, for ours)."""
     pool = _pool(base, base_sd, sds, names)
     if kind == "average":
         from fusion_bench.method import SimpleAverageAlgorithm
@@ -238,6 +239,14 @@ def run_method(kind: str, hp: dict[str, Any], base: nn.Module, base_sd, sds, nam
         if grams is None:
             raise ValueError("RegMean needs the models' Gram matrices")
         merged = regmean_merge(pool, names, grams, hp["ratio"])
+    elif kind == "regmean_ours":
+        from pave_plugins.fusion_bench.regmean import RegMeanAlgorithm
+
+        if cov_dir is None:
+            raise ValueError("RegMean needs the models' covariance files")
+        # the paper's summed Grams, as the FusionBench reference above is given them
+        merged = on_device(RegMeanAlgorithm(covariances=cov_dir, reduce_non_diagonal_ratio=hp["ratio"],
+                                            gram_weighting="sum", write_model_card=False), cfg).run(pool)
     elif kind == "tsvm_fb":
         from fusion_bench.method.task_singular_vector.TSVM import TaskSingularVectorMerging
 
@@ -267,7 +276,10 @@ def run_pave_host(kind: str, hp: dict[str, Any], target: str, allocation: str, r
              "dare": {"name": "dare/task_arithmetic", "scaling_factor": hp.get("lambda"),
                       "sparsity_ratio": hp.get("sparsity"), "only_on_linear_weights": False, "rescale": True},
              "emr": {"name": "emr_merging/emr_merging"},
-             "tsvm": {"name": "pave/tsv_m", "alpha": hp.get("alpha"), "exclude_keys": list(cfg.exclude_keys)}}[kind]
+             "tsvm": {"name": "pave/tsv_m", "alpha": hp.get("alpha"), "exclude_keys": list(cfg.exclude_keys)},
+             # PAVE hands its covariance files to the inner RegMean
+             "regmean_ours": {"name": "pave/regmean", "reduce_non_diagonal_ratio": hp.get("ratio"),
+                              "gram_weighting": "sum"}}[kind]
     algo = on_device(PAVEAlgorithm(inner=inner, rho=rho, rank_allocation=allocation, target=target,
                                    covariances=covs, write_model_card=False), cfg)
     torch.manual_seed(seed)
@@ -291,14 +303,15 @@ def method_grid(kind: str, cfg: BenchConfig) -> list[dict[str, Any]]:
         return [{"lambda": v, "sparsity": s} for s in cfg.dare_sparsity for v in cfg.dare_grid]
     if kind in ("tsvm", "tsvm_fb"):
         return [{"alpha": v} for v in cfg.tsv_grid]
-    if kind == "regmean":
+    if kind in ("regmean", "regmean_ours"):
         return [{"ratio": v} for v in cfg.regmean_grid]
     return [{}]
 
 
 BASE_METHODS = {"average": "simple average", "ta": "Task Arithmetic", "ties": "TIES", "dare": "DARE (TA)",
                 "emr": "EMR", "tsvm_fb": "TSV-M (FusionBench)", "tsvm": "TSV-M (ours)",
-                "regmean": "RegMean (FusionBench, harness Gram matrices)"}
+                "regmean": "RegMean (FusionBench, harness Gram matrices)",
+                "regmean_ours": "RegMean (ours, covariance files)"}
 
 
 # --------------------------------------------------------------------------- the run
@@ -428,7 +441,8 @@ class SeedRun:
 
     def merge(self, kind: str, hp: dict, sds) -> Provider:
         grams = self.covariances()[0] if kind == "regmean" else None
-        return run_method(kind, hp, self.base, self.base_sd, sds, self.names, self.cfg, self.seed, grams)
+        cov_dir = str(self.covariances()[1]) if kind == "regmean_ours" else None
+        return run_method(kind, hp, self.base, self.base_sd, sds, self.names, self.cfg, self.seed, grams, cov_dir)
 
     def search(self, kind: str, sds, grid) -> Choice:
         """Evaluate every grid point on validation; the best one, with the trace of all. When the

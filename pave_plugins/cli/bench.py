@@ -66,9 +66,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"PAVE purification targets (default: {grids['pave_targets']})")
     p.add_argument("--pave-allocations", nargs="+", default=None, choices=["spectral", "uniform"],
                    help=f"PAVE rank allocations (default: {grids['pave_allocations']})")
-    p.add_argument("--pave-bases", nargs="+", default=None, choices=["ta", "ties", "dare", "emr", "tsvm"],
+    p.add_argument("--pave-bases", nargs="+", default=None,
+                   choices=["ta", "ties", "dare", "emr", "tsvm", "regmean_ours"],
                    help=f"methods PAVE is run around (default: {grids['pave_bases']})")
-    p.add_argument("--pave-host-final", nargs="*", default=None, choices=["ta", "ties", "dare", "emr", "tsvm"],
+    p.add_argument("--pave-host-final", nargs="*", default=None, choices=["ta", "ties", "dare", "emr", "tsvm", "regmean_ours"],
                    help="PAVE+X whose final merge goes through FusionBench pave/pave (default: all; the others "
                    "use the harness's core path, which gives the same weights)")
     p.add_argument("--protocol", default="zero-shot-heads", choices=["zero-shot-heads", "trained-heads"],
