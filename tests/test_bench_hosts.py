@@ -46,7 +46,7 @@ def test_bench_lora_experts_and_mergekit(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     methods = saved["per_seed"][0]["methods"]
     assert set(methods) == {"zero_shot", "individual", "lora_experts_individual", "lora_experts_ties",
-                            "mergekit_ties", "mergekit_pave_delta_ties", "mergekit_lora_ties"}
+                            "mergekit_ties", "mergekit_pave_delta_ties", "mergekit_lora_ties", "mergekit_regmean"}
     # the LoRA experts learned their tasks (frozen base, frozen zero-shot heads)
     assert methods["lora_experts_individual"]["test_avg"] > methods["zero_shot"]["test_avg"] + 5.0, methods
     assert methods["mergekit_ties"]["hp"]["lambda"] in (0.6, 1.0)

@@ -85,23 +85,27 @@ def test_bench_smoke_end_to_end(tmp_path, monkeypatch):
 
 
 def test_bench_regmean_ours_equals_fusionbench_and_runs_inside_pave(tmp_path, monkeypatch):
-    """Our RegMean (covariance files, float64 Cholesky) and FusionBench's (the same Gram matrices,
-    float32 inverse) are one merge: on the test examples they predict alike (at most one example per
-    task may flip on float32 round-off); PAVE + our RegMean runs through FusionBench ``pave/pave``."""
+    """Our RegMean (covariance files, float64 Cholesky; through FusionBench and through stock mergekit)
+    and FusionBench's (the same Gram matrices, float32 inverse) are one merge: on the test examples
+    they predict alike (at most one example per task may flip on float32 round-off); PAVE + our
+    RegMean runs through FusionBench ``pave/pave``."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from pave_plugins.bench.harness import BenchConfig, run
 
     cfg = BenchConfig(data_dir=str(DATA), tasks=TASKS, model_path=_tiny_bert(tmp_path / "model"),
                       out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), seeds=[0], steps=20,
                       lr=2e-3, max_length=32, cov_examples=64, val_per_class=10, test_per_class=40,
-                      methods=["regmean", "regmean_ours", "pave_delta_spectral"], regmean_grid=[0.9],
+                      methods=["regmean", "regmean_ours", "pave_delta_spectral", "mergekit_regmean"], regmean_grid=[0.9],
                       rho_grid=[0.9375], pave_targets=["delta"], pave_allocations=["spectral"],
                       pave_bases=["regmean_ours"], extend_grids=0)
     seed0 = run(cfg)["per_seed"][0]["methods"]
     theirs, ours = seed0["regmean"]["test_correct"], seed0["regmean_ours"]["test_correct"]
+    mergekit = seed0["mergekit_regmean"]["test_correct"]  # stock mergekit run_merge, merge_method: regmean
+    assert seed0["mergekit_regmean"]["recipe"]["merge_method"] == "regmean"
     for task in TASKS:
-        flips = sum(a != b for a, b in zip(theirs[task], ours[task]))
-        assert len(theirs[task]) == len(ours[task]) and flips <= 1, (task, flips)
+        for other in (ours, mergekit):
+            flips = sum(a != b for a, b in zip(theirs[task], other[task]))
+            assert len(theirs[task]) == len(other[task]) and flips <= 1, (task, flips)
     pave = seed0["pave_delta_spectral_regmean_ours"]
     assert pave["pave"]["final_path"] == "pave_plugins.fusion_bench.PAVEAlgorithm"
     assert pave["hp"]["ratio"] == 0.9

@@ -653,7 +653,8 @@ class SeedRun:
         validation, TIES settings of the stock run) and stock ``ties`` on LoRA experts given as
         ``base+adapter`` (mergekit merges the adapters with PEFT; lambda of ``lora_experts_ties``)."""
         cfg = self.cfg
-        keys = ["mergekit_ties", "mergekit_lora_ties"] + [f"mergekit_pave_{t}_ties" for t in cfg.pave_targets]
+        keys = ["mergekit_ties", "mergekit_lora_ties", "mergekit_regmean"] + \
+            [f"mergekit_pave_{t}_ties" for t in cfg.pave_targets]
         if not any(self.wanted(k) for k in keys):
             return
         from pave_plugins.bench import hosts
@@ -666,7 +667,7 @@ class SeedRun:
         self.timings["mergekit_export_s"] = time.perf_counter() - t0
         density = cfg.mergekit_density
         ties_hp: dict = {}
-        if any(self.wanted(k) for k in keys if k != "mergekit_lora_ties"):  # the pave runs reuse its lambda
+        if any(self.wanted(k) for k in keys if k not in ("mergekit_lora_ties", "mergekit_regmean")):  # the pave runs reuse its lambda
             ties_hp = self.choose_recipe(
                 "mergekit_ties", f"mergekit ties (density {density})", work,
                 [({"lambda": v, "density": density}, hosts.ties_recipe(base_dir, ft_dirs, v, density))
@@ -683,6 +684,12 @@ class SeedRun:
                 [({"lambda": lam, "density": density, "rho": rho},
                   hosts.pave_recipe(base_dir, ft_dirs, cov_files, lam, density, rho, target, "spectral"))
                  for rho in cfg.rho_grid])
+        if self.wanted("mergekit_regmean"):
+            cov_dir = self.covariances()[1]
+            cov_files = [str(cov_dir / f"{n}.safetensors") for n in self.names]
+            self.choose_recipe("mergekit_regmean", "mergekit regmean (covariance files)", work,
+                               [({"ratio": r}, hosts.regmean_recipe(base_dir, ft_dirs, cov_files, r))
+                                for r in cfg.regmean_grid])
         if self.wanted("mergekit_lora_ties") and "ties" in lora_selected:
             hp, adapters = lora_selected["ties"]
             self.choose_recipe(

@@ -157,3 +157,10 @@ def pave_recipe(base: str, models: Sequence[str], covariances: Sequence[str], la
                        for m, c in zip(models, covariances)],
             "parameters": {"inner": "ties", "rho": rho, "rank_allocation": allocation, "target": target,
                            "normalize": False, "lambda": lam}, "dtype": "float32"}
+
+
+def regmean_recipe(base: str, models: Sequence[str], covariances: Sequence[str], ratio: float) -> dict[str, Any]:
+    """``merge_method: regmean`` on the same covariance files (summed Grams, the paper's weighting)."""
+    return {"merge_method": "regmean", "base_model": base,
+            "models": [{"model": m, "parameters": {"covariance": c}} for m, c in zip(models, covariances)],
+            "parameters": {"reduce_non_diagonal_ratio": ratio, "gram_weighting": "sum"}, "dtype": "float32"}
