@@ -30,9 +30,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
-D, FF = 768, 3072
+# the ViT-B/32-shaped stack and on-demand loader of the TSV-M benchmark (this folder is on the path of
+# the script and of its worker processes)
+from bench_tsvm import FF, D, Stack
+
 INPUTS = {"qkv": ("q_proj", "k_proj", "v_proj"), "out": ("out_proj",), "fc1": ("fc1",), "fc2": ("fc2",)}
 RATIO = 0.95
 WORKERS = {
@@ -40,27 +42,6 @@ WORKERS = {
     "pave_plugins": "pave/regmean (float64 Cholesky)",
     "pave_plugins_float32": "pave/regmean compute_dtype float32",
 }
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(D, D) for _ in range(4))
-        self.fc1, self.fc2 = nn.Linear(D, FF), nn.Linear(FF, D)
-        self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
-
-
-class Stack(nn.Module):
-    def __init__(self, layers: int):
-        super().__init__()
-        self.layers = nn.ModuleList(Block() for _ in range(layers))
-
-
-def load_stack(path: str, layers: int) -> Stack:
-    """Model-pool loader (FusionBench instantiates it through ``_target_``)."""
-    m = Stack(layers)
-    m.load_state_dict(torch.load(path, weights_only=True, mmap=False))
-    return m
 
 
 def make_models(folder: Path, layers: int, tasks: int, seed: int = 0) -> dict:
@@ -125,7 +106,7 @@ def worker(which: str, folder: Path, layers: int, out: Path) -> None:
             return None
 
     paths = json.loads((folder / "paths.json").read_text())
-    models = {n: {"_target_": "bench_regmean.load_stack", "path": p, "layers": layers} for n, p in paths.items()}
+    models = {n: {"_target_": "bench_tsvm.load_stack", "path": p, "layers": layers} for n, p in paths.items()}
     pool = Pool(models)
     if which == "fusionbench":
         algo = fusionbench_algorithm(folder)
