@@ -36,16 +36,11 @@ LAYER_SHAPES = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
 
 
 def build(root: Path, layers: int, k: int, seed: int = 0) -> dict[str, Path]:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from gpu_check import word_tokenizer  # this folder is on the script's path
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                  bos_token="<s>", eos_token="</s>")
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+    tok = word_tokenizer(WORDS)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=512,
                       pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
     torch.manual_seed(seed)
