@@ -34,7 +34,7 @@ from pave_plugins.core.regmean import (
     regmean_solve,
 )
 from pave_plugins.io.covariance import CovarianceFileError, MissingCovarianceError
-from pave_plugins.io.sources import CovarianceSource, PreparedCache, lookup_key, token_count
+from pave_plugins.io.sources import CovarianceSource, PreparedCache, lookup_key, token_count, weight_layout
 
 from .settings import COMPUTE_DTYPES, compute_dtype_name
 from .step import check_finite_weights
@@ -183,7 +183,7 @@ class RegMeanEngine:
             merged = merge_non_linear(w_fts, rule=s.non_linear, base=w_base, scaling_factor=s.scaling_factor, name=name)
             reason = "no covariance for this tensor" if first.ndim == 2 else f"not a 2-D weight ({first.ndim}-D)"
             return merged, {"regmean": False, "merged_by": s.non_linear, "reason": reason}
-        transpose = self.grams.layer_info.get(self.grams.resolve(name) or "", {}).get("weight_layout") == "in_out"
+        transpose = weight_layout(self.grams, name) == "in_out"
         prepared, key = self.cache.get(self.grams, name, device=first.device, compute_dtype=s.dtype, keep_factor=True)
         weights = [w.T if transpose else w for w in w_fts]
         try:

@@ -17,7 +17,7 @@ The faces turn the record into their weights (:func:`purified_weight` or
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, MutableSequence, Sequence
 
 import torch
@@ -26,7 +26,7 @@ from torch import Tensor
 from pave_plugins.core.layer import LayerModelError, allocate_and_purify
 from pave_plugins.core.purify import CoSVD, Purification, all_finite, co_svd
 from pave_plugins.io.covariance import MissingCovarianceError
-from pave_plugins.io.sources import CovarianceSource, PreparedCache, lookup_key
+from pave_plugins.io.sources import CovarianceSource, PreparedCache, lookup_key, weight_layout
 
 from .settings import PaveSettings
 
@@ -99,6 +99,11 @@ def purified_weight_from_tail(w_ft: Tensor, tail_left: Tensor, tail_right: Tenso
     return (w_ft.to(device=left.device, dtype=left.dtype) - left @ tail_right).to(device=like.device, dtype=like.dtype)
 
 
+def transposed_purification(p: Purification) -> Purification:
+    """``p`` for the transposed weight: ``(dW - L R)^T = dW^T - R^T L^T``."""
+    return replace(p, task_vector=p.task_vector.T, tail_left=p.tail_right.T, tail_right=p.tail_left.T)
+
+
 def check_finite_weights(name: str, w_base: Tensor | None, w_fts: Sequence[Tensor], labels: Sequence[str]) -> None:
     """Never merge NaN or Inf: a one-line error naming the tensor and the model (``w_base`` may be None)."""
     pairs = ([("base model", w_base)] if w_base is not None else []) + list(zip(labels, w_fts))
@@ -141,7 +146,12 @@ class PaveEngine:
         keys = self.keys(name) if w_base.is_floating_point() else [None] * len(self.labels)
         if not self.models_to_purify(name, keys):
             return self.unpurified(name, keys)
-        return self.finish(name, self.decompose(name, w_base, w_fts, keys), keys)
+        if not self.stored_in_out(name, keys):
+            return self.finish(name, self.decompose(name, w_base, w_fts, keys), keys)
+        # GPT-2 Conv1D: y = x W with W stored in x out; eq. 5-6 act on the out x in matrix W^T
+        step = self.finish(name, self.decompose(name, w_base.T, [w.T for w in w_fts], keys), keys)
+        step.purifications = [transposed_purification(p) if p is not None else None for p in step.purifications]
+        return step
 
     def check_finite(self, name: str, w_base: Tensor, w_fts: Sequence[Tensor]) -> None:
         """Never merge NaN or Inf (also in tensors that are not purified: norms, embeddings)."""
@@ -150,6 +160,14 @@ class PaveEngine:
     def keys(self, name: str) -> list[str | None]:
         """Covariance key of ``name`` in each model's source (``None``: that model has none)."""
         return [lookup_key(s, name) for s in self.sources]
+
+    def stored_in_out(self, name: str, keys: Sequence[str | None]) -> bool:
+        """Whether ``name`` is stored ``in x out`` (GPT-2 Conv1D), as the covariance sources record it;
+        sources that disagree are an error (the covariances were collected on different architectures)."""
+        layouts = {weight_layout(s, name) for s, k in zip(self.sources, keys) if k is not None}
+        if len(layouts - {None}) > 1:
+            raise ValueError(f"{name}: the covariance files disagree on its weight layout (in x out or out x in)")
+        return "in_out" in layouts
 
     def models_to_purify(self, name: str, keys: Sequence[str | None]) -> list[int]:
         """Models with a covariance for ``name``; models lacking one while others have one are an

@@ -73,6 +73,12 @@ def lookup_key(source: CovarianceSource | None, layer: str) -> str | None:
     return source.key_for(layer)
 
 
+def weight_layout(source: CovarianceSource, layer: str) -> str | None:
+    """``"in_out"`` (GPT-2 Conv1D, ``y = x W``) or ``"out_in"`` (``nn.Linear``) as ``source`` records
+    it for ``layer``, or ``None`` when it does not say."""
+    return source.layer_info.get(source.resolve(layer) or "", {}).get("weight_layout")
+
+
 def token_count(source: CovarianceSource, key: str) -> int | None:
     """Tokens accumulated in covariance ``key`` of ``source`` (``None`` when it does not say)."""
     counts = getattr(source, "counts", None)
