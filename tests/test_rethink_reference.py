@@ -270,3 +270,14 @@ def test_keep_tail_with_zero_learning_rate_is_the_input_merge():
         for n in LAYERS:
             assert torch.equal(got[n], merged[n])
             assert res.lambdas[-1][n].numel() == top_k
+
+
+@pytest.mark.parametrize("hyper", [{"epochs": 2, "lr": 0.0}, {"epochs": 0, "lr": 2e-2}])
+def test_top_k_drops_the_tail_even_when_lambda_stays_one(hyper):
+    """Without keep_tail, top_k means the rethought weights are theta_pre + the top-k components
+    (eq. 13 with the truncated SVD), also when Lambda never moves from 1 (lr 0, or 0 epochs)."""
+    pre, merged, batches = problem()
+    ref_theta, *_ = reference_lora_dv(pre, merged, batches, iterations=2, top_k=3, **hyper)
+    got, res = ours(pre, merged, batches, iterations=2, top_k=3, **hyper)
+    assert max_diff(got, ref_theta) < TOL and max_diff(ref_theta, merged) > 1e5 * TOL
+    assert sorted(res.changed) == sorted(LAYERS)

@@ -55,7 +55,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--heads", nargs="+", metavar="TASK=DIR", help="sequence classifiers: each task's fine-tuned model (its head is used for that task)")
     p.add_argument("--loss", choices=list(LOSSES), default=D.loss, help="ce: labels / target tokens; entropy: eq. 14, no labels")
     p.add_argument("--iterations", type=checks.positive_int, default=D.iterations, help="T rethinking iterations")
-    p.add_argument("--epochs", type=checks.nonnegative_int, default=D.epochs, help="epochs per iteration (0: write the input merge back unchanged)")
+    p.add_argument("--epochs", type=checks.nonnegative_int, default=D.epochs, help="epochs per iteration (0: write the input merge back unchanged; with --top-k and no --keep-tail, its top-K truncation)")
     p.add_argument("--lr", type=checks.nonnegative_float, default=D.lr, help="Adam learning rate (paper: 5e-3; LLMs 1e-4)")
     p.add_argument("--mode", choices=list(MODES), default=D.mode,
                    help="Lambda per singular value (paper) | one scale per layer | random Lambda (Table 4 ablations)")

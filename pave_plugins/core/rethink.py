@@ -36,7 +36,8 @@ Ablations of Table 4: ``mode="scalar"`` learns one isotropic scale per layer; ``
 draws ``Lambda`` uniformly in ``random_range`` (no training).
 
 A layer whose ``Lambda`` never moved from exactly 1 keeps its input weight bit for bit
-(``epochs=0`` reproduces the input merge exactly).
+(``epochs=0`` reproduces the input merge exactly), unless ``top_k`` without ``keep_tail`` drops its
+tail: then it is ``theta_pre`` plus its top-k components.
 """
 
 from __future__ import annotations
@@ -313,6 +314,7 @@ class LayerState:
     gain: Tensor  # cumulative signed gain per component of the *first* decomposition
     origin: Tensor  # index, in the first decomposition, of each current component
     changed: bool = False
+    drops_tail: bool = False  # top_k without keep_tail: the model still holds the discarded components
 
     def weight(self, lam: Tensor | None = None) -> Tensor:
         return self.anchor + self.spectrum.matrix(lam)
@@ -486,8 +488,8 @@ def _first_decomposition(
         p = params[name]
         theta_pre = base[name].to(device=p.device, dtype=dt)
         if name in low_rank:
-            spec = decompose_low_rank(low_rank[name], top_k=cfg.top_k, compute_dtype=dt, name=name)
-            spec = Spectrum(*(t.to(p.device) for t in (spec.u, spec.s, spec.v)))
+            whole = decompose_low_rank(low_rank[name], compute_dtype=dt, name=name)
+            whole = Spectrum(*(t.to(p.device) for t in (whole.u, whole.s, whole.v)))
             paths[name] = "low_rank"
             delta = None
         else:
@@ -495,8 +497,9 @@ def _first_decomposition(
             if float(delta.norm()) <= cfg.min_delta_norm:
                 log.debug("rethink: layer %s has a zero difference vector, skipped", name)
                 continue
-            spec = decompose_dense(delta, top_k=cfg.top_k, compute_dtype=dt, name=name)
+            whole = decompose_dense(delta, compute_dtype=dt, name=name)
             paths[name] = "dense"
+        spec = _truncate(whole, cfg.top_k)
         anchor = theta_pre
         if cfg.keep_tail and cfg.top_k is not None:
             full = delta if delta is not None else low_rank[name].dense(dt).to(p.device)
@@ -507,6 +510,7 @@ def _first_decomposition(
             spectrum=spec,
             gain=torch.ones_like(spec.s),
             origin=torch.arange(spec.rank, device=spec.s.device),
+            drops_tail=spec.rank < whole.rank and not cfg.keep_tail,
         )
     return states, paths
 
@@ -613,9 +617,9 @@ def _write_back(states: Mapping[str, LayerState], params: Mapping[str, Tensor], 
     and the closed-form SVD of the new difference vector for the next iteration."""
     for name, st in states.items():
         lam = lams[name].detach()
-        if bool((lam == 1).all()):
+        if bool((lam == 1).all()) and not st.drops_tail:
             continue  # Lambda = 1 exactly: the weight is the input merge, keep it bit for bit
-        st.changed = True
+        st.changed, st.drops_tail = True, False
         params[name].copy_(st.weight(lam).to(params[name].dtype))
         full = lam.expand_as(st.spectrum.s)
         st.gain[st.origin] = st.gain[st.origin] * full
