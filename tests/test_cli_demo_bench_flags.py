@@ -178,7 +178,22 @@ def test_bench_cli_smoke_run(tmp_path):
     [
         (["demo", "--tasks", "two"], "invalid int value: 'two'"),
         (["bench", "--pave-bases", "avg"], "invalid choice: 'avg'"),
-        (["bench", "--rho", "half"], "invalid float value: 'half'"),
+        (["bench", "--rho", "half"], "argument --rho: not a number: 'half'"),
+        # numbers that cannot be meant are refused before any fine-tuning starts
+        (["bench", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+        (["bench", "--lr", "0"], "argument --lr: must be a number > 0, got 0"),
+        (["bench", "--head-lr", "-0.001"], "argument --head-lr: must be a number > 0, got -0.001"),
+        (["bench", "--rho", "0.9", "1.5"], "argument --rho: must be in (0, 1], got 1.5"),
+        (["bench", "--rho", "0"], "argument --rho: must be in (0, 1], got 0"),
+        (["bench", "--warmup-ratio", "1"], "argument --warmup-ratio: must be in [0, 1), got 1"),
+        (["bench", "--dare-sparsity", "0.9", "1"], "argument --dare-sparsity: must be in [0, 1), got 1"),
+        (["bench", "--regmean-grid", "0.5", "1.5"], "argument --regmean-grid: must be in [0, 1], got 1.5"),
+        (["bench", "--ta-grid", "inf"], "argument --ta-grid: must be a finite number, got inf"),
+        (["bench", "--seeds", "0", "-1"], "argument --seeds: must be a non-negative integer, got -1"),
+        (["bench", "--batch-size", "0"], "argument --batch-size: must be a positive integer, got 0"),
+        (["bench", "--cov-examples", "-5"], "argument --cov-examples: must be a positive integer, got -5"),
+        (["bench", "--test-per-class", "0"], "argument --test-per-class: must be a positive integer, got 0"),
+        (["bench", "--extend-grids", "-1"], "argument --extend-grids: must be a non-negative integer, got -1"),
     ],
 )
 def test_parser_errors(argv, message, capsys):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import checks
+
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, except where the help text already says it or there is none."""
@@ -41,27 +43,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="where fine-tuning, collection, merges and evaluation run: cpu, cuda, cuda:N or auto (a GPU "
                    "when torch sees one)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="one fine-tune and merge per seed")
-    p.add_argument("--steps", type=int, default=100, help="fine-tuning steps per task")
-    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate")
-    p.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch size")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per example")
-    p.add_argument("--cov-examples", type=int, default=512, help="training examples per covariance")
-    p.add_argument("--val-per-class", type=int, default=None, help="validation examples per class (default: all)")
-    p.add_argument("--test-per-class", type=int, default=None, help="test examples per class (default: all)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seeds", nargs="+", type=checks.nonnegative_int, default=[0, 1], help="one fine-tune and merge per seed")
+    p.add_argument("--steps", type=checks.positive_int, default=100, help="fine-tuning steps per task")
+    p.add_argument("--lr", type=checks.positive_float, default=1e-4, help="fine-tuning learning rate")
+    p.add_argument("--batch-size", type=checks.positive_int, default=32, help="fine-tuning batch size")
+    p.add_argument("--max-length", type=checks.positive_int, default=64, help="tokens per example")
+    p.add_argument("--cov-examples", type=checks.positive_int, default=512, help="training examples per covariance")
+    p.add_argument("--val-per-class", type=checks.positive_int, default=None, help="validation examples per class (default: all)")
+    p.add_argument("--test-per-class", type=checks.positive_int, default=None, help="test examples per class (default: all)")
+    p.add_argument("--threads", type=checks.positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--methods", nargs="*", default=None,
                    help="method keys or prefixes (zero_shot and individual always run), e.g. ta ties pave_delta loradv lora_experts mergekit (default: all)")
     grids = _default_grids()
-    p.add_argument("--rho", nargs="+", type=float, default=None, help=f"PAVE rho grid (default: {grids['rho_grid']})")
-    p.add_argument("--ta-grid", nargs="+", type=float, default=None, help=f"TA lambda grid (default: {grids['ta_grid']})")
-    p.add_argument("--ties-grid", nargs="+", type=float, default=None,
+    p.add_argument("--rho", nargs="+", type=checks.rank_ratio, default=None, help=f"PAVE rho grid (default: {grids['rho_grid']})")
+    p.add_argument("--ta-grid", nargs="+", type=checks.finite_float, default=None, help=f"TA lambda grid (default: {grids['ta_grid']})")
+    p.add_argument("--ties-grid", nargs="+", type=checks.finite_float, default=None,
                    help=f"TIES lambda grid (default: {grids['ties_grid']})")
-    p.add_argument("--dare-grid", nargs="+", type=float, default=None,
+    p.add_argument("--dare-grid", nargs="+", type=checks.finite_float, default=None,
                    help=f"DARE lambda grid (default: {grids['dare_grid']})")
-    p.add_argument("--dare-sparsity", nargs="+", type=float, default=None,
+    p.add_argument("--dare-sparsity", nargs="+", type=checks.proper_fraction, default=None,
                    help=f"DARE drop-rate grid (default: {grids['dare_sparsity']})")
-    p.add_argument("--tsv-grid", nargs="+", type=float, default=None, help=f"TSV-M alpha grid (default: {grids['tsv_grid']})")
+    p.add_argument("--tsv-grid", nargs="+", type=checks.finite_float, default=None, help=f"TSV-M alpha grid (default: {grids['tsv_grid']})")
     p.add_argument("--pave-targets", nargs="+", default=None, choices=["weight", "delta"],
                    help=f"PAVE purification targets (default: {grids['pave_targets']})")
     p.add_argument("--pave-allocations", nargs="+", default=None, choices=["spectral", "uniform"],
@@ -77,12 +79,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "trained with the encoder, kept per task, every merge evaluated with each task's own head")
     p.add_argument("--schedule", default="constant", choices=["constant", "linear"],
                    help="learning-rate schedule of the fine-tunes (linear: warm-up then linear decay to 0)")
-    p.add_argument("--warmup-ratio", type=float, default=0.06, help="warm-up share of the steps (linear schedule)")
+    p.add_argument("--warmup-ratio", type=checks.proper_fraction, default=0.06, help="warm-up share of the steps (linear schedule)")
     p.add_argument("--train-embeddings", action="store_true", help="also fine-tune the word embeddings")
-    p.add_argument("--head-lr", type=float, default=None, help="trained heads' learning rate (default: 10 x --lr)")
-    p.add_argument("--regmean-grid", nargs="+", type=float, default=None,
+    p.add_argument("--head-lr", type=checks.positive_float, default=None, help="trained heads' learning rate (default: 10 x --lr)")
+    p.add_argument("--regmean-grid", nargs="+", type=checks.unit_interval, default=None,
                    help="RegMean reduce_non_diagonal_ratio grid (default 0.1 0.5 0.9)")
-    p.add_argument("--extend-grids", type=int, default=2,
+    p.add_argument("--extend-grids", type=checks.nonnegative_int, default=2,
                    help="extend a 1-D grid whose best value is on its edge, at most this many times (0: never)")
     p.set_defaults(func=run)
     return p

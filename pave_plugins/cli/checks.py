@@ -43,6 +43,27 @@ nonnegative_int = _at_least(_int, 0, "a non-negative integer")
 nonnegative_float = _at_least(finite_float, 0.0, "a finite number >= 0")
 
 
+def _in_interval(low: float, high: float, *, closed_low: bool, closed_high: bool) -> Callable[[str], float]:
+    if math.isinf(high):
+        what = f"a number {'>=' if closed_low else '>'} {low:g}"
+    else:
+        what = f"in {'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+
+    def check(text: str) -> float:
+        value = finite_float(text)
+        if value < low or value > high or (value == low and not closed_low) or (value == high and not closed_high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return check
+
+
+positive_float = _in_interval(0.0, math.inf, closed_low=False, closed_high=False)
+rank_ratio = _in_interval(0.0, 1.0, closed_low=False, closed_high=True)  # PAVE's rho
+proper_fraction = _in_interval(0.0, 1.0, closed_low=True, closed_high=False)  # a share that leaves some
+unit_interval = _in_interval(0.0, 1.0, closed_low=True, closed_high=True)
+
+
 def regex(text: str) -> str:
     """A valid regular expression."""
     try:
