@@ -87,13 +87,19 @@ def token_count(source: CovarianceSource, key: str) -> int | None:
 
 
 class PreparedCache:
-    """Bounded cache of prepared covariances: at most ``per_source`` per source, least recent out."""
+    """Bounded cache of prepared covariances: at most ``per_source`` per source, least recent out.
+
+    Thread-safe (mergekit ``--multi-gpu`` runs tensors in worker threads): a covariance is prepared
+    once even when several threads ask for it, and threads preparing different covariances do not
+    wait for each other (the factorisation runs outside the cache's lock).
+    """
 
     def __init__(self, per_source: int = PREPARED_PER_SOURCE) -> None:
         self.per_source = per_source
         self.n_prepared = 0  # how many Cholesky checks were run (tests and logs)
         self._lock = threading.RLock()
         self._entries: dict[int, tuple[CovarianceSource, OrderedDict]] = {}  # the source is kept alive
+        self._preparing: dict[tuple, threading.Lock] = {}  # one lock per covariance being prepared
 
     def get(
         self,
@@ -109,28 +115,50 @@ class PreparedCache:
         key = source.key_for(layer)
         ck = (key, str(device), str(compute_dtype), keep_factor)
         with self._lock:
-            cache = self._entries.setdefault(id(source), (source, OrderedDict()))[1]
-            hit = cache.get(ck)
+            hit = self._lookup(source, ck)
             if hit is not None:
-                cache.move_to_end(ck)
+                return hit, key
+            preparing = self._preparing.setdefault((id(source), ck), threading.Lock())
+        with preparing:  # the first thread prepares it; the others wait here, then find it cached
+            with self._lock:
+                hit = self._lookup(source, ck)
+            if hit is not None:
                 return hit, key
             try:
-                prepared = prepare_covariance(
-                    source.get(layer, device=device),
-                    compute_dtype=compute_dtype,
-                    name=f"covariance {key!r} (layer {layer!r}) in {source.origin}",
-                    keep_factor=keep_factor,
-                )
-            except ValueError as exc:
-                raise CovarianceFileError(str(exc)) from exc
+                prepared = self._prepare(source, layer, key, device=device, compute_dtype=compute_dtype,
+                                         keep_factor=keep_factor)
+                with self._lock:
+                    cache = self._entries.setdefault(id(source), (source, OrderedDict()))[1]
+                    cache[ck] = prepared
+                    while len(cache) > self.per_source:
+                        cache.popitem(last=False)
+            finally:
+                with self._lock:
+                    self._preparing.pop((id(source), ck), None)
+        return prepared, key
+
+    def _lookup(self, source: CovarianceSource, ck: tuple) -> PreparedCovariance | None:
+        cache = self._entries.setdefault(id(source), (source, OrderedDict()))[1]
+        hit = cache.get(ck)
+        if hit is not None:
+            cache.move_to_end(ck)
+        return hit
+
+    def _prepare(self, source: CovarianceSource, layer: str, key: str, **kw) -> PreparedCovariance:
+        try:
+            prepared = prepare_covariance(
+                source.get(layer, device=kw.pop("device")),
+                name=f"covariance {key!r} (layer {layer!r}) in {source.origin}",
+                **kw,
+            )
+        except ValueError as exc:
+            raise CovarianceFileError(str(exc)) from exc
+        with self._lock:
             self.n_prepared += 1
-            if prepared.damping > 0:
-                logger.warning("covariance %r (layer %r) in %s is singular: damped with %.3g (%.3g x mean diag C)",
-                               key, layer, source.origin, prepared.damping, prepared.relative_damping)
-            cache[ck] = prepared
-            while len(cache) > self.per_source:
-                cache.popitem(last=False)
-            return prepared, key
+        if prepared.damping > 0:
+            logger.warning("covariance %r (layer %r) in %s is singular: damped with %.3g (%.3g x mean diag C)",
+                           key, layer, source.origin, prepared.damping, prepared.relative_damping)
+        return prepared
 
     def release(self, source: CovarianceSource) -> None:
         """Forget the prepared covariances of ``source`` (the next layer reads another input)."""
