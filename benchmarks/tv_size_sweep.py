@@ -23,13 +23,20 @@ from pathlib import Path
 log = logging.getLogger("tv_size_sweep")
 
 
+def finished(results: dict, seeds: list[int]) -> bool:
+    """Whether ``results`` (a ``results.json``) is a finished run of exactly ``seeds`` (the harness
+    rewrites it after every method and marks a seed still running ``"partial"``)."""
+    per_seed = results["per_seed"]
+    return [s["seed"] for s in per_seed] == seeds and not any(s.get("partial") for s in per_seed)
+
+
 def run_lengths(out: Path, steps: list[int], seeds: list[int], bench_args: list[str]) -> None:
     from pave_plugins.cli import main
 
     for n in steps:
         folder = out / f"steps{n}"
         res = folder / "results.json"
-        if res.is_file() and [s["seed"] for s in json.loads(res.read_text())["per_seed"]] == seeds:
+        if res.is_file() and finished(json.loads(res.read_text()), seeds):
             log.info("steps %d: done already (%s)", n, res)
             continue
         log.info("steps %d -> %s", n, folder)
@@ -41,6 +48,9 @@ def collect(out: Path) -> list[dict]:
     rows = []
     for res in sorted(out.glob("steps*/results.json"), key=lambda p: int(p.parent.name[5:])):
         r = json.loads(res.read_text())
+        if any(s.get("partial") for s in r["per_seed"]):
+            log.warning("%s: a run still in progress (or interrupted), left out", res)
+            continue
         tv = r.get("task_vector_ratio") or {}
         ratio = sum(v["all"] for v in tv.values()) / max(len(tv), 1)
         for key, c in (r.get("significance") or {}).items():
