@@ -67,10 +67,11 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in sorted({r["method"] for r in rows}):
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    keys = sorted({r["method"] for r in rows})
+    for j, key in enumerate(keys):
         pts = sorted((r for r in rows if r["method"] == key), key=lambda r: r["tv_ratio"])
-        x = [r["tv_ratio"] for r in pts]
+        x = [r["tv_ratio"] * 1.015 ** (j - (len(keys) - 1) / 2) for r in pts]  # side by side, not on top
         y = [r["avg_diff"] for r in pts]
         err = [[r["avg_diff"] - r["avg_lo"] for r in pts], [r["avg_hi"] - r["avg_diff"] for r in pts]]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=pts[0]["label"])
@@ -78,7 +79,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("mean ||τ|| / ||W|| of the fine-tunes (one point per fine-tuning length)")
     ax.set_ylabel("PAVE+X − X, test avg (points, 95 % bootstrap CI)")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
