@@ -203,3 +203,129 @@ def test_engine_names_the_file_of_a_bad_gram(tmp_path):
              for i, g in enumerate(grams)]
     with pytest.raises(CovarianceFileError, match=r"covariance 'cov.0' \(layer 'fc.weight'\) in .*1.safetensors: contains NaN"):
         RegMeanEngine(RegMeanSettings(), files, ["a", "b"]).step("fc.weight", ws)
+
+
+# ---------------------------------------------------------------------------------------------
+# Boundary cases found unguarded by mutation testing: defaults, compute and output dtypes, the
+# kept Cholesky factor, token counts, and error messages that name the layer.
+
+
+def test_defaults_are_the_closed_form_with_summed_grams():
+    from pave_plugins.core.regmean import prepare_gram_sum, regmean_grams, regmean_solve
+
+    xs, ws = layer()
+    grams = [x.T @ x for x in xs]
+    reduced = regmean_grams(grams)  # ratio 1, "sum" weighting, float64
+    assert all(r.dtype == F64 and torch.equal(r, g) for r, g in zip(reduced, grams))
+    prepared = prepare_gram_sum(reduced)
+    # the kept lower Cholesky factor of sum_i G_i
+    total = grams[0] + grams[1] + grams[2]
+    assert prepared.factor is not None and rel(prepared.factor @ prepared.factor.T, total) < 1e-14
+    assert torch.equal(prepared.factor, torch.tril(prepared.factor))
+    assert rel(regmean_solve(ws, reduced, prepared).weight, brute_force(xs, ws)) < 1e-8
+    # a prepared sum without a factor (prepare_covariance's default): factorised on the spot
+    from pave_plugins.core.purify import PreparedCovariance
+
+    bare = PreparedCovariance(matrix=total, damping=0.0, relative_damping=0.0)
+    assert rel(regmean_solve(ws, reduced, bare).weight, brute_force(xs, ws)) < 1e-8
+
+
+def test_float32_weights_and_float32_compute():
+    xs, ws = layer(out=6, inn=8)
+    grams = [x.T @ x for x in xs]
+    ref = brute_force(xs, ws)
+    w32 = [w.float() for w in ws]
+    sol = regmean_merge(w32, grams)  # float64 solve, result in the weights' dtype
+    assert sol.weight.dtype == torch.float32
+    assert rel(sol.weight, brute_force(xs, [w.double() for w in w32])) < 1e-6
+    sol32 = regmean_merge(ws, [g.float() for g in grams], compute_dtype=torch.float32)
+    assert sol32.weight.dtype == F64 and sol32.damping == 0.0 and rel(sol32.weight, ref) < 1e-4
+    # a Gram sum singular at float32 precision (one input feature 1e-5 times smaller than the others
+    # in every model: 1e-10 of the variance) is damped when solved in float32 and not in float64
+    xs, ws = layer(out=4, inn=6, spread=0.0)
+    for x in xs:
+        x[:, 2] *= 1e-5
+    grams = [x.T @ x for x in xs]
+    assert regmean_merge(ws, grams).damping == 0.0
+    assert regmean_merge(ws, grams, compute_dtype=torch.float32).damping > 0.0
+
+
+def test_token_counts_and_ratio_checks():
+    from pave_plugins.core.regmean import check_non_diagonal_ratio, weighted_gram
+
+    g = torch.eye(3, dtype=F64) * 6.0
+    assert torch.equal(weighted_gram(g, 1, "mean"), g)  # one token: the Gram itself
+    assert torch.equal(weighted_gram(g, 3, "mean"), g / 3)
+    for bad in (0, -2, None):
+        with pytest.raises(ValueError, match=rf"^Gram matrix: gram_weighting 'mean' needs its token count, got {bad!r}$"):
+            weighted_gram(g, bad, "mean")
+    assert check_non_diagonal_ratio(0) == 0.0 and check_non_diagonal_ratio(1) == 1.0
+    for bad in (True, False, "0.5", 1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"^reduce_non_diagonal_ratio must be a number in \[0, 1\], got "):
+            check_non_diagonal_ratio(bad)
+
+
+@pytest.mark.parametrize("name, prefix", [(None, "weight"), ("fc.weight", "fc.weight")])
+def test_errors_name_the_layer(name, prefix):
+    from pave_plugins.core.regmean import prepare_gram_sum, regmean_grams, regmean_solve
+
+    xs, ws = layer()
+    grams = [x.T @ x for x in xs]
+    kw = {} if name is None else {"name": name}
+    cases = [
+        (lambda: regmean_merge(ws, grams, token_counts=[5, 6], **kw), f"{prefix}: 2 token counts for 3 Gram matrices"),
+        (lambda: regmean_merge(ws, grams, gram_weighting="mean", token_counts=[5, None, 6], **kw),
+         f"{prefix}, model 1: gram_weighting 'mean' needs its token count, got None"),
+        (lambda: regmean_merge(ws, [grams[0], grams[1][:, :6], grams[2]], **kw),
+         rf"{prefix}: Gram matrix of model 1 must be square, got shape \(7, 6\)"),
+        (lambda: regmean_merge(ws, [grams[0], grams[1][:6], grams[2]], **kw),
+         rf"{prefix}: Gram matrix of model 1 must be square, got shape \(6, 7\)"),
+        (lambda: regmean_merge([ws[0], ws[1][:4], ws[2]], grams, **kw),
+         rf"{prefix}: weight of model 1 has shape \(4, 7\), expected \(5, 7\)"),
+        (lambda: regmean_merge(ws, [grams[0], -grams[1], grams[2]], **kw),
+         f"RegMean Gram sum of {prefix}: has negative diagonal entries"),
+        (lambda: regmean_merge([], [], **kw), f"{prefix}: RegMean needs at least one Gram matrix"),
+        (lambda: prepare_gram_sum([], **kw), f"{prefix}: RegMean needs at least one Gram matrix"),
+        (lambda: regmean_grams(grams, token_counts=[1], **kw), f"{prefix}: 1 token counts for 3 Gram matrices"),
+    ]
+    prepared = prepare_gram_sum(grams)
+    cases += [
+        (lambda: regmean_solve(ws, grams[:2], prepared, **kw), f"{prefix}: 3 weights for 2 Gram matrices"),
+        (lambda: regmean_solve([], [], prepared, **kw), f"{prefix}: 0 weights for 0 Gram matrices"),
+        (lambda: regmean_solve([ws[0], ws[1][:4], ws[2]], grams, prepared, **kw),
+         rf"{prefix}: weight of model 1 has shape \(4, 7\), expected \(5, 7\)"),
+    ]
+    for call, pattern in cases:
+        with pytest.raises(ValueError, match="^" + pattern):
+            call()
+
+
+def test_non_linear_rules_edge_cases():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(3, 4, generator=g)
+    ws = [base + torch.randn(3, 4, generator=g) for _ in range(2)]
+    # task arithmetic's default scaling factor is 1: base + sum of task vectors
+    torch.testing.assert_close(merge_non_linear(ws, rule="task_arithmetic", base=base),
+                               base + (ws[0] - base) + (ws[1] - base))
+    torch.testing.assert_close(merge_non_linear(ws[:1], rule="task_arithmetic", base=base, scaling_factor=0.5),
+                               base + 0.5 * (ws[0] - base))
+    assert torch.equal(merge_non_linear(ws[:1]), ws[0])
+    # integer buffers are not merged: the first model's
+    assert torch.equal(merge_non_linear([torch.arange(4), torch.arange(4) + 7]), torch.arange(4))
+    # float16: averaged in float32 (3 x 40000 overflows float16), returned in float16
+    big = [torch.full((2,), 40000.0, dtype=torch.float16), torch.full((2,), 30000.0, dtype=torch.float16)]
+    out = merge_non_linear(big)
+    assert out.dtype == torch.float16 and torch.equal(out, torch.full((2,), 35000.0, dtype=torch.float16))
+    b16 = torch.full((2,), 30000.0, dtype=torch.float16)
+    ta = merge_non_linear(big, rule="task_arithmetic", base=b16, scaling_factor=0.5)
+    assert ta.dtype == torch.float16 and torch.equal(ta, torch.full((2,), 35000.0, dtype=torch.float16))
+    assert merge_non_linear([big[0], big[1].float()]).dtype == torch.float16  # the first weight's dtype
+    for call, pattern in [
+        (lambda: merge_non_linear(ws, rule="median"), r"non_linear must be one of \('mean', 'task_arithmetic'\), got 'median'"),
+        (lambda: merge_non_linear([]), "weight: nothing to merge"),
+        (lambda: merge_non_linear([], name="ln.bias"), "ln.bias: nothing to merge"),
+        (lambda: merge_non_linear(ws, scaling_factor=float("inf")), "scaling_factor must be a finite number, got inf"),
+        (lambda: merge_non_linear(ws, rule="task_arithmetic"), "weight: non_linear 'task_arithmetic' needs the base model"),
+    ]:
+        with pytest.raises(ValueError, match="^" + pattern + "$"):
+            call()
