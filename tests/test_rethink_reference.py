@@ -674,3 +674,30 @@ def test_random_ablation_draws_uniform_lambdas_and_rescales():
             torch.testing.assert_close(res.sigmas[t][n], s, rtol=0, atol=1e-12)
             theta[n] = pre[n] + (u * (res.lambdas[t][n] * s)) @ vh
     assert max_diff(got, theta) < TOL
+
+
+def test_lambda_tensors_file_layout():
+    """lambda_tensors(): ``<layer>.lambda.<t>``, ``<layer>.sigma.<t>`` (the reference's Lambda and
+    singular values of iteration t) and ``<layer>.gain`` (the product of the per-iteration Lambdas
+    on the first decomposition's components), float32, contiguous, on the CPU."""
+    pre, merged, batches = problem()
+    hyper = {"iterations": 2, "epochs": 2, "lr": 2e-2}
+    _, ref_lams, _ = reference_lora_dv(pre, merged, batches, **hyper)
+    _, res = ours(pre, merged, batches, **hyper)
+    flat = res.lambda_tensors()
+    want = {f"{n}.{kind}.{t}" for n in LAYERS for kind in ("lambda", "sigma") for t in range(2)}
+    assert set(flat) == want | {f"{n}.gain" for n in LAYERS}
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" and v.is_contiguous() for v in flat.values())
+    for n in LAYERS:
+        s0 = torch.linalg.svdvals(merged[n] - pre[n])
+        for t in range(2):
+            torch.testing.assert_close(flat[f"{n}.lambda.{t}"], ref_lams[t][n].float(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(flat[f"{n}.sigma.0"], s0.float(), rtol=1e-6, atol=1e-7)
+        # iteration 1 re-decomposes pre + U diag(Lambda_0 Sigma_0) V^T: its singular values are |Lambda_0 Sigma_0|, sorted
+        s1 = torch.sort((ref_lams[0][n] * s0).abs(), descending=True).values
+        torch.testing.assert_close(flat[f"{n}.sigma.1"], s1.float(), rtol=1e-6, atol=1e-7)
+        # gain of component j of the first decomposition: Lambda_0[j] times the Lambda_1 of the
+        # component it became (the one with the same |Lambda_0 sigma| rank)
+        rank_of = torch.argsort(torch.argsort((ref_lams[0][n] * s0).abs(), descending=True, stable=True), stable=True)
+        gain = ref_lams[0][n] * ref_lams[1][n][rank_of]
+        torch.testing.assert_close(flat[f"{n}.gain"], gain.float(), rtol=1e-6, atol=1e-7)
