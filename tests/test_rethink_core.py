@@ -464,3 +464,23 @@ def test_no_layer_to_rethink_warns(caplog):
     assert res.layers == [] and res.lambdas == [] and res.config is not None
     msgs = [r.getMessage() for r in caplog.records if r.name == rt.log.name and r.levelname == "WARNING"]
     assert len(msgs) == 1 and "no layer to rethink" in msgs[0] and "2-D" in msgs[0]
+
+
+def test_default_layers_are_the_2d_float_parameters_with_a_same_shape_base():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4))  # 1-D: never a layer
+            self.lin = nn.Linear(3, 4)  # weight 2-D (a layer), bias 1-D
+            self.conv = nn.Conv1d(2, 2, 3)  # 3-D weight: not a layer
+            self.codes = nn.Parameter(torch.zeros(4, 3, dtype=torch.int64), requires_grad=False)  # not floating
+            self.emb = nn.Embedding(5, 3)  # 2-D: a layer
+            self.out = nn.Linear(3, 2)  # excluded below
+            self.extra = nn.Linear(3, 3, bias=False)  # no base tensor
+            self.reshaped = nn.Linear(3, 5, bias=False)  # base of another shape
+
+    model = Odd()
+    base = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("extra")}
+    base["reshaped.weight"] = torch.zeros(3, 5)
+    assert rt.default_layers(model, base) == ["lin.weight", "emb.weight", "out.weight"]
+    assert rt.default_layers(model, base, exclude=["out.weight", "nope"]) == ["lin.weight", "emb.weight"]
