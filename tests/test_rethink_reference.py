@@ -701,3 +701,29 @@ def test_lambda_tensors_file_layout():
         rank_of = torch.argsort(torch.argsort((ref_lams[0][n] * s0).abs(), descending=True, stable=True), stable=True)
         gain = ref_lams[0][n] * ref_lams[1][n][rank_of]
         torch.testing.assert_close(flat[f"{n}.gain"], gain.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_forward_params_replace_a_tensor_for_one_call():
+    """forward(x, params={...}) runs the model with those tensors (e.g. a task's own head) on top of
+    the rethought weights: the reference computes the loss with that head."""
+    pre, merged, batches = problem(seed=8)
+    g = torch.Generator().manual_seed(80)
+    task_head = {
+        "head.weight": torch.randn(3, 14, generator=g, dtype=DT),
+        "head.bias": torch.randn(3, generator=g, dtype=DT),
+    }
+
+    def ref_batch_loss(w, batch):
+        return _ce_weights({**w, **task_head}, batch)
+
+    def loss_fn(forward, batch):
+        return ref_loss(forward(batch[0], params=task_head), batch[1], "ce")
+
+    hyper = {"iterations": 2, "epochs": 2, "lr": 3e-2}
+    ref_theta, *_ = general_reference(pre, merged, batches, LAYERS, ref_batch_loss, **hyper)
+    other, *_ = general_reference(pre, merged, batches, LAYERS, _ce_weights, **hyper)
+    model = MLP().double()
+    model.load_state_dict(merged)
+    got, _ = ours_on(model, pre, batches, loss_fn, layers=list(LAYERS), compute_dtype=DT, **hyper)
+    assert max_diff(got, ref_theta) < TOL and max_diff(other, ref_theta) > 1e5 * TOL
+    assert torch.equal(got["head.weight"], merged["head.weight"])
