@@ -304,3 +304,183 @@ def test_runs_under_no_grad_like_a_model_pool_loader():
         before = float(nn.functional.cross_entropy(merged(x), y))
         rt.rethink(merged, _state(base), batches, _ce, layers=LAYERS, iterations=1, epochs=5, lr=5e-2, progress=False)
         assert float(nn.functional.cross_entropy(merged(x), y)) < before
+
+
+# ----------------------------------------------------------------------------- contract details
+def test_spectrum_keeps_its_dtype():
+    """matrix(), rescaled() and rethought_weight() answer in the spectrum's dtype, whatever the
+    dtype of Lambda or of the anchor."""
+    g = torch.Generator().manual_seed(8)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    spec = rt.Spectrum(u=q[:, :3].bfloat16(), s=torch.tensor([3.0, 2.0, 1.0]).bfloat16(), v=q[:4, :3].bfloat16())
+    lam = torch.tensor([0.5, -4.0, 1.0], dtype=torch.float64)
+    assert spec.matrix(lam).dtype == torch.bfloat16
+    new, order = spec.rescaled(lam)
+    assert (new.u.dtype, new.s.dtype, new.v.dtype) == (torch.bfloat16,) * 3
+    assert order.tolist() == [1, 0, 2] and new.s.float().tolist() == [8.0, 1.5, 1.0]
+    anchor = torch.zeros(6, 4, dtype=torch.float64)
+    assert rt.rethought_weight(anchor, spec, lam).dtype == torch.bfloat16
+    spec32 = rt.Spectrum(u=q[:, :3].float(), s=torch.tensor([3.0, 2.0, 1.0]), v=q[:4, :3].float())
+    w = rt.rethought_weight(anchor + 1, spec32, lam)
+    assert w.dtype == torch.float32
+    ref = 1 + (q[:, :3] * (lam * torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))) @ q[:4, :3].T
+    torch.testing.assert_close(w.double(), ref, rtol=0, atol=1e-6)
+
+
+def test_decomposition_input_errors_name_the_layer():
+    with pytest.raises(ValueError, match=r"^layer: spectral rethinking needs a 2-D difference matrix, got shape \(2, 3, 4\)$"):
+        rt.decompose_dense(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match=r"^fc9: spectral rethinking needs a 2-D .* \(5,\)$"):
+        rt.decompose_dense(torch.zeros(5), name="fc9")
+    bad = torch.ones(3, 4)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"^fc9: the difference vector contains NaN or Inf$"):
+        rt.decompose_dense(bad, name="fc9")
+    with pytest.raises(ValueError, match=r"^top_k must be a positive integer or None, got 0$"):
+        rt.decompose_dense(torch.ones(3, 4), top_k=0)
+    with pytest.raises(ValueError, match=r"^layer: the low-rank factors contain NaN or Inf$"):
+        rt.decompose_low_rank((bad[:, 1:3], torch.ones(2, 4)))
+    with pytest.raises(ValueError, match=r"^lora_q: the low-rank factors contain NaN or Inf$"):
+        rt.decompose_low_rank(rt.LowRankDelta([torch.ones(3, 2)], [bad[:2, :]]), name="lora_q")
+
+
+def test_low_rank_delta_checks_its_factors():
+    b, a = torch.ones(4, 2), torch.ones(2, 5)
+    with pytest.raises(ValueError, match=r"^LowRankDelta needs as many B as A factors \(>= 1\), got 2 and 1$"):
+        rt.LowRankDelta([b, b], [a])
+    with pytest.raises(ValueError, match=r"^LowRankDelta needs as many B as A factors \(>= 1\), got 0 and 0$"):
+        rt.LowRankDelta([], [])
+    with pytest.raises(ValueError, match=r"^LowRankDelta: 1 weights for 2 factor pairs$"):
+        rt.LowRankDelta([b, b], [a, a], [1.0])
+
+
+def test_low_rank_fast_path_when_the_lora_ranks_exceed_a_dimension():
+    """sum of LoRA ranks R larger than out (and than in): the R x R core is not square; the
+    spectrum still has matching U, Sigma, V and is the dense SVD."""
+    for out, inp in ((3, 20), (20, 4)):
+        bs, as_, w = _low_rank_factors(out=out, inp=inp, ranks=(2, 3, 4), seed=9)
+        dense = sum(wi * b @ a for wi, b, a in zip(w, bs, as_))
+        spec = rt.decompose_low_rank(rt.LowRankDelta(bs, as_, w), compute_dtype=torch.float64)
+        r = min(out, inp)
+        assert spec.u.shape == (out, r) and spec.s.shape == (r,) and spec.v.shape == (inp, r)
+        torch.testing.assert_close(spec.s, torch.linalg.svdvals(dense), rtol=0, atol=1e-10)
+        torch.testing.assert_close(spec.matrix(), dense, rtol=0, atol=1e-10)
+
+
+def test_loss_errors():
+    logits = torch.randn(4, 5, 3)
+    with pytest.raises(ValueError, match=r"^entropy_loss: the mask selects no position$"):
+        rt.entropy_loss(logits, torch.zeros(4, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^the 'ce' loss needs labels; use loss='entropy' for unlabelled"):
+        rt.classification_loss(logits[:, 0], None, "ce")
+    with pytest.raises(ValueError, match=r"^loss must be one of \('ce', 'entropy'\), got 'mse'$"):
+        rt.classification_loss(logits[:, 0], torch.zeros(4), "mse")
+    with pytest.raises(ValueError, match=r"^the 'ce' loss needs target tokens \(labels\); use loss='entropy'"):
+        rt.token_loss(logits, None, "ce")
+    with pytest.raises(ValueError, match=r"^loss must be one of \('ce', 'entropy'\), got 'mse'$"):
+        rt.token_loss(logits, None, "mse")
+    with pytest.raises(ValueError, match=r"^token_loss: no target token in the batch \(every label is ignore_index\)$"):
+        rt.token_loss(logits, torch.full((4, 5), -100), "ce")
+
+
+@pytest.mark.parametrize(
+    "name, dtype",
+    [("float32", torch.float32), ("float64", torch.float64), ("torch.float64", torch.float64), ("Float32", torch.float32)],
+)
+def test_config_compute_dtype_by_name(name, dtype):
+    assert rt.RethinkConfig(compute_dtype=name).compute_dtype is dtype
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("compute_dtype", "float16", r"^compute_dtype must be float32 or float64, got float16$"),
+        ("compute_dtype", "bogus", r"^compute_dtype must be float32 or float64, got bogus$"),
+        ("compute_dtype", torch.float16, r"^compute_dtype must be float32 or float64, got torch.float16$"),
+        ("epochs", 1.5, r"^epochs must be a non-negative integer, got 1.5$"),
+        ("epochs", -1, r"^epochs must be a non-negative integer, got -1$"),
+        ("epochs", True, r"^epochs must be a non-negative integer, got True$"),
+        ("lr", float("inf"), r"^lr must be a finite non-negative number, got inf$"),
+        ("lr", -1e-3, r"^lr must be a finite non-negative number, got -0.001$"),
+        ("lr", float("nan"), r"^lr must be a finite non-negative number, got nan$"),
+        ("redecompose", "svd", r"^redecompose must be one of \('factored', 'dense'\), got 'svd'$"),
+        ("top_k", 0, r"^top_k must be a positive integer or None, got 0$"),
+        ("top_k", 2.5, r"^top_k must be a positive integer or None, got 2.5$"),
+        ("random_range", (1.0, 0.5), r"^random_range must be \(low, high\) with low <= high, got \(1.0, 0.5\)$"),
+        ("loss", "mse", r"^loss must be one of \('ce', 'entropy'\), got 'mse'$"),
+        ("samples", 0, r"^samples must be a positive integer \(or None for all\), got 0$"),
+        ("batch_size", 0, r"^batch_size must be a positive integer, got 0$"),
+        ("iterations", 0, r"^iterations must be a positive integer, got 0$"),
+        ("mode", "foo", r"^mode must be one of \('anisotropic', 'scalar', 'random'\), got 'foo'$"),
+    ],
+)
+def test_config_validation_names_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        rt.RethinkConfig(**{field: value})
+
+
+def test_config_accepts_its_boundaries():
+    cfg = rt.RethinkConfig(epochs=0, lr=0, samples=None, random_range=(1.0, 1.0), top_k=1, batch_size=1)
+    assert (cfg.epochs, cfg.lr, cfg.samples, cfg.random_range) == (0, 0, None, (1.0, 1.0))
+
+
+def test_rethink_input_errors_name_the_layer():
+    base, merged, batches, _, _ = _setup()
+    pre = _state(base)
+    with pytest.raises(KeyError, match=r"rethink: the model has no parameter 'fc3.weight'"):
+        rt.rethink(merged, pre, batches, _ce, layers=["fc3.weight"], progress=False)
+    bad = dict(pre, **{"fc1.weight": torch.zeros(3, 4)})
+    with pytest.raises(ValueError, match=r"^rethink: layer 'fc1.weight': base shape \(3, 4\) != merged shape \(16, 12\)$"):
+        rt.rethink(merged, bad, batches, _ce, layers=["fc1.weight"], progress=False)
+    nan = dict(pre, **{"fc2.weight": pre["fc2.weight"].clone()})
+    nan["fc2.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^fc2.weight: the difference vector contains NaN or Inf$"):
+        rt.rethink(merged, nan, batches, _ce, layers=LAYERS, progress=False)
+    lora = rt.LowRankDelta([torch.full((16, 1), float("inf"))], [torch.ones(1, 12)])
+    with pytest.raises(ValueError, match=r"^fc1.weight: the low-rank factors contain NaN or Inf$"):
+        rt.rethink(merged, pre, batches, _ce, layers=[], low_rank={"fc1.weight": lora}, progress=False)
+
+
+def test_calibration_errors():
+    base, merged, batches, _, _ = _setup()
+    pre = _state(base)
+    with pytest.raises(ValueError, match=r"^rethink: the calibration set is empty$"):
+        rt.rethink(merged, pre, [], _ce, layers=LAYERS, progress=False)
+    for bad in (lambda f, b: nn.functional.cross_entropy(f(b[0]), b[1], reduction="none"), lambda f, b: 0.5):
+        with pytest.raises(ValueError, match=r"^rethink: loss_fn must return a scalar tensor$"):
+            rt.rethink(merged, pre, batches, bad, layers=LAYERS, progress=False)
+
+    def nan_loss(forward, batch):
+        return _ce(forward, batch) * float("nan")
+
+    with pytest.raises(FloatingPointError, match=r"^rethink: non-finite calibration loss at iteration 1, batch 0$"):
+        rt.rethink(merged, pre, batches, nan_loss, layers=LAYERS, shuffle=False, progress=False)
+
+
+def test_no_layer_to_rethink_warns(caplog):
+    base, _, batches, _, _ = _setup()
+    caplog.set_level("WARNING", logger=rt.log.name)
+    res = rt.rethink(base, _state(base), batches, _ce, layers=LAYERS, progress=False)
+    assert res.layers == [] and res.lambdas == [] and res.config is not None
+    msgs = [r.getMessage() for r in caplog.records if r.name == rt.log.name and r.levelname == "WARNING"]
+    assert len(msgs) == 1 and "no layer to rethink" in msgs[0] and "2-D" in msgs[0]
+
+
+def test_default_layers_are_the_2d_float_parameters_with_a_same_shape_base():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4))  # 1-D: never a layer
+            self.lin = nn.Linear(3, 4)  # weight 2-D (a layer), bias 1-D
+            self.conv = nn.Conv1d(2, 2, 3)  # 3-D weight: not a layer
+            self.codes = nn.Parameter(torch.zeros(4, 3, dtype=torch.int64), requires_grad=False)  # not floating
+            self.emb = nn.Embedding(5, 3)  # 2-D: a layer
+            self.out = nn.Linear(3, 2)  # excluded below
+            self.extra = nn.Linear(3, 3, bias=False)  # no base tensor
+            self.reshaped = nn.Linear(3, 5, bias=False)  # base of another shape
+
+    model = Odd()
+    base = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("extra")}
+    base["reshaped.weight"] = torch.zeros(3, 5)
+    assert rt.default_layers(model, base) == ["lin.weight", "emb.weight", "out.weight"]
+    assert rt.default_layers(model, base, exclude=["out.weight", "nope"]) == ["lin.weight", "emb.weight"]

@@ -13,6 +13,10 @@ shows that on the reference itself.
 
 from __future__ import annotations
 
+import itertools
+import logging
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -163,17 +167,8 @@ def ours(pre, merged, batches, *, loss="ce", **kwargs):
         x, y = batch
         return ref_loss(forward(x), y, loss)
 
-    res = rt.rethink(
-        model,
-        pre,
-        batches,
-        loss_fn,
-        layers=list(LAYERS),
-        compute_dtype=DT,
-        shuffle=False,
-        progress=False,
-        **kwargs,
-    )
+    kwargs = {"layers": list(LAYERS), "compute_dtype": DT, "shuffle": False, "progress": False, **kwargs}
+    res = rt.rethink(model, pre, batches, loss_fn, **kwargs)
     return {k: v.detach() for k, v in model.state_dict().items()}, res
 
 
@@ -281,3 +276,454 @@ def test_top_k_drops_the_tail_even_when_lambda_stays_one(hyper):
     got, res = ours(pre, merged, batches, iterations=2, top_k=3, **hyper)
     assert max_diff(got, ref_theta) < TOL and max_diff(ref_theta, merged) > 1e5 * TOL
     assert sorted(res.changed) == sorted(LAYERS)
+
+
+# ----------------------------------------------------------------------------- more of the contract
+# Every test below compares with the float64 reference above (or with a variant of it written out
+# here), never with the implementation's own helpers.
+INFO_RE = re.compile(
+    r"rethink: (\d+) layers \((\d+) low-rank fast path\), (\d+) Lambda parameters, "
+    r"mode=(\w+), T=(\d+), epochs=(\d+), lr=(\S+)"
+)
+ITER_RE = re.compile(r"rethink: iteration (\d+)/(\d+), loss (\S+) -> (\S+)")
+EPOCH_RE = re.compile(r"rethink: iteration (\d+) epoch (\d+) loss (\S+)")
+
+
+def _messages(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == rt.log.name]
+
+
+def _check_logs(caplog, *, layers, low_rank, n_lambda, mode, iterations, epochs, lr, ref_losses):
+    """The summary line, one line per iteration (first and last epoch loss) and one debug line per
+    epoch, with the reference's numbers."""
+    msgs = _messages(caplog)
+    info = [m for m in msgs if INFO_RE.fullmatch(m)]
+    assert len(info) == 1, msgs
+    got = INFO_RE.fullmatch(info[0]).groups()
+    assert [int(v) for v in got[:3]] == [layers, low_rank, n_lambda], info[0]
+    assert got[3] == mode and [int(got[4]), int(got[5])] == [iterations, epochs], info[0]
+    assert float(got[6]) == pytest.approx(lr, rel=1e-5)
+    per_iter = [ITER_RE.fullmatch(m).groups() for m in msgs if ITER_RE.fullmatch(m)]
+    assert [(int(a), int(b)) for a, b, *_ in per_iter] == [(t + 1, iterations) for t in range(iterations)]
+    for (_, _, first, last), ref in zip(per_iter, ref_losses):
+        assert float(first) == pytest.approx(ref[0], rel=1e-5) and float(last) == pytest.approx(ref[-1], rel=1e-5)
+    per_epoch = [EPOCH_RE.fullmatch(m).groups() for m in msgs if EPOCH_RE.fullmatch(m)]
+    want = [(t + 1, e + 1, ref_losses[t][e]) for t in range(iterations) for e in range(epochs)]
+    assert [(int(a), int(b)) for a, b, _ in per_epoch] == [w[:2] for w in want], per_epoch
+    for (_, _, value), w in zip(per_epoch, want):
+        assert float(value) == pytest.approx(w[2], rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["anisotropic_ce", "scalar", "top_k_keep_tail"])
+def test_log_lines_report_the_reference_numbers(case, caplog):
+    """The INFO summary (layers, low-rank layers, number of Lambda parameters: rank or top_k per
+    layer, 1 per layer for the scalar ablation), per-iteration and per-epoch losses."""
+    caplog.set_level(logging.DEBUG, logger=rt.log.name)
+    kwargs = dict(CASES[case])
+    pre, merged, batches = problem()
+    hyper = {"iterations": 2, "epochs": 3, "lr": 2e-2}
+    scalar = kwargs.get("mode") == "scalar"
+    _, _, ref_losses = reference_lora_dv(
+        pre, merged, batches, scalar=scalar, **{k: v for k, v in kwargs.items() if k != "mode"}, **hyper
+    )
+    ours(pre, merged, batches, **kwargs, **hyper)
+    ranks = [min(merged[n].shape) for n in LAYERS]
+    n_lambda = len(LAYERS) if scalar else sum(min(r, kwargs.get("top_k") or r) for r in ranks)
+    mode = "scalar" if scalar else "anisotropic"
+    _check_logs(caplog, layers=2, low_rank=0, n_lambda=n_lambda, mode=mode, ref_losses=ref_losses, **hyper)
+
+
+def test_config_object_default_layers_and_result_record():
+    """A RethinkConfig passed as ``config`` is used (and recorded); without ``layers`` every 2-D
+    parameter with a base is a candidate, and those whose difference vector is zero (the head) are
+    skipped."""
+    pre, merged, batches = problem()
+    hyper = {"iterations": 2, "epochs": 2, "lr": 2e-2}
+    ref_theta, ref_lams, _ = reference_lora_dv(pre, merged, batches, **hyper)
+    model = MLP().double()
+    model.load_state_dict(merged)
+    cfg = rt.RethinkConfig(compute_dtype=DT, shuffle=False, progress=False, **hyper)
+
+    def loss_fn(forward, batch):
+        return ref_loss(forward(batch[0]), batch[1], "ce")
+
+    res = rt.rethink(model, pre, batches, loss_fn, config=cfg)
+    got = {k: v.detach() for k, v in model.state_dict().items()}
+    assert max_diff(got, ref_theta) < TOL and max_diff(ref_theta, merged) > 1e5 * TOL
+    assert res.layers == list(LAYERS) and sorted(res.changed) == sorted(LAYERS)
+    assert res.paths == {n: "dense" for n in LAYERS}
+    assert res.config is not None and (res.config.iterations, res.config.epochs, res.config.lr) == (2, 2, 2e-2)
+    assert res.config.compute_dtype == DT
+    for t in range(2):
+        for n in LAYERS:
+            torch.testing.assert_close(res.lambdas[t][n], ref_lams[t][n], rtol=0, atol=TOL)
+    assert torch.equal(got["head.weight"], merged["head.weight"])
+
+
+def _low_rank_problem(seed=3, dtype=torch.float32):
+    """theta_merged = theta_pre + sum_i w_i B_i A_i on fc1 and fc2 (factors stored in ``dtype``)."""
+    pre, _, batches = problem(seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    lora, merged = {}, dict(pre)
+    for n in LAYERS:
+        out, inp = pre[n].shape
+        b = [0.4 * torch.randn(out, 2, generator=g, dtype=dtype) for _ in range(3)]
+        a = [0.4 * torch.randn(2, inp, generator=g, dtype=dtype) for _ in range(3)]
+        w = [1.0, -0.6, 0.8]
+        lora[n] = rt.LowRankDelta(b, a, w)
+        merged[n] = pre[n] + sum(wi * bi.to(DT) @ ai.to(DT) for wi, bi, ai in zip(w, b, a))
+    return pre, merged, batches, lora
+
+
+def test_low_rank_path_with_keep_tail_and_a_zero_layer_first(caplog):
+    """Low-rank fast path, top_k with keep_tail: the anchor holds the exact (float64) tail of the
+    LoRA sum; a listed layer with a zero difference vector (before the others) is skipped."""
+    caplog.set_level(logging.DEBUG, logger=rt.log.name)
+    pre, merged, batches, lora = _low_rank_problem()
+    hyper = {"iterations": 2, "epochs": 2, "lr": 2e-2}
+    ref_theta, ref_lams, ref_losses = reference_lora_dv(pre, merged, batches, top_k=3, keep_tail=True, **hyper)
+    got, res = ours(pre, merged, batches, layers=["head.weight"], low_rank=lora, top_k=3, keep_tail=True, **hyper)
+    assert max_diff(got, ref_theta) < TOL and max_diff(ref_theta, merged) > 1e5 * TOL
+    assert res.layers == list(LAYERS) and res.paths == {n: "low_rank" for n in LAYERS}
+    for t in range(2):
+        for n in LAYERS:
+            torch.testing.assert_close(res.lambdas[t][n], ref_lams[t][n], rtol=0, atol=TOL)
+    _check_logs(caplog, layers=2, low_rank=2, n_lambda=6, mode="anisotropic", ref_losses=ref_losses, **hyper)
+    skipped = [m for m in _messages(caplog) if "zero difference vector" in m]
+    assert skipped == ["rethink: layer head.weight has a zero difference vector, skipped"]
+
+
+def ours_on(model, pre, batches, loss_fn, **kwargs):
+    kwargs = {"shuffle": False, "progress": False, **kwargs}
+    res = rt.rethink(model, pre, batches, loss_fn, **kwargs)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, res
+
+
+def test_float32_model_float64_compute_single_batch():
+    """compute_dtype float64 on a float32 model: Lambda, Sigma in float64, the weights handed to
+    the model and written back in float32; one calibration batch is a valid calibration set."""
+    pre, merged, batches = problem(seed=4)
+    pre32 = {k: v.float() for k, v in pre.items()}
+    merged32 = {k: v.float() for k, v in merged.items()}
+    one = [batches[0]]
+    hyper = {"iterations": 2, "epochs": 3, "lr": 2e-2}
+    ref_theta, ref_lams, _ = reference_lora_dv(
+        {k: v.double() for k, v in pre32.items()}, {k: v.double() for k, v in merged32.items()}, one, **hyper
+    )
+    model = MLP()
+    model.load_state_dict(merged32)
+
+    def loss_fn(forward, batch):
+        return ref_loss(forward(batch[0].float()).double(), batch[1], "ce")
+
+    got, res = ours_on(model, pre32, one, loss_fn, layers=list(LAYERS), compute_dtype=DT, **hyper)
+    for n in LAYERS:
+        assert got[n].dtype == torch.float32
+        assert res.lambdas[-1][n].dtype == DT and res.sigmas[-1][n].dtype == DT
+        torch.testing.assert_close(got[n].double(), ref_theta[n], rtol=0, atol=1e-5)
+        torch.testing.assert_close(res.lambdas[-1][n], ref_lams[-1][n], rtol=0, atol=1e-4)
+    assert max_diff(ref_theta, {k: v.double() for k, v in merged32.items()}) > 1e-2
+
+
+def general_reference(pre, merged, batches, layers, batch_loss, *, iterations, epochs, lr, orders=None):
+    """reference_lora_dv for any layers and any ``batch_loss(weights, batch)``, batches visited in
+    ``orders[t][epoch]``, Adam (Kingma & Ba, Algorithm 1) kept per Lambda: a Lambda that a batch's
+    loss does not depend on has no gradient and is not updated by that batch (its step count does
+    not advance)."""
+    theta = {n: merged[n].clone() for n in layers}
+    lambdas, losses = [], []
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for t in range(iterations):
+        spectra = {n: ref_svd(theta[n] - pre[n], None)[:3] for n in layers}
+        lam = {n: torch.ones(len(spectra[n][1]), dtype=DT) for n in layers}
+        state = {}
+        epoch_losses = []
+        for e in range(epochs):
+            order = range(len(batches)) if orders is None else orders[t][e]
+            total = 0.0
+            for i in order:
+                leaves = {n: lam[n].clone().requires_grad_(True) for n in layers}
+                w = dict(merged)
+                for n, (u, s, vh) in spectra.items():
+                    w[n] = pre[n] + (u * (leaves[n] * s)) @ vh
+                value = batch_loss(w, batches[i])
+                grads = torch.autograd.grad(value, [leaves[n] for n in layers], allow_unused=True)
+                for n, g in zip(layers, grads):
+                    if g is None:
+                        continue
+                    k, m, v = state.get(n, (0, torch.zeros_like(g), torch.zeros_like(g)))
+                    k, m, v = k + 1, b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+                    state[n] = (k, m, v)
+                    lam[n] = lam[n] - lr * (m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + eps)
+                total += float(value.detach())
+            epoch_losses.append(total / len(order))
+        for n, (u, s, vh) in spectra.items():
+            theta[n] = pre[n] + (u * (lam[n] * s)) @ vh
+        lambdas.append(lam)
+        losses.append(epoch_losses)
+    return theta, lambdas, losses
+
+
+def _ce_weights(w, batch):
+    return ref_loss(ref_forward(w, batch[0]), batch[1], "ce")
+
+
+def _ce_forward(forward, batch):
+    return ref_loss(forward(batch[0]), batch[1], "ce")
+
+
+def test_general_reference_is_the_reference():
+    """The variant above agrees with reference_lora_dv where both apply (natural order, every
+    Lambda reached by every batch)."""
+    pre, merged, batches = problem()
+    hyper = {"iterations": 2, "epochs": 2, "lr": 2e-2}
+    a, la, _ = reference_lora_dv(pre, merged, batches, **hyper)
+    b, lb, _ = general_reference(pre, merged, batches, LAYERS, _ce_weights, **hyper)
+    assert max_diff(a, b) < 1e-14 and all(torch.equal(la[t][n], lb[t][n]) for t in range(2) for n in LAYERS)
+
+
+def test_shuffle_visits_every_batch_once_per_epoch():
+    """shuffle=True: each epoch is one pass over the batches in some order; the result is the
+    reference run in exactly one of the possible orders, and not the natural order every epoch."""
+    pre, merged, batches = problem(seed=5)
+    batches = [batches[0], batches[1], (batches[0][0][:5], batches[0][1][:5])]
+    hyper = {"iterations": 1, "epochs": 2, "lr": 5e-2}
+    model = MLP().double()
+    model.load_state_dict(merged)
+    got, _ = ours_on(model, pre, batches, _ce_forward, layers=list(LAYERS), shuffle=True, seed=2, compute_dtype=DT, **hyper)
+    perms = list(itertools.permutations(range(3)))
+    matches = []
+    for orders in itertools.product(perms, repeat=2):
+        theta, *_ = general_reference(pre, merged, batches, LAYERS, _ce_weights, orders=[list(orders)], **hyper)
+        if max_diff(theta, got) < TOL:
+            matches.append(orders)
+    assert len(matches) == 1 and matches[0] != ((0, 1, 2), (0, 1, 2)), matches
+
+
+class SkipMLP(MLP):
+    def forward(self, x, skip_fc2=False):
+        h = torch.tanh(self.fc1(x))
+        return self.head(h if skip_fc2 else torch.tanh(self.fc2(h)))
+
+
+def test_keyword_arguments_reach_the_model_and_unreached_lambdas_stay():
+    """forward(x, skip_fc2=True) passes the keyword to the model; a batch that does not reach fc2
+    gives its Lambda no gradient, and Adam leaves that Lambda (and its moments) alone."""
+    pre, merged, batches = problem(seed=6)
+    batches = [(x, y, skip) for (x, y), skip in zip(batches, (False, True))]
+
+    def ref_batch_loss(w, batch):
+        x, y, skip = batch
+        h = torch.tanh(x @ w["fc1.weight"].T + w["fc1.bias"])
+        if not skip:
+            h = torch.tanh(h @ w["fc2.weight"].T + w["fc2.bias"])
+        return ref_loss(h @ w["head.weight"].T + w["head.bias"], y, "ce")
+
+    def loss_fn(forward, batch):
+        x, y, skip = batch
+        return ref_loss(forward(x, skip_fc2=skip), y, "ce")
+
+    hyper = {"iterations": 2, "epochs": 3, "lr": 3e-2}
+    ref_theta, ref_lams, _ = general_reference(pre, merged, batches, LAYERS, ref_batch_loss, **hyper)
+    model = SkipMLP().double()
+    model.load_state_dict(merged)
+    got, res = ours_on(model, pre, batches, loss_fn, layers=list(LAYERS), compute_dtype=DT, **hyper)
+    assert max_diff(got, ref_theta) < TOL and max_diff(ref_theta, merged) > 1e5 * TOL
+    for t in range(2):
+        for n in LAYERS:
+            torch.testing.assert_close(res.lambdas[t][n], ref_lams[t][n], rtol=0, atol=TOL)
+
+
+class TiedMLP(nn.Module):
+    """fc2 reuses fc1's weight (one parameter under two names, like tied embeddings)."""
+
+    def __init__(self, d=10, c=3):
+        super().__init__()
+        self.fc1 = nn.Linear(d, d)
+        self.fc2 = nn.Linear(d, d)
+        self.fc2.weight = self.fc1.weight
+        self.head = nn.Linear(d, c)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+def test_tied_weight_rethought_under_its_second_name():
+    """A tied parameter named by its alias (fc2.weight) is rethought once and used in both places."""
+    torch.manual_seed(7)
+    g = torch.Generator().manual_seed(7)
+    model = TiedMLP().double()
+    pre = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    delta = 0.3 * torch.randn(10, 10, generator=g, dtype=DT)
+    merged = dict(pre)
+    merged["fc1.weight"] = merged["fc2.weight"] = pre["fc1.weight"] + delta
+    x = torch.randn(16, 10, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (16,), generator=g)
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])]
+
+    def ref_batch_loss(w, batch):
+        h = torch.tanh(batch[0] @ w["fc2.weight"].T + w["fc1.bias"])
+        h = torch.tanh(h @ w["fc2.weight"].T + w["fc2.bias"])
+        return ref_loss(h @ w["head.weight"].T + w["head.bias"], batch[1], "ce")
+
+    hyper = {"iterations": 2, "epochs": 2, "lr": 3e-2}
+    ref_theta, *_ = general_reference(pre, merged, batches, ["fc2.weight"], ref_batch_loss, **hyper)
+    model.load_state_dict(merged)
+    _, res = ours_on(model, pre, batches, _ce_forward, layers=["fc2.weight"], compute_dtype=DT, **hyper)
+    assert res.layers == ["fc2.weight"]
+    assert model.fc1.weight is model.fc2.weight
+    got = model.fc1.weight.detach()
+    assert float((got - ref_theta["fc2.weight"]).abs().max()) < TOL
+    assert float((ref_theta["fc2.weight"] - merged["fc2.weight"]).abs().max()) > 1e5 * TOL
+
+
+def test_dense_redecompose_gains():
+    """redecompose='dense': with T = 1 the overall gains are the learned Lambda (no
+    re-decomposition happened); from the first re-decomposition on, components no longer map onto
+    the first decomposition and the gains are NaN."""
+    pre, merged, batches = problem()
+    hyper = {"epochs": 2, "lr": 2e-2}
+    _, ref_lams, _ = reference_lora_dv(pre, merged, batches, iterations=1, **hyper)
+    _, res = ours(pre, merged, batches, iterations=1, redecompose="dense", **hyper)
+    for n in LAYERS:
+        torch.testing.assert_close(res.gains[n], ref_lams[0][n], rtol=0, atol=TOL)
+    _, res = ours(pre, merged, batches, iterations=2, redecompose="dense", **hyper)
+    assert all(bool(torch.isnan(res.gains[n]).all()) for n in LAYERS)
+
+
+def test_progress_bars_get_descriptions_and_reference_losses():
+    """A progress bar (e.g. tqdm) wraps the iterations and each iteration's epochs; their postfix
+    is the last epoch's / each epoch's loss. progress=False never calls it, and progress=True
+    without a bar runs without one."""
+    pre, merged, batches = problem()
+    hyper = {"iterations": 2, "epochs": 3, "lr": 2e-2}
+    _, _, ref_losses = reference_lora_dv(pre, merged, batches, **hyper)
+    bars = []
+
+    class Bar:
+        def __init__(self, it, desc):
+            self.it, self.desc, self.postfix = list(it), desc, []
+            bars.append(self)
+
+        def __iter__(self):
+            return iter(self.it)
+
+        def set_postfix(self, **kw):
+            self.postfix.append(kw)
+
+    got, _ = ours(pre, merged, batches, progress=True, progress_bar=Bar, **hyper)
+    assert [b.desc for b in bars] == ["rethink iterations", "rethink iteration 1/2", "rethink iteration 2/2"]
+    assert bars[0].it == [0, 1] and all(b.it == [0, 1, 2] for b in bars[1:])
+    fmt = [[f"{v:.4g}" for v in ref] for ref in ref_losses]
+    assert bars[0].postfix == [{"loss": f[-1]} for f in fmt]
+    for b, f in zip(bars[1:], fmt):
+        assert b.postfix == [{"loss": v} for v in f]
+    bars.clear()
+    quiet, _ = ours(pre, merged, batches, progress=False, progress_bar=Bar, **hyper)
+    assert bars == [] and max_diff(quiet, got) == 0
+    model = MLP().double()
+    model.load_state_dict(merged)
+    default, _ = ours_on(model, pre, batches, _ce_forward, layers=list(LAYERS), compute_dtype=DT, progress=True, **hyper)
+    assert max_diff(default, got) == 0
+
+
+def test_model_is_frozen_in_eval_mode_during_rethinking_and_restored():
+    """While Lambda is learned the model is in eval mode and none of its own parameters requires a
+    gradient (so none gets a .grad); afterwards training mode and requires_grad are restored."""
+    pre, merged, batches = problem()
+    model = MLP().double()
+    model.load_state_dict(merged)
+    model.train()
+    model.head.bias.requires_grad_(False)
+    seen = []
+
+    def loss_fn(forward, batch):
+        seen.append((forward.model.training, [p.requires_grad for p in model.parameters()]))
+        return _ce_forward(forward, batch)
+
+    ours_on(model, pre, batches, loss_fn, layers=list(LAYERS), compute_dtype=DT, iterations=1, epochs=2, lr=2e-2)
+    assert seen and all(not training and not any(req) for training, req in seen)
+    assert model.training
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == {
+        n: n != "head.bias" for n, _ in model.named_parameters()
+    }
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_random_ablation_draws_uniform_lambdas_and_rescales():
+    """mode='random' (Table 4): every iteration draws Lambda uniformly in random_range (no
+    training, no loss), reproducibly for a seed; the weights are the reference's rescaling by those
+    Lambdas, iteration after iteration."""
+    pre, merged, batches = problem()
+    lo, hi = -1.0, 3.0
+    _, res = ours(pre, merged, batches, mode="random", iterations=3, random_range=(lo, hi), seed=5)
+    got, again = ours(pre, merged, batches, mode="random", iterations=3, random_range=(lo, hi), seed=5)
+    _, other = ours(pre, merged, batches, mode="random", iterations=3, random_range=(lo, hi), seed=6)
+    draws = torch.cat([lam for it in res.lambdas for lam in it.values()])
+    assert draws.numel() == 3 * sum(min(merged[n].shape) for n in LAYERS)
+    assert float(draws.min()) >= lo and float(draws.max()) <= hi
+    assert float(draws.min()) < lo + 0.5 and float(draws.max()) > hi - 0.5  # P(fail) < 1e-8
+    assert abs(float(draws.mean()) - (lo + hi) / 2) < 0.4
+    assert all(torch.equal(res.lambdas[t][n], again.lambdas[t][n]) for t in range(3) for n in LAYERS)
+    assert not torch.equal(res.lambdas[0]["fc1.weight"], other.lambdas[0]["fc1.weight"])
+    assert res.losses == [[], [], []]
+    theta = {n: merged[n].clone() for n in LAYERS}
+    for t in range(3):
+        for n in LAYERS:
+            u, s, vh, _ = ref_svd(theta[n] - pre[n], None)
+            torch.testing.assert_close(res.sigmas[t][n], s, rtol=0, atol=1e-12)
+            theta[n] = pre[n] + (u * (res.lambdas[t][n] * s)) @ vh
+    assert max_diff(got, theta) < TOL
+
+
+def test_lambda_tensors_file_layout():
+    """lambda_tensors(): ``<layer>.lambda.<t>``, ``<layer>.sigma.<t>`` (the reference's Lambda and
+    singular values of iteration t) and ``<layer>.gain`` (the product of the per-iteration Lambdas
+    on the first decomposition's components), float32, contiguous, on the CPU."""
+    pre, merged, batches = problem()
+    hyper = {"iterations": 2, "epochs": 2, "lr": 2e-2}
+    _, ref_lams, _ = reference_lora_dv(pre, merged, batches, **hyper)
+    _, res = ours(pre, merged, batches, **hyper)
+    flat = res.lambda_tensors()
+    want = {f"{n}.{kind}.{t}" for n in LAYERS for kind in ("lambda", "sigma") for t in range(2)}
+    assert set(flat) == want | {f"{n}.gain" for n in LAYERS}
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" and v.is_contiguous() for v in flat.values())
+    for n in LAYERS:
+        s0 = torch.linalg.svdvals(merged[n] - pre[n])
+        for t in range(2):
+            torch.testing.assert_close(flat[f"{n}.lambda.{t}"], ref_lams[t][n].float(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(flat[f"{n}.sigma.0"], s0.float(), rtol=1e-6, atol=1e-7)
+        # iteration 1 re-decomposes pre + U diag(Lambda_0 Sigma_0) V^T: its singular values are |Lambda_0 Sigma_0|, sorted
+        s1 = torch.sort((ref_lams[0][n] * s0).abs(), descending=True).values
+        torch.testing.assert_close(flat[f"{n}.sigma.1"], s1.float(), rtol=1e-6, atol=1e-7)
+        # gain of component j of the first decomposition: Lambda_0[j] times the Lambda_1 of the
+        # component it became (the one with the same |Lambda_0 sigma| rank)
+        rank_of = torch.argsort(torch.argsort((ref_lams[0][n] * s0).abs(), descending=True, stable=True), stable=True)
+        gain = ref_lams[0][n] * ref_lams[1][n][rank_of]
+        torch.testing.assert_close(flat[f"{n}.gain"], gain.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_forward_params_replace_a_tensor_for_one_call():
+    """forward(x, params={...}) runs the model with those tensors (e.g. a task's own head) on top of
+    the rethought weights: the reference computes the loss with that head."""
+    pre, merged, batches = problem(seed=8)
+    g = torch.Generator().manual_seed(80)
+    task_head = {
+        "head.weight": torch.randn(3, 14, generator=g, dtype=DT),
+        "head.bias": torch.randn(3, generator=g, dtype=DT),
+    }
+
+    def ref_batch_loss(w, batch):
+        return _ce_weights({**w, **task_head}, batch)
+
+    def loss_fn(forward, batch):
+        return ref_loss(forward(batch[0], params=task_head), batch[1], "ce")
+
+    hyper = {"iterations": 2, "epochs": 2, "lr": 3e-2}
+    ref_theta, *_ = general_reference(pre, merged, batches, LAYERS, ref_batch_loss, **hyper)
+    other, *_ = general_reference(pre, merged, batches, LAYERS, _ce_weights, **hyper)
+    model = MLP().double()
+    model.load_state_dict(merged)
+    got, _ = ours_on(model, pre, batches, loss_fn, layers=list(LAYERS), compute_dtype=DT, **hyper)
+    assert max_diff(got, ref_theta) < TOL and max_diff(other, ref_theta) > 1e5 * TOL
+    assert torch.equal(got["head.weight"], merged["head.weight"])
