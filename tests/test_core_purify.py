@@ -9,6 +9,7 @@ import torch
 
 from pave_plugins.core.purify import (
     activated_pruning_error,
+    all_finite,
     co_svd,
     prepare_covariance,
     purified_task_vector,
@@ -182,9 +183,6 @@ def test_bad_inputs_raise_clear_errors():
 
 
 # ----------------------------------------------------------------------------- finer guards
-from pave_plugins.core.purify import all_finite  # noqa: E402
-
-
 @pytest.mark.parametrize(
     "t",
     [
