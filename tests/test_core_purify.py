@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from pave_plugins.core.purify import (
     activated_pruning_error,
+    all_finite,
     co_svd,
     prepare_covariance,
     purified_task_vector,
@@ -177,3 +180,276 @@ def test_bad_inputs_raise_clear_errors():
         purify(w_ft, w_base, cov, target="bias")
     with pytest.raises(ValueError, match="2-D"):
         purify(w_ft[0], w_base[0], cov)
+
+
+# ----------------------------------------------------------------------------- finer guards
+@pytest.mark.parametrize(
+    "t",
+    [
+        torch.tensor([1.0, float("nan")]),
+        torch.tensor([float("inf")], dtype=torch.float64),
+        torch.tensor([float("nan")], dtype=torch.float16),
+        torch.tensor([[float("-inf")]], dtype=torch.bfloat16),
+        torch.ones(3, 3),
+        torch.full((100,), 60000.0, dtype=torch.float16),  # finite; its sum overflows float16
+        torch.full((4,), 1e300, dtype=torch.float64),  # finite; would overflow a float32 sum
+        torch.empty(0),
+        torch.tensor([1, 2, 3]),
+        torch.tensor([True, False]),
+    ],
+)
+def test_all_finite_is_isfinite_all(t):
+    """One-reduction finiteness check == the definition, element by element (float64 for halves)."""
+    expected = all(map(lambda v: abs(v) != float("inf") and v == v, t.double().flatten().tolist()))
+    assert all_finite(t) is expected
+
+
+def test_single_element_nan_is_refused():
+    """A 1 x 1 layer with a NaN weight or covariance is refused like any other."""
+    one = torch.ones(1, 1, dtype=torch.float64)
+    nan = torch.full((1, 1), float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match="^w: fine-tuned weight contains NaN or Inf$"):
+        co_svd(nan, one, one, name="w")
+    with pytest.raises(ValueError, match="^w: base weight contains NaN or Inf$"):
+        co_svd(one, nan, one, name="w")
+    with pytest.raises(ValueError, match="^covariance of w: contains NaN or Inf$"):
+        co_svd(one, one, nan, name="w")
+
+
+def test_default_names_in_messages():
+    """Errors name the weight (default ``weight``) and the covariance (default ``covariance``)."""
+    w_ft, w_base, cov = make_case(4, 6, tokens=20, seed=8)
+    dec = co_svd(w_ft, w_base, cov)
+    with pytest.raises(ValueError, match=r"^weight: rank 0 is outside \[1, 4\] \(full rank of the layer\)$"):
+        purify_from_cosvd(dec, 0)
+    with pytest.raises(ValueError, match=r"^weight: rank 5 is outside \[1, 4\]"):
+        purified_weight_factors(dec, 5)
+    with pytest.raises(ValueError, match=r"^weight: rank 0 is outside"):
+        purify(w_ft, w_base, cov, 0)
+    with pytest.raises(ValueError, match=r"^weight: unknown purification target 'bias'"):
+        co_svd(w_ft, w_base, cov, target="bias")
+    with pytest.raises(ValueError, match=r"^covariance of weight: is all zero"):
+        co_svd(w_ft, w_base, torch.zeros(6, 6))
+    with pytest.raises(ValueError, match=r"^covariance: is all zero \(no tokens reached this layer\?\)$"):
+        prepare_covariance(torch.zeros(6, 6))
+
+
+def test_given_names_reach_every_message():
+    w_ft, w_base, cov = make_case(4, 6, tokens=20, seed=8)
+    with pytest.raises(ValueError, match=r"^q: rank 0 is outside"):
+        purify(w_ft, w_base, cov, 0, name="q")
+    with pytest.raises(ValueError, match=r"^q: rank 0 is outside"):
+        purify_from_cosvd(co_svd(w_ft, w_base, cov), 0, name="q")
+    with pytest.raises(ValueError, match=r"^q: fine-tuned weight \(4, 6\) and base weight \(4, 5\) differ in shape$"):
+        purify(w_ft, w_base[:, :5], cov, name="q")
+    with pytest.raises(ValueError, match=r"^covariance of q: is not symmetric"):
+        purify(w_ft, w_base, cov + torch.triu(torch.ones(6, 6, dtype=torch.float64), 1), name="q")
+
+
+@pytest.mark.parametrize("rank", [2.5, True, 2.0001])
+def test_rank_must_be_an_integer(rank):
+    w_ft, w_base, cov = make_case(4, 6, tokens=20, seed=8)
+    with pytest.raises(ValueError, match=rf"^q: rank must be an integer, got {rank!r}$"):
+        purify(w_ft, w_base, cov, rank, name="q")
+    assert purify(w_ft, w_base, cov, 2.0).rank == 2  # an integral float is an integer
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (2, 2, 2), (4,)])
+def test_covariance_must_be_square_2d(shape):
+    message = f"c: expected a square 2-D matrix, got shape {tuple(shape)}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        prepare_covariance(torch.ones(shape), name="c")
+
+
+def test_prepared_covariance_dtype_factor_and_symmetry_tolerance():
+    """The prepared matrix is in the compute dtype; the Cholesky factor only when asked for
+    (lower, L L^T = matrix); an exactly symmetric matrix passes a zero symmetry tolerance, and
+    asymmetry equal to the tolerance passes too (it must exceed it)."""
+    x = torch.randn(30, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    cov32 = (x.T @ x).float()
+    p = prepare_covariance(cov32)
+    assert p.matrix.dtype == torch.float64 and p.factor is None and p.damping == 0.0
+    assert torch.equal(p.matrix, cov32.double())
+    p32 = prepare_covariance(cov32, compute_dtype=torch.float32, keep_factor=True)
+    assert p32.matrix.dtype == torch.float32 and p32.factor is not None
+    assert torch.equal(p32.factor, torch.tril(p32.factor))
+    torch.testing.assert_close(p32.factor @ p32.factor.T, p32.matrix, rtol=1e-5, atol=1e-4)
+    p64 = prepare_covariance(x.T @ x, keep_factor=True)
+    torch.testing.assert_close(p64.factor.double() @ p64.factor.T, x.T @ x, rtol=1e-12, atol=1e-12)
+    gram = x.T @ x
+    exact = 0.5 * (gram + gram.T)  # bitwise symmetric (x^T x from a matmul need not be)
+    assert torch.equal(exact, exact.T)
+    assert prepare_covariance(exact, symmetry_tol=0.0).damping == 0.0
+    edge = torch.tensor([[4.0, 1.0], [0.0, 4.0]], dtype=torch.float64)  # max|C - C^T| / max|C| = 1/4
+    assert prepare_covariance(edge, symmetry_tol=0.25).damping == 0.0
+    with pytest.raises(ValueError, match="not symmetric"):
+        prepare_covariance(edge, symmetry_tol=0.2)
+
+
+def test_diagonal_checks_and_their_tolerance():
+    """A zero diagonal is not a covariance; a diagonal entry negative by round-off, up to
+    1e-8 max|C| (inclusive), is accepted and damped away."""
+    with pytest.raises(ValueError, match=r"not a covariance X X\^T$"):
+        prepare_covariance(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"negative diagonal"):
+        prepare_covariance(torch.diag(torch.tensor([1.0, -1.1e-8], dtype=torch.float64)))
+    for c in (
+        torch.diag(torch.tensor([1.0, -1e-8], dtype=torch.float64)),  # exactly -1e-8 max|C|
+        torch.diag(torch.tensor([100.0, -1e-7], dtype=torch.float64)),  # -1e-9 max|C|
+    ):
+        p = prepare_covariance(c)
+        assert p.damping > -float(c.diagonal().min())
+        assert float(torch.linalg.eigvalsh(p.matrix).min()) > 0
+
+
+def doubling_damping(c, initial, maximum):
+    """Sec. 3.2 damping, independently: the first of initial * 2^k * mean(diag C), k = 0, 1, ...
+    (at most maximum * mean(diag C)) that makes C + damping I numerically positive definite
+    (smallest eigenvalue above n eps max diag); None if there is none."""
+    c = c.double()
+    mean = float(c.diagonal().mean())
+    n, eps = c.shape[0], torch.finfo(torch.float64).eps
+    if float(torch.linalg.eigvalsh(c).min()) > n * eps * float(c.diagonal().max()):
+        return 0.0
+    rel = initial
+    while rel <= maximum:
+        d = rel * mean
+        shifted = c + d * torch.eye(n, dtype=torch.float64)
+        if float(torch.linalg.eigvalsh(shifted).min()) > n * eps * float(shifted.diagonal().max()):
+            return d
+        rel *= 2
+    return None
+
+
+@pytest.mark.parametrize(
+    ("c", "initial", "maximum"),
+    [
+        # indefinite (eigenvalues 2.75, -0.75): 33 doublings from 1e-10 to 0.86
+        (torch.tensor([[1.0, 1.75], [1.75, 1.0]]), 1e-10, 1.0),
+        # needs exactly max_relative_damping x mean diag: 0.25, 0.5 fail, 1.0 succeeds (inclusive)
+        (torch.tensor([[1.0, 1.75], [1.75, 1.0]]), 0.25, 1.0),
+        # singular PSD, mean diag 2: the first damping is exactly 1.0
+        (torch.tensor([[2.0, 2.0], [2.0, 2.0]]), 0.5, 1.0),
+        # positive definite with cond 1e13 < 1 / (n eps): no damping
+        (torch.diag(torch.tensor([1.0, 1e-13])), 1e-10, 1.0),
+        # smallest pivot^2 exactly n eps max diag (4 x 2^-52 = 2^-50): numerically singular
+        (torch.diag(torch.tensor([1.0, 1.0, 1.0, 2.0**-50])), 1e-10, 1.0),
+    ],
+)
+def test_damping_doubles_from_the_initial_value(c, initial, maximum):
+    c = c.double()
+    expected = doubling_damping(c, initial, maximum)
+    p = prepare_covariance(c, initial_relative_damping=initial, max_relative_damping=maximum)
+    assert p.damping == pytest.approx(expected, rel=1e-12, abs=0)
+    assert p.relative_damping == pytest.approx(expected / float(c.diagonal().mean()), rel=1e-12, abs=0)
+    assert torch.equal(p.matrix, c + p.damping * torch.eye(c.shape[0], dtype=torch.float64))
+
+
+def test_damping_beyond_the_maximum_is_refused():
+    c = torch.tensor([[1.0, 1.75], [1.75, 1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^covariance: not positive definite even with damping 0.5 \(0.5 x mean"):
+        prepare_covariance(c, initial_relative_damping=0.25, max_relative_damping=0.5)
+
+
+def test_damping_is_logged(caplog):
+    """A damped covariance is logged at debug level with its damping; an undamped one is not."""
+    import logging
+
+    x = torch.randn(30, 5, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    with caplog.at_level(logging.DEBUG, logger="pave_plugins.core.purify"):
+        prepare_covariance(x.T @ x, name="fine")
+        assert caplog.records == []
+        p = prepare_covariance(torch.tensor([[2.0, 2.0], [2.0, 2.0]]), initial_relative_damping=0.25, name="c")
+    assert p.damping == 0.5
+    assert [r.getMessage() for r in caplog.records] == ["c: singular, damped with 0.5 (0.25 x mean diag)"]
+
+
+def test_relative_damping_reaches_the_results():
+    """relative_damping = damping / mean(diag C) on the decomposition and on the purification."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 6, generator=g, dtype=torch.float64)  # 3 tokens, 6 features: singular
+    cov = x.T @ x
+    w_base = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    w_ft = w_base + 0.1 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    res = purify(w_ft, w_base, cov, 2)
+    assert res.damping > 0
+    assert res.relative_damping == pytest.approx(res.damping / float(cov.diagonal().mean()), rel=1e-12)
+    assert co_svd(w_ft, w_base, cov).relative_damping == res.relative_damping
+
+
+def test_covariance_is_prepared_in_the_compute_dtype():
+    """diag(1, 1e-9) is well conditioned in float64 (no damping) but numerically singular in
+    float32 (1e-9 < 2 eps_32): co_svd prepares a raw covariance in its compute dtype, and converts
+    a covariance prepared in another dtype to it."""
+    w_ft = torch.tensor([[1.0, 2.0], [3.0, 5.0]])
+    w_base = torch.zeros(2, 2)
+    cov32 = torch.diag(torch.tensor([1.0, 1e-9]))
+    assert co_svd(w_ft, w_base, cov32).damping == 0.0
+    d32 = co_svd(w_ft, w_base, cov32, compute_dtype=torch.float32)
+    assert d32.damping > 0 and d32.u.dtype == torch.float32
+    prepared32 = prepare_covariance(cov32, compute_dtype=torch.float32)
+    dec = co_svd(w_ft.double(), w_base.double(), prepared32, compute_dtype=torch.float64)
+    assert dec.u.dtype == torch.float64 and dec.s.dtype == torch.float64
+    c = prepared32.matrix.double()
+    torch.testing.assert_close(dec.s, torch.linalg.svdvals(w_ft.double() @ c), rtol=1e-12, atol=0)
+
+
+def test_mixed_input_dtypes_compute_in_the_compute_dtype():
+    """A float64 base with a float32 fine-tune and compute_dtype=float32: everything is float32,
+    also the task vector of target delta (which is decomposed)."""
+    w_ft, w_base, cov = make_case(6, 8, tokens=40, seed=12, scale=0.3)
+    ft32 = w_ft.float()
+    for target in ("weight", "delta"):
+        dec = co_svd(ft32, w_base, cov, target=target, compute_dtype=torch.float32)
+        assert dec.delta.dtype == dec.w_ft.dtype == dec.u.dtype == torch.float32
+        res = purify_from_cosvd(dec, 3)
+        ref = reference_pave(ft32.double(), w_base.float().double(), cov, 3, target)
+        assert res.task_vector.dtype == torch.float32 and rel(res.task_vector, ref) < 1e-4
+
+
+def test_compute_dtype_and_target_reach_the_computation():
+    """purify / purified_task_vector pass compute_dtype and target on: float32 computes in float32
+    (close to, but not bit-equal with, float64), target delta truncates dW C, not W_ft C."""
+    w_ft, w_base, cov = make_case(10, 12, tokens=60, seed=13, scale=0.3)
+    wf, wb, c = w_ft.float(), w_base.float(), cov.float()
+    p32 = purify(wf, wb, c, 5, compute_dtype=torch.float32)
+    assert p32.singular_values.dtype == torch.float32 and p32.tail_left.dtype == torch.float32
+    tv32 = purified_task_vector(wf, wb, c, 5, compute_dtype=torch.float32)
+    tv64 = purified_task_vector(wf, wb, c, 5)
+    ref = reference_pave(wf.double(), wb.double(), c.double(), 5)
+    assert not torch.equal(tv32, tv64)
+    assert rel(tv32, ref) < 1e-4 and rel(tv64, ref) < 1e-6
+    ref_delta = reference_pave(w_ft, w_base, cov, 5, "delta")
+    assert rel(purified_task_vector(w_ft, w_base, cov, 5, target="delta"), ref_delta) < 1e-9
+    assert rel(ref_delta, ref) > 1e-3  # the two targets really differ here
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (5, 12), (6, 6)])
+def test_decomposition_and_tail_shapes(shape):
+    """U is out x R and S has R values (R = min(out, in)), with the singular values of W C; the
+    low-rank tail has rank R - r: dW_PAVE = dW - tail_left @ tail_right."""
+    out_f, in_f = shape
+    full = min(shape)
+    w_ft, w_base, cov = make_case(out_f, in_f, tokens=40, seed=14, scale=0.3)
+    dec = co_svd(w_ft, w_base, cov)
+    assert dec.u.shape == (out_f, full) and dec.s.shape == (full,)
+    torch.testing.assert_close(dec.u.T @ dec.u, torch.eye(full, dtype=torch.float64), rtol=0, atol=1e-12)
+    res = purify_from_cosvd(dec, 2)
+    assert res.tail_left.shape == (out_f, full - 2) and res.tail_right.shape == (full - 2, in_f)
+    torch.testing.assert_close(res.singular_values, torch.linalg.svdvals(w_ft @ cov), rtol=1e-10, atol=0)
+    ref = reference_pave(w_ft, w_base, cov, 2)
+    assert rel(res.task_vector, ref) < 1e-9
+    assert rel(w_ft - w_base - res.tail_left @ res.tail_right, ref) < 1e-9
+
+
+def test_pruning_error_definition_edges():
+    """eq. 8, sum_{j > r} (sigma_j / sigma_max)^2, also when sigma_max is 1; 0 for an empty or an
+    all-zero spectrum (nothing is lost)."""
+    s = torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)
+    assert activated_pruning_error(s, 1) == pytest.approx(0.25 + 0.0625, rel=1e-15)
+    assert activated_pruning_error(2 * s, 2) == pytest.approx(0.0625, rel=1e-15)
+    assert activated_pruning_error(torch.zeros(3), 1) == 0.0
+    assert activated_pruning_error(torch.empty(0), 0) == 0.0
+    zero_ft = torch.zeros(3, 4, dtype=torch.float64)
+    res = purify(zero_ft, torch.ones(3, 4, dtype=torch.float64), torch.eye(4, dtype=torch.float64), 1)
+    assert res.pruning_error == 0.0 and res.relative_change == 0.0

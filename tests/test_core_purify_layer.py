@@ -163,3 +163,66 @@ def test_from_cosvds_release_frees_the_decompositions():
     assert kept.ranks == res.ranks
     for a, b in zip(kept.task_vectors, res.task_vectors):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- finer guards
+def test_layer_messages_name_the_layer_and_the_models():
+    """Errors name the layer (``name``, default ``weight``) and the model's weight (default
+    ``"<name> of model <i>"``)."""
+    from pave_plugins.core.layer import layer_co_svds
+
+    w_base, w_fts, covs = make_layer(6, 7, 2, seed=13, decay=[0.4, 0.7])
+    bad = torch.eye(5, dtype=torch.float64)
+    with pytest.raises(LayerModelError, match=r"^weight of model 1: covariance is \(5, 5\)"):
+        purify_layer(w_base, w_fts, [covs[0], bad], rho=0.75)
+    with pytest.raises(LayerModelError, match=r"^l of model 0: covariance is \(5, 5\)"):
+        purify_layer(w_base, w_fts, [bad, covs[1]], rho=0.75, name="l")
+    with pytest.raises(ValueError, match=r"^l: no model has a covariance for this layer, nothing to purify$"):
+        purify_layer(w_base, w_fts, [None, None], rho=0.75, name="l")
+    with pytest.raises(ValueError, match=r"^weight: no model has a covariance for this layer"):
+        purify_layer_from_cosvds([None, None], rho=0.75, names=["a", "b"])
+    with pytest.raises(ValueError, match=r"^l: no model has a covariance for this layer"):
+        purify_layer_from_cosvds([None, None], rho=0.75, names=["a", "b"], name="l")
+    decs = [co_svd(w, w_base, c) for w, c in zip(w_fts, covs)]
+    with pytest.raises(ValueError, match=r"^l: unknown rank allocation 'greedy', expected one of \('spectral', 'uniform'\)$"):
+        purify_layer_from_cosvds(decs, rho=0.75, allocation="greedy", names=["a", "b"], name="l")
+    with pytest.raises(ValueError, match=r"^l: 2 decompositions but 3 names$"):
+        purify_layer_from_cosvds(decs, rho=0.75, names=["a", "b", "c"], name="l")
+    with pytest.raises(ValueError, match=r"^2 fine-tuned weights, 1 covariances and 2 names: expected one of each per model$"):
+        layer_co_svds(w_base, w_fts, covs[:1], names=["a", "b"])
+
+
+def test_settings_are_checked_before_any_decomposition():
+    """A bad gamma is reported before the (expensive) CO-SVDs, even when a covariance is also bad."""
+    w_base, w_fts, covs = make_layer(6, 7, 2, seed=14, decay=[0.4, 0.7])
+    bad = torch.eye(5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="gamma") as info:
+        purify_layer(w_base, w_fts, [covs[0], bad], rho=0.75, gamma=0.9)
+    assert not isinstance(info.value, LayerModelError)
+
+
+def test_release_frees_each_decomposition_before_the_next_purification(monkeypatch):
+    """purify_layer (and release=True) drop model i's CO-SVD once it is purified, so that a layer's
+    decompositions are freed one by one; by default purify_layer_from_cosvds keeps the caller's list."""
+    import weakref
+
+    import pave_plugins.core.layer as layer_mod
+
+    w_base, w_fts, covs = make_layer(8, 9, 3, seed=15, decay=[0.4, 0.7, 0.9])
+    seen: list = []
+    alive_at_call: list = []
+    real = layer_mod.purify_from_cosvd
+
+    def spy(dec, rank, **kw):
+        alive_at_call.append([ref() is not None for ref in seen])
+        seen.append(weakref.ref(dec))
+        return real(dec, rank, **kw)
+
+    monkeypatch.setattr(layer_mod, "purify_from_cosvd", spy)
+    purify_layer(w_base, w_fts, covs, rho=0.75, name="l")
+    assert alive_at_call == [[], [False], [False, False]]
+
+    decs = [co_svd(w, w_base, c) for w, c in zip(w_fts, covs)]
+    kept = list(decs)
+    purify_layer_from_cosvds(kept, rho=0.75, names=["a", "b", "c"])
+    assert kept == decs and all(d is not None for d in kept)

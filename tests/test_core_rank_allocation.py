@@ -155,3 +155,82 @@ def test_budget_with_round_off_removes_exactly_the_budget():
     # uniform: the rank-1 floor can exceed a tiny budget, and that is reported
     tiny = allocate_ranks({"w": [torch.ones(1, dtype=torch.float64)] * 3}, 0.5, method="uniform")
     assert tiny.ranks["w"] == [1, 1, 1] and not tiny.budget_met["w"]
+
+
+# ------------------------------------------------------------------ the round-off allowance, at its edge
+# rho K R and gamma R are compared with an allowance of 1e-9 for round-off (0.57 * 100 =
+# 56.99999999999999 must mean 57): a product up to 1e-9 *below* an integer n counts as n, inclusive.
+# With K R and R powers of two, rho = (n - 1e-9) / (K R) puts rho K R exactly 1e-9 below n (the
+# scaling by a power of two is exact), the very edge of that allowance.
+ALLOWANCE = 1e-9
+
+
+def steep_flat(full):
+    return [
+        torch.logspace(0, -6, full, dtype=torch.float64),
+        torch.linspace(1.0, 0.9, full, dtype=torch.float64),
+    ]
+
+
+def test_budget_a_hair_below_an_integer_counts_as_that_integer():
+    """K R = 8, rho K R = 5 - 1e-9: the budget is 5 ranks (line 7 stops at sum 5), and it is met."""
+    rho = (5 - ALLOWANCE) / 8
+    svals = steep_flat(4)
+    alloc = allocate_ranks({"l": svals}, rho, 0.0)
+    # Algorithm 1 with the budget read as the integer 5 (literal transcription, rho = 5 / 8)
+    assert alloc.ranks["l"] == literal_algorithm_1([s.tolist() for s in svals], 5 / 8, 0.0)
+    assert sum(alloc.ranks["l"]) == 5 and alloc.budget_met["l"] is True
+    assert spectral_rank_allocation(svals, rho, 0.0) == alloc.ranks["l"]
+
+
+def test_uniform_budget_a_hair_below_an_integer_is_met():
+    """Uniform, K = 1, R = 4, rho R = 3 - 1e-9: rank floor(3) = 3, and 3 <= rho K R counts as met."""
+    rho = (3 - ALLOWANCE) / 4
+    alloc = allocate_ranks({"l": [torch.linspace(1.0, 0.1, 4, dtype=torch.float64)]}, rho, method="uniform")
+    assert alloc.ranks["l"] == [3] and alloc.budget_met["l"] is True
+
+
+def test_floor_a_hair_below_an_integer_counts_as_that_integer():
+    """R = 4, gamma R = 2 - 1e-9: the steep model leaves the index set at r = 2 (its floor), so the
+    budget rho K R = 5 is taken from the flat model: [2, 3], as Algorithm 1 with gamma R = 2."""
+    gamma = (2 - ALLOWANCE) / 4
+    svals = steep_flat(4)
+    ranks = spectral_rank_allocation(svals, 0.625, gamma)
+    assert ranks == literal_algorithm_1([s.tolist() for s in svals], 0.625, 0.5) == [2, 3]
+
+
+def test_floor_a_hair_below_full_rank_keeps_every_model_whole():
+    """gamma R = R - 1e-9 counts as R: every model starts at its floor and never enters the index set
+    (lines 10-11), so nothing is removed and the budget rho K R (just below K R) is not met."""
+    full, k = 4, 2
+    gamma = (full - ALLOWANCE) / full
+    rho = 1 - 2e-10  # gamma < rho < 1, and rho K R + 1e-9 < K R: line 7 asks for one rank less
+    alloc = allocate_ranks({"l": steep_flat(full)}, rho, gamma)
+    assert alloc.ranks["l"] == [full] * k and alloc.budget_met["l"] is False
+
+
+def test_to_dict_keys():
+    """The report written next to merged models: the four fields under their own names."""
+    layers = {"a": random_spectra(2, 6, 3)}
+    alloc = allocate_ranks(layers, 0.75)
+    assert alloc.to_dict() == {
+        "ranks": alloc.ranks,
+        "full_ranks": {"a": 6},
+        "model_ratios": alloc.model_ratios,
+        "budget_met": {"a": True},
+    }
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: check_rho_gamma(0.9, 0.95),
+         r"^gamma \(stopping ratio\) must be smaller than rho, got gamma=0.95 >= rho=0.9: the budget could never be met$"),
+        (lambda: spectral_rank_allocation([], 0.5), r"^spectral rank allocation needs at least one model$"),
+        (lambda: spectral_rank_allocation([torch.tensor([])], 0.5),
+         r"^a layer with zero singular values cannot be ranked$"),
+    ],
+)
+def test_messages_in_full(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
