@@ -193,6 +193,9 @@ def test_bad_inputs_raise_clear_errors():
         torch.ones(3, 3),
         torch.full((100,), 60000.0, dtype=torch.float16),  # finite; its sum overflows float16
         torch.full((4,), 1e300, dtype=torch.float64),  # finite; would overflow a float32 sum
+        torch.tensor([1e38, 3e38], dtype=torch.bfloat16),  # finite; overflows even a float32 sum
+        torch.tensor([3e38, 3e38, float("nan")], dtype=torch.float32),  # overflowing sum, and a NaN
+        torch.full((3,), 2e38, dtype=torch.float32),  # finite; its float32 sum overflows
         torch.empty(0),
         torch.tensor([1, 2, 3]),
         torch.tensor([True, False]),

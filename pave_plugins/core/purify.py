@@ -50,13 +50,13 @@ TARGETS: tuple[str, ...] = ("weight", "delta")
 
 
 def all_finite(t: Tensor) -> bool:
-    """True when ``t`` has no NaN or Inf: one reduction (a NaN or Inf anywhere makes the sum non-finite;
-    16-bit tensors are summed in float32 so that a large finite sum cannot overflow), ~5x cheaper on CPU
-    than ``isfinite(t).all()``."""
+    """True when ``t`` has no NaN or Inf: one reduction (a NaN or Inf anywhere makes the sum non-finite),
+    ~5x cheaper on CPU than ``isfinite(t).all()``, which decides only when the sum is not finite (a sum
+    of finite values can overflow: bfloat16 and float32 near their largest value)."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
     acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
-    return bool(torch.isfinite(t.sum(dtype=acc)))
+    return bool(torch.isfinite(t.sum(dtype=acc))) or bool(torch.isfinite(t).all())
 
 
 @dataclass(frozen=True)
