@@ -103,3 +103,27 @@ def capture_inputs(model, batch):
         for h in handles:
             h.remove()
     return seen
+
+
+def collected_family(root: Path, make_model, texts: list[str] = TEXTS) -> dict:
+    """A base ``make_model(seed=0)``, two fine-tunes (seeded random updates) and their covariance
+    files written by `pave collect` (model 0 reads ``texts``, model 1 the same texts reversed)."""
+    from pave_plugins.cli import main
+
+    base_dir = save_model_dir(root / "base", make_model(seed=0))
+    fts, covs = [], []
+    for i in range(2):
+        ft = make_model(seed=0)
+        g = torch.Generator().manual_seed(i + 1)
+        with torch.no_grad():
+            for p in ft.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g) * (p.abs().mean() + 0.1))
+        d = save_model_dir(root / f"ft{i}", ft)
+        rows = [{"text": t} for t in (texts if i == 0 else [" ".join(reversed(t.split())) for t in texts])]
+        data = write_jsonl(root / f"d{i}.jsonl", rows)
+        cov = root / f"cov{i}.safetensors"
+        assert main(["collect", "--model", str(d), "--data", str(data), "--n-samples", str(len(rows)),
+                     "--max-length", "16", "--batch-size", "4", "-o", str(cov), "--no-progress"]) == 0
+        fts.append(d)
+        covs.append(cov)
+    return {"root": root, "base": base_dir, "fts": fts, "covs": covs}

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from collect_helpers import TEXTS, save_model_dir, tiny_gpt2, write_jsonl
+from collect_helpers import TEXTS, collected_family, tiny_gpt2
 from independent_reference import eq5, ranks
 from mergekit_helpers import load_tensors, run_mergekit_yaml
 
@@ -21,26 +21,9 @@ CONV1D = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpt2")
-    base_dir = save_model_dir(root / "base", tiny_gpt2(seed=0))
-    fts, covs = [], []
-    for i in range(2):
-        ft = tiny_gpt2(seed=0)
-        g = torch.Generator().manual_seed(i + 1)
-        with torch.no_grad():
-            for p in ft.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g) * (p.abs().mean() + 0.1))
-        d = save_model_dir(root / f"ft{i}", ft)
-        # enough tokens (> 64, the MLP width) that no covariance is singular: the reference inverts C
-        texts = [" ".join(t.split()[j:] + t.split()[:j]) for t in TEXTS for j in range(4)]
-        rows = [{"text": t} for t in (texts if i == 0 else [" ".join(reversed(t.split())) for t in texts])]
-        data = write_jsonl(root / f"d{i}.jsonl", rows)
-        cov = root / f"cov{i}.safetensors"
-        assert main(["collect", "--model", str(d), "--data", str(data), "--n-samples", str(len(rows)),
-                     "--max-length", "16", "--batch-size", "4", "-o", str(cov), "--no-progress"]) == 0
-        fts.append(d)
-        covs.append(cov)
-    return {"root": root, "base": base_dir, "fts": fts, "covs": covs}
+    # enough tokens (> 64, the MLP width) that no covariance is singular: the reference inverts C
+    texts = [" ".join(t.split()[j:] + t.split()[:j]) for t in TEXTS for j in range(4)]
+    return collected_family(tmp_path_factory.mktemp("gpt2"), tiny_gpt2, texts)
 
 
 @pytest.mark.parametrize("target", ["weight", "delta"])

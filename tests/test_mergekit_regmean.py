@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from collect_helpers import TEXTS, save_model_dir, tiny_llama, write_jsonl
+from collect_helpers import collected_family, tiny_llama
 from mergekit_helpers import load_tensors, run_mergekit_yaml
 from test_mergekit import run_inprocess
 
@@ -25,27 +25,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "mergekit"
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory):
     """A tiny Llama base, two fine-tunes (random updates) and their covariance files from `pave collect`."""
-    from pave_plugins.cli import main
-
-    root = tmp_path_factory.mktemp("regmean")
-    base = tiny_llama(seed=0)
-    base_dir = save_model_dir(root / "base", base)
-    fts, covs = [], []
-    for i in range(2):
-        ft = tiny_llama(seed=0)
-        g = torch.Generator().manual_seed(i + 1)
-        with torch.no_grad():
-            for p in ft.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g) * (p.abs().mean() + 0.1))
-        d = save_model_dir(root / f"ft{i}", ft)
-        rows = [{"text": t} for t in (TEXTS if i == 0 else [" ".join(reversed(t.split())) for t in TEXTS])]
-        data = write_jsonl(root / f"d{i}.jsonl", rows)
-        cov = root / f"cov{i}.safetensors"
-        assert main(["collect", "--model", str(d), "--data", str(data), "--n-samples", str(len(rows)),
-                     "--max-length", "16", "--batch-size", "4", "-o", str(cov), "--no-progress"]) == 0
-        fts.append(d)
-        covs.append(cov)
-    return {"root": root, "base": base_dir, "fts": fts, "covs": covs}
+    return collected_family(tmp_path_factory.mktemp("regmean"), tiny_llama)
 
 
 def recipe(fam, method="regmean", params="", covs=None, base=True):
