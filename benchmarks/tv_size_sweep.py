@@ -23,11 +23,15 @@ from pathlib import Path
 log = logging.getLogger("tv_size_sweep")
 
 
+def in_progress(results: dict) -> bool:
+    """Whether ``results`` (a ``results.json``) is from a run still going or interrupted: the harness
+    rewrites it after every method and marks a seed still running ``"partial"``."""
+    return any(s.get("partial") for s in results["per_seed"])
+
+
 def finished(results: dict, seeds: list[int]) -> bool:
-    """Whether ``results`` (a ``results.json``) is a finished run of exactly ``seeds`` (the harness
-    rewrites it after every method and marks a seed still running ``"partial"``)."""
-    per_seed = results["per_seed"]
-    return [s["seed"] for s in per_seed] == seeds and not any(s.get("partial") for s in per_seed)
+    """Whether ``results`` is a finished run of exactly ``seeds``."""
+    return [s["seed"] for s in results["per_seed"]] == seeds and not in_progress(results)
 
 
 def run_lengths(out: Path, steps: list[int], seeds: list[int], bench_args: list[str]) -> None:
@@ -48,7 +52,7 @@ def collect(out: Path) -> list[dict]:
     rows = []
     for res in sorted(out.glob("steps*/results.json"), key=lambda p: int(p.parent.name[5:])):
         r = json.loads(res.read_text())
-        if any(s.get("partial") for s in r["per_seed"]):
+        if in_progress(r):
             log.warning("%s: a run still in progress (or interrupted), left out", res)
             continue
         tv = r.get("task_vector_ratio") or {}
