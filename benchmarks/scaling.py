@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pave_plugins.io.atomic import atomic_path
+from pave_plugins.io.output import output_file
 
 
 def _rss_mib() -> float:
@@ -220,7 +220,7 @@ def main() -> None:
         rows.append(r)
         print(json.dumps({x: r.get(x) for x in ("method", "k", "shape", "n_layers", "seconds", "peak_rss_mib", "error")}),
               flush=True)
-        with atomic_path(args.out) as tmp:
+        with output_file(args.out, who="benchmarks/scaling.py") as tmp:
             tmp.write_text(json.dumps({"rows": rows, "quick": args.quick, "threads": args.threads}, indent=1))
 
     for k, shape, n_layers in grid:

@@ -36,6 +36,7 @@ from .demo_folder import (
     write_calibration,
     write_fusion_bench_configs,
 )
+from .io.output import output_folder, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +117,11 @@ def run_demo(
     rho: float = 15 / 16,
     lam: float = 1.0,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> DemoResult:
-    """Build, fine-tune, collect, purify and merge; models, data and recipes go under ``workdir``."""
+    """Build, fine-tune, collect, purify and merge; models, data and recipes go under ``workdir``
+    (one output transaction: built beside it, swapped in when complete; ``overwrite`` replaces only
+    an earlier demo folder)."""
     # the models are tiny: one thread is faster, and much faster on a busy machine
     from transformers.utils import logging as hf_logging
 
@@ -134,7 +138,11 @@ def run_demo(
                 res = _run_demo(Path(tmp), num_tasks, steps, rho, lam, seed)
             res.workdir = None
             return res
-        return _run_demo(Path(workdir), num_tasks, steps, rho, lam, seed)
+        with output_folder(workdir, who="pave demo", overwrite=overwrite) as stage:
+            res = _run_demo(stage, num_tasks, steps, rho, lam, seed, final=resolve(workdir))
+            relocate_text(stage, resolve(workdir))
+        res.workdir = str(resolve(workdir))
+        return res
     finally:
         merge_log.setLevel(level)
         torch.set_num_threads(threads)
@@ -142,11 +150,27 @@ def run_demo(
             hf_logging.enable_progress_bar()
 
 
+#: the text files of the demo folder that name paths inside it (recipes, configs, reports, model cards)
+TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".md")
+
+
+def relocate_text(stage: Path, final: Path) -> None:
+    """The folder was built at ``stage`` and will be moved to ``final``: the paths its recipes,
+    configs, reports and model cards name are rewritten to ``final``."""
+    old, new = str(stage.resolve()), str(final)
+    for path in sorted(stage.rglob("*")):
+        if path.suffix in TEXT_SUFFIXES and path.is_file():
+            text = path.read_text(encoding="utf-8")
+            if old in text:
+                path.write_text(text.replace(old, new), encoding="utf-8")
+
+
 # the demo's own merges (recipe name -> label in the printed table)
 DEMO_MERGES = {"task_arithmetic": "task arithmetic", "pave_ta": "PAVE + task arithmetic", "tsv_m": "TSV-M"}
 
 
-def _fine_tunes(root: Path, task_steps: list[int], steps: int, seed: int, g: torch.Generator) -> tuple[list, list, dict]:
+def _fine_tunes(root: Path, task_steps: list[int], steps: int, seed: int, g: torch.Generator,
+                final: Path) -> tuple[list, list, dict]:
     """Fine-tune, save (with the tokenizer), write calibration data and collect covariances, per task."""
     from .collect import collect_covariances, model_fingerprint
 
@@ -162,7 +186,7 @@ def _fine_tunes(root: Path, task_steps: list[int], steps: int, seed: int, g: tor
         write_calibration(root / "data" / f"task_{k}.jsonl", calib)
         cov_set = collect_covariances(model, [{"input_ids": b} for b in calib.split(16)], progress=False)
         (root / "covs").mkdir(exist_ok=True)
-        cov_file = cov_set.save(root / "covs" / f"task_{k}.safetensors", model_path=str(ft_dir),
+        cov_file = cov_set.save(root / "covs" / f"task_{k}.safetensors", model_path=str(final / ft_dir.name),
                                 model_fingerprint=model_fingerprint(model))
         ft_dirs.append(ft_dir)
         cov_files.append(cov_file)
@@ -171,7 +195,9 @@ def _fine_tunes(root: Path, task_steps: list[int], steps: int, seed: int, g: tor
     return ft_dirs, cov_files, models
 
 
-def _run_demo(root: Path, num_tasks: int, steps: int, rho: float, lam: float, seed: int) -> DemoResult:
+def _run_demo(root: Path, num_tasks: int, steps: int, rho: float, lam: float, seed: int,
+              final: Path | None = None) -> DemoResult:
+    """The demo built in ``root``; ``final``: where the folder will be (the covariance files record it)."""
     from transformers import LlamaForCausalLM
 
     t0 = time.perf_counter()
@@ -184,7 +210,7 @@ def _run_demo(root: Path, num_tasks: int, steps: int, rho: float, lam: float, se
     word_tokenizer().save_pretrained(base_dir)
     g = torch.Generator().manual_seed(seed + 100)
     test_ids = [task_batch(st, 64, g) for st in task_steps]
-    ft_dirs, cov_files, models = _fine_tunes(root, task_steps, steps, seed, g)
+    ft_dirs, cov_files, models = _fine_tunes(root, task_steps, steps, seed, g, final or root)
     models = {"base": base, **models}
 
     recipes = mergekit_recipes(base_dir, ft_dirs, cov_files, rho, lam)

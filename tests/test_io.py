@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pave_plugins.io.atomic import atomic_directory, atomic_path
+from pave_plugins.io.output import output_file, output_folder
 from pave_plugins.io.covariance import (
     CovarianceFile,
     CovarianceFileError,
@@ -75,33 +75,33 @@ def test_atomic_file_leaves_old_content_on_failure(tmp_path):
     target = tmp_path / "out.bin"
     target.write_bytes(b"old")
     with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
+        with output_file(target, who="test") as tmp:
             tmp.write_bytes(b"half")
             raise RuntimeError("interrupted")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
-    with atomic_path(target) as tmp:
+    with output_file(target, who="test") as tmp:
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new"
 
 
 def test_atomic_directory(tmp_path):
     out = tmp_path / "model"
-    with atomic_directory(out) as tmp:
+    with output_folder(out, who="test") as tmp:
         (tmp / "a.txt").write_text("1")
     assert (out / "a.txt").read_text() == "1"
     with pytest.raises(FileExistsError, match="not empty"):
-        with atomic_directory(out):
+        with output_folder(out, who="test"):
             pass
     with pytest.raises(RuntimeError):
-        with atomic_directory(out, overwrite=True) as tmp:
+        with output_folder(out, who="test", overwrite=True) as tmp:
             (tmp / "b.txt").write_text("2")
             raise RuntimeError("interrupted")
-    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".pave-output.json", "a.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
-    with atomic_directory(out, overwrite=True) as tmp:
+    with output_folder(out, who="test", overwrite=True) as tmp:
         (tmp / "b.txt").write_text("2")
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".pave-output.json", "b.txt"]
 
 
 def test_save_validates(tmp_path):

@@ -6,7 +6,8 @@ with SIGKILL once it is working: ``pave purify`` as soon as its temporary output
 is then writing tensors into it), ``pave collect`` and ``pave rethink`` shortly after their "working"
 log line (collecting / training). The old output must then be byte-for-byte unchanged (or, had the
 command won the race, complete). The three subprocesses run concurrently to keep the test short.
-A rerun after the kill succeeds (a leftover ``.<name>.*.tmp`` sibling does not get in the way).
+A rerun after the kill succeeds and removes the staging sibling the kill left
+(``.<name>.pave-<pid>-<token>.new``).
 """
 
 from __future__ import annotations
@@ -61,21 +62,26 @@ class Killer:
         return self
 
 
-def _old_dir(path: Path, marker: str) -> Path:
-    """An earlier output of a command (its marker file present), which --overwrite may replace."""
-    path.mkdir(parents=True)
-    (path / "config.json").write_text('{"old": true}')
-    (path / "model.safetensors").write_bytes(b"old weights")
-    (path / marker).write_text('{"format": "old"}')
+def _old_dir(path: Path, marker: str, who: str = "pave rethink") -> Path:
+    """An earlier output of a command (written through the output transaction, so it carries the
+    command's ownership record), which --overwrite may replace."""
+    from pave_plugins.io.output import output_folder
+
+    with output_folder(path, who=who) as tmp:
+        (tmp / "config.json").write_text('{"old": true}')
+        (tmp / "model.safetensors").write_bytes(b"old weights")
+        (tmp / marker).write_text('{"format": "old"}')
     return path
 
 
 def _old_purify_dir(path: Path) -> Path:
-    path.mkdir(parents=True)
-    (path / "pave_rank_report.json").write_text('{"old": true}')
-    (path / "ft0").mkdir()
-    (path / "ft0" / "pave_purify.json").write_text('{"old": true}')
-    (path / "ft0" / "model.safetensors").write_bytes(b"old weights")
+    from pave_plugins.io.output import output_folder
+
+    with output_folder(path, who="pave purify") as tmp:
+        (tmp / "pave_rank_report.json").write_text('{"old": true}')
+        (tmp / "ft0").mkdir()
+        (tmp / "ft0" / "pave_purify.json").write_text('{"old": true}')
+        (tmp / "ft0" / "model.safetensors").write_bytes(b"old weights")
     return path
 
 
@@ -147,7 +153,7 @@ def test_kill_mid_run_leaves_old_or_complete_output(work, tmp_path):
                      "--out", str(r_out), "--overwrite"]
 
     def purify_tmp_exists():
-        return any(p.name.startswith(".purified.") and p.name.endswith(".tmp") for p in tmp_path.iterdir())
+        return any(p.name.startswith(".purified.pave-") and p.name.endswith(".new") for p in tmp_path.iterdir())
 
     killers = [
         Killer(p_argv, ready=purify_tmp_exists),
@@ -175,10 +181,12 @@ def test_kill_mid_run_leaves_old_or_complete_output(work, tmp_path):
     assert snapshot(r_out) == before["r"]
     # what a SIGKILL can leave: only hidden temporary siblings, never a half-written output
     for p in tmp_path.iterdir():
-        assert p.name in ("purified", "cov.safetensors", "rethought") or (p.name.startswith(".") and p.name.endswith(".tmp")), p
+        assert p.name in ("purified", "cov.safetensors", "rethought") or (p.name.startswith(".") and ".pave-" in p.name), p
 
     # a rerun over the leftovers completes (in-process, fast)
     from pave_plugins.cli import main
 
     assert main(p_argv[len(PAVE):]) == 0
     assert _purify_complete(p_out, w["fts"])
+    # ... and leaves no staging sibling of the killed run behind
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".purified.pave-")]

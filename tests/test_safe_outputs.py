@@ -160,7 +160,7 @@ def test_purify_overwrite_replaces_only_an_earlier_purify_output(fam, capsys, ca
     # a file of the user's next to the earlier output: refused, nothing changed
     (out / "notes.txt").write_text("keep me")
     code, msg = pave(purify_args(fam, out, None, None, "--overwrite"), capsys, caplog)
-    assert code == 2 and "holds notes.txt, which pave purify does not write" in msg
+    assert code == 2 and "holds notes.txt, which pave purify did not write" in msg
     assert snapshot(out) == {**first, "notes.txt": snapshot(out / "notes.txt")}
     (out / "notes.txt").unlink()
     # a folder that is no purify output at all (e.g. another model): refused
@@ -168,7 +168,7 @@ def test_purify_overwrite_replaces_only_an_earlier_purify_output(fam, capsys, ca
     shutil.copytree(fam["fts"][0], other)
     before = snapshot(other)
     code, msg = pave(purify_args(fam, other, None, None, "--overwrite"), capsys, caplog)
-    assert code == 2 and "is not an earlier output of pave purify (it has no pave_rank_report.json)" in msg
+    assert code == 2 and "is not an earlier output of pave purify (it has no readable .pave-output.json)" in msg
     assert snapshot(other) == before
     # an earlier output alone: replaced by the new complete one
     code, _ = pave(purify_args(fam, out, None, None, "--overwrite", "--rho", "0.75"), capsys, caplog)
@@ -192,7 +192,7 @@ def test_rethink_overwrite_of_a_folder_with_user_files_is_refused(seq, capsys, c
     (out / "notes.txt").write_text("keep me")
     before = snapshot(out)
     code, msg = pave(rethink_args(seq, out, "--overwrite"), capsys, caplog)
-    assert code == 2 and "holds notes.txt, which pave rethink does not write" in msg
+    assert code == 2 and "holds notes.txt, which pave rethink did not write" in msg
     assert snapshot(out) == before
     (out / "notes.txt").unlink()
     assert pave(rethink_args(seq, out, "--overwrite"), capsys, caplog)[0] == 0
@@ -213,7 +213,7 @@ def test_collect_into_the_model_folder_or_onto_its_data_is_refused(col, capsys, 
     save_file({"x": torch.ones(2)}, str(other))
     other_before = snapshot(other)
     code, msg = pave(base + ["-o", other, "--overwrite"], capsys, caplog)
-    assert code == 2 and f"-o/--out {other} is not a covariance file" in msg
+    assert code == 2 and f"-o/--out {other} is not an earlier output of pave collect" in msg
     assert snapshot(other) == other_before and snap_all(col["root"]) == before
 
 
@@ -418,17 +418,18 @@ def test_an_output_that_appears_during_the_run_is_not_replaced(col, capsys, capl
     monkeypatch.setattr(pipeline, "collect_from_texts", other_run_finishes_first)
     code, msg = pave(["collect", "--model", col["model"], "--data", col["data"], "--no-progress", "--device", "cpu",
                       "--seed", "7", "-o", out], capsys, caplog)
-    assert code == 2 and f"{out} appeared while this run was writing it" in msg
+    # refused whether the transaction's own check or its final one sees the other run's file
+    assert code == 2 and (f"{out} appeared while this run was writing it" in msg or f"{out} exists (pass --overwrite" in msg)
     assert snapshot(out) == snapshot(col["root"] / "first.safetensors")
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in tmp_path.iterdir() if ".pave-" in p.name]
 
 
 def test_atomic_directory_does_not_replace_a_folder_that_appeared(tmp_path):
-    from pave_plugins.io.atomic import OutputError, atomic_directory
+    from pave_plugins.io.output import OutputError, output_folder
 
     out = tmp_path / "out"
     with pytest.raises(OutputError, match="appeared while this run was writing it"):
-        with atomic_directory(out) as tmp:
+        with output_folder(out, who="test") as tmp:
             (tmp / "a").write_text("mine")
             out.mkdir()
             (out / "b").write_text("theirs")
@@ -492,12 +493,23 @@ def test_rethink_label_outside_the_head_is_one_line(seq, capsys, caplog, tmp_pat
     assert "label 2 is outside the head's 2 classes (0-1)" in msg and not (tmp_path / "o").exists()
 
 
-def test_fusion_bench_report_path_onto_a_covariance_file_is_refused(fam):
+@pytest.mark.parametrize("where", ["covariance", "model config", "base folder"])
+def test_fusion_bench_report_path_onto_an_input_is_refused(fam, where):
+    """method.report_path on a covariance file, inside a pool model or on the base: refused before
+    anything is loaded, naming both; no input byte changes."""
+    from fusion_bench.modelpool import CausalLMPool
+
     from pave_plugins.fusion_bench.pave import PAVEAlgorithm, PAVEConfigError
 
+    path, flag = {"covariance": (fam["covs"][1], "covariances"),
+                  "model config": (fam["fts"][0] / "config.json", "modelpool.models"),
+                  "base folder": (fam["base"], "modelpool.models")}[where]
+    pool = CausalLMPool(models={"_pretrained_": str(fam["base"]), "a": str(fam["fts"][0]), "b": str(fam["fts"][1])},
+                        tokenizer=None)
     before = snap_all(fam["root"])
-    with pytest.raises(PAVEConfigError, match=rf"report_path {fam['covs'][1]} is the input covariances {fam['covs'][1]}"):
-        PAVEAlgorithm(covariances={"a": str(fam["covs"][0]), "b": str(fam["covs"][1])}, report_path=str(fam["covs"][1]))
+    algo = PAVEAlgorithm(covariances={"a": str(fam["covs"][0]), "b": str(fam["covs"][1])}, report_path=str(path))
+    with pytest.raises(PAVEConfigError, match=rf"report_path {path} (is|lies inside) the input {flag}"):
+        algo.run(pool)
     assert snap_all(fam["root"]) == before
 
 

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pave_plugins.io.output import OwnedFolder
+
 from .portable import portable
 from .training import (  # noqa: F401  (re-exported: the harness's public names)
     SPLITS,
@@ -59,6 +61,9 @@ from .training import (  # noqa: F401  (re-exported: the harness's public names)
 )
 
 log = logging.getLogger(__name__)
+
+#: the writer named in the ownership record of a ``pave bench`` output folder
+BENCH_WHO = "pave bench"
 
 # --------------------------------------------------------------------------- covariances
 
@@ -481,7 +486,6 @@ class SeedRun:
             t1 = time.perf_counter()
             covs = []
             cov_dir = Path(cfg.cache_dir) / "covariances" / f"s{seed}-{finetune_key(cfg, self.tasks[0], seed, 'cov')}"
-            cov_dir.mkdir(parents=True, exist_ok=True)
             for t, sd in zip(self.tasks, self.ft_sds):
                 cs = task_covariances(_module(self.base, sd), self.tok, t, cfg)
                 covs.append(cs)
@@ -789,7 +793,8 @@ def markdown_table(summary: dict[str, Any], names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict[str, Any], path: Path, title: str) -> None:
+def plot(summary: dict[str, Any], folder: OwnedFolder, title: str) -> None:
+    """``results.png`` in ``folder``: normalised accuracy of every method, mean ± sd over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -808,8 +813,8 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     ax.set_xlabel("normalised test accuracy (merged / individual, %), mean ± sd over seeds")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with folder.file("results.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -862,8 +867,6 @@ def write_results(cfg: BenchConfig, tasks: list[Task], per_seed: list[dict], t0:
                   ) -> dict[str, Any]:
     """Write ``results.json``, ``results.md`` and ``results.png`` for the seeds done so far (a seed
     still running carries ``"partial": true`` and is said so in ``results.md``)."""
-    from pave_plugins.io.atomic import atomic_path
-
     names = [t.name for t in tasks]
     summary = summarise(per_seed, names)
     result = {"config": dataclasses.asdict(cfg), "tasks": {t.name: {"labels": t.labels, "digest": t.digest,
@@ -874,19 +877,18 @@ def write_results(cfg: BenchConfig, tasks: list[Task], per_seed: list[dict], t0:
                               "device_name": device_name(cfg.device)},
               "per_seed": per_seed, "summary": summary, "total_s": time.perf_counter() - t0}
     extra_md = add_protocol_results(result, per_seed, names)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "results.json") as tmp:  # no machine paths: model as package==version, folders as <labels>
+    out = OwnedFolder(cfg.out_dir, who=BENCH_WHO)
+    with out.file("results.json") as tmp:  # no machine paths: model as package==version, folders as <labels>
         Path(tmp).write_text(json.dumps(portable(json.loads(json.dumps(result, default=str)), cfg), indent=1))
     md = markdown_table(summary, names)
-    with atomic_path(out / "results.md") as tmp:
+    with out.file("results.md") as tmp:
         Path(tmp).write_text(f"Test accuracy (%), mean over seeds {[p['seed'] for p in per_seed]}; {len(names)} tasks, "
                              f"{cfg.steps}-step fine-tunes ({cfg.protocol}, {cfg.schedule} schedule, word embeddings "
                              f"{'trained' if cfg.train_embeddings else 'frozen'}); hyper-parameters chosen on "
                              "validation." + (" **Partial: a seed is still running.**" if any(p.get("partial") for p in per_seed)
                                               else "") + "\n\n" + md + extra_md)
     try:
-        plot(summary, out / "results.png",
+        plot(summary, out,
              f"{len(names)} tasks, {cfg.steps}-step fine-tunes, seeds {[p['seed'] for p in per_seed]}")
     except ImportError:
         log.warning("matplotlib not installed: no plot (pip install 'pave-plugins[bench]')")

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
+#: the writer named in the ownership record of a cache entry
+CACHE_WHO = "pave bench cache"
 
 #: LoRA targets: every linear layer of the encoder blocks (not the unused pooler)
 LORA_TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
@@ -59,14 +61,13 @@ def encoder_of(model: nn.Module) -> nn.Module:
 
 def save_hf_folder(wrapper_template: nn.Module, encoder_sd: dict[str, Tensor], folder: Path) -> Path:
     """Write ``encoder_sd`` inside the wrapper as a Hugging Face folder, atomically; reused if present."""
-    from pave_plugins.io.atomic import atomic_directory
+    from pave_plugins.io.output import output_folder
 
     if (folder / "config.json").is_file():
         return folder
     wrapper = copy.deepcopy(wrapper_template)
     encoder_of(wrapper).load_state_dict(encoder_sd, strict=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_directory(folder, overwrite=True) as tmp:
+    with output_folder(folder, who=CACHE_WHO, overwrite=True, flag="cache entry") as tmp:
         wrapper.save_pretrained(str(tmp), safe_serialization=True)
     return folder
 
@@ -82,7 +83,7 @@ def finetune_lora(base: nn.Module, tok, task, head: Tensor, cfg, seed: int) -> P
     from peft import LoraConfig, get_peft_model
 
     from pave_plugins.bench.training import finetune_key, train_steps
-    from pave_plugins.io.atomic import atomic_directory
+    from pave_plugins.io.output import output_folder
 
     key = finetune_key(cfg, task, seed, kind=f"lora-r{cfg.lora_rank}-lr{cfg.lora_lr}")
     folder = Path(cfg.cache_dir) / "lora" / f"{task.name}-s{seed}-{key}"
@@ -95,8 +96,7 @@ def finetune_lora(base: nn.Module, tok, task, head: Tensor, cfg, seed: int) -> P
                                       target_modules=LORA_TARGETS, bias="none"))
     params = [p for p in model.parameters() if p.requires_grad]
     seconds = train_steps(encoder_of(model), params, tok, task, head, cfg, seed, cfg.lora_lr)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_directory(folder, overwrite=True) as tmp:
+    with output_folder(folder, who=CACHE_WHO, overwrite=True, flag="cache entry") as tmp:
         model.save_pretrained(str(tmp))
     log.info("trained LoRA expert of %s (seed %d) in %.1f s -> %s", task.name, seed, seconds, folder)
     return folder

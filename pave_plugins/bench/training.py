@@ -296,7 +296,7 @@ def finetune(base: nn.Module, tok, task: Task, head: Tensor, cfg: BenchConfig, s
     """
     from safetensors.torch import load_file, save_file
 
-    from pave_plugins.io.atomic import atomic_path
+    from pave_plugins.io.output import output_file
 
     key = finetune_key(cfg, task, seed)
     path = Path(cfg.cache_dir) / "finetunes" / f"{task.name}-s{seed}-{key}.safetensors"
@@ -320,8 +320,7 @@ def finetune(base: nn.Module, tok, task: Task, head: Tensor, cfg: BenchConfig, s
     if isinstance(head, dict):
         head = {k: v.detach().clone() for k, v in head.items()}
         sd.update({f"{HEAD_PREFIX}{k}": v for k, v in head.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
+    with output_file(path, who="pave bench cache", flag="cache entry") as tmp:
         save_file({k: v.cpu() for k, v in sd.items()}, str(tmp), metadata={"task": task.name, "seed": str(seed), "seconds": f"{seconds:.1f}"})
     log.info("fine-tuned %s (seed %d) in %.1f s -> %s", task.name, seed, seconds, path)
     return _split_head(sd, head)

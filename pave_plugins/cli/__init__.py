@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError, HostMissingError) as exc:
+    except (ValueError, OSError, RuntimeError, HostMissingError) as exc:
         if args.debug:
             raise
         logging.getLogger("pave").error("%s", cli_message(exc))

@@ -169,13 +169,14 @@ def run(args: argparse.Namespace) -> int:
 
     require_host("fusion_bench", "pave bench (it merges through FusionBench)")
     require_host("mergekit", "pave bench (it merges through mergekit)")
-    from pave_plugins.bench.harness import BenchConfig, default_cache_dir
+    from pave_plugins.bench.harness import BENCH_WHO, BenchConfig, default_cache_dir
     from pave_plugins.bench.harness import run as run_bench
-    from pave_plugins.io.atomic import check_apart
+    from pave_plugins.io.output import OwnedFolder, check_apart
 
     out, cache = args.out or new_out_dir(), args.cache or default_cache_dir()
-    for flag, path in (("--out", out), ("--cache", cache)):
-        check_apart(path, {"--data": [args.data], "--model": [args.model]}, out_flag=flag)
+    inputs = {"--data": [args.data], "--model": [args.model]}
+    OwnedFolder(out, who=BENCH_WHO, inputs={**inputs, "--cache": [cache]})  # a new folder or an earlier bench's
+    check_apart(cache, {**inputs, "--out": [out]}, out_flag="--cache")
 
     device = resolve_device(args.device)
     data = resolve_data(args.data, list(args.tasks))

@@ -16,8 +16,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=int, default=3, help="number of fine-tuned models (default 3)")
     p.add_argument("--steps", type=int, default=60, help="fine-tuning steps per task (default 60)")
     p.add_argument("--rho", type=float, default=15 / 16, help="preserved rank ratio (default 15/16)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="optional directory to save every model to")
+    p.add_argument("--seed", type=int, default=0, help="seed of the base model, the fine-tunes and the data (default 0)")
+    p.add_argument("--out", default=None, help="optional folder to keep everything in (built beside it, moved in "
+                   "when complete)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier pave demo folder at --out (only "
+                   "one that holds nothing else)")
     p.set_defaults(func=run)
     return p
 
@@ -28,6 +31,11 @@ def run(args: argparse.Namespace) -> int:
     require_host("mergekit", "pave demo (it merges with mergekit)")
     from pave_plugins.demo import format_result, run_demo
 
-    res = run_demo(args.out, num_tasks=args.tasks, steps=args.steps, rho=args.rho, seed=args.seed)
+    if args.out is not None:
+        from pave_plugins.io.output import check_output
+
+        check_output(args.out, who="pave demo", overwrite=args.overwrite)  # before the work
+    res = run_demo(args.out, num_tasks=args.tasks, steps=args.steps, rho=args.rho, seed=args.seed,
+                   overwrite=args.overwrite)
     print(format_result(res))
     return 0

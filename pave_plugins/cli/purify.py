@@ -23,6 +23,7 @@ from pave_plugins.core.purify import TARGETS
 from pave_plugins.core.rank_allocation import ALLOCATIONS
 from pave_plugins.engine.report import REPORT_NAME
 from pave_plugins.engine.settings import COMPUTE_DTYPES, DEFAULT_RHO
+from pave_plugins.io.output import MANIFEST
 
 logger = logging.getLogger("pave.purify")
 
@@ -78,24 +79,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _purify_output(entry: Path) -> bool:
-    """What ``pave purify`` writes into ``--out``: the rank report and one folder per model."""
-    return entry.name == REPORT_NAME if entry.is_file() else (entry / PURIFY_RECORD).is_file()
-
-
-def _output_names(models: Sequence[Path]) -> list[str]:
-    names, seen = [], {}
-    for m in models:
-        n = m.resolve().name or "model"
-        if n in seen:
-            seen[n] += 1
-            n = f"{n}_{seen[n]}"
-        else:
-            seen[n] = 0
-        names.append(n)
-    return names
-
-
 def purify_checkpoints(
     base: Path,
     models: Sequence[Path],
@@ -118,7 +101,7 @@ def purify_checkpoints(
     import torch
 
     from pave_plugins.engine import PaveSettings
-    from pave_plugins.io.atomic import check_apart, check_replaceable, check_writable
+    from pave_plugins.io.output import check_output
 
     if len(models) != len(covariances):
         raise ValueError(
@@ -135,10 +118,7 @@ def purify_checkpoints(
         allow_missing_covariance=allow_missing_covariance,
         on_fingerprint_mismatch="warn" if allow_fingerprint_mismatch else "error",
     )
-    check_apart(out, {"--base": [base], "--model": models, "--covariance": covariances})
-    if overwrite:
-        check_replaceable(out, _purify_output, "pave purify", marker=REPORT_NAME)
-    check_writable(Path(out) / "x")
+    check_output(out, who=WHO, inputs=_inputs(base, models, covariances), overwrite=overwrite)  # before any work
     for c in covariances:
         if not Path(c).is_file():
             raise FileNotFoundError(f"covariance file not found: {c}")
@@ -147,9 +127,17 @@ def purify_checkpoints(
     sources = _fitted_sources(models, covariances, cks, settings)
     record = {"inner": None, "rho": rho, "gamma": gamma, "rank_allocation": rank_allocation, "target": target,
               "compute_dtype": compute_dtype}
-    report = _write_purified(out, base, models, base_ck, cks, sources, settings, record, dev, max_shard_size, overwrite)
+    inputs = _inputs(base, models, covariances)
+    report = _write_purified(out, inputs, base_ck, cks, sources, settings, record, dev, max_shard_size, overwrite)
     logger.info("%s\nwrote %s", report.summary().replace("PAVE: purified", "pave purify: purified", 1), out)
     return out
+
+
+WHO = "pave purify"
+
+
+def _inputs(base: Path, models: Sequence[Path], covariances: Sequence[Path]) -> dict[str, list[Path]]:
+    return {"--base": [base], "--model": list(models), "--covariance": list(covariances)}
 
 
 def _open_checkpoints(base: Path, models: Sequence[Path], allow_pickle: bool):
@@ -188,19 +176,21 @@ def _fitted_sources(models, covariances, cks, settings) -> list:
     return sources
 
 
-def _write_purified(out, base, models, base_ck, cks, sources, settings, record, dev, max_shard_size, overwrite):
+def _write_purified(out, inputs, base_ck, cks, sources, settings, record, dev, max_shard_size, overwrite):
     """Build the output folder in a temporary sibling (renamed when complete); returns the report."""
     from tqdm import tqdm
 
     from pave_plugins.engine import PaveEngine, RankReport, purified_weight
-    from pave_plugins.io.atomic import atomic_directory
     from pave_plugins.io.checkpoints import ShardedWriter
+    from pave_plugins.io.output import distinct_names, output_folder
 
+    (base,), models = inputs["--base"], inputs["--model"]
     labels = [str(Path(m)) for m in models]
     engine = PaveEngine(settings, sources, labels)
     report = RankReport()
-    out_names = _output_names(models)
-    with atomic_directory(out, overwrite=overwrite, owned=_purify_output, who="pave purify", marker=REPORT_NAME) as tmp:
+    out_names = distinct_names(models)
+    report.outputs = dict(zip(out_names, labels))
+    with output_folder(out, who=WHO, inputs=inputs, overwrite=overwrite) as tmp:
         writers = [ShardedWriter(tmp / n, max_shard_size=max_shard_size) for n in out_names]
         for name in tqdm(base_ck.names(), desc="pave purify", unit="tensor"):
             w_base = base_ck.get(name).to(dev)
@@ -229,7 +219,7 @@ def _copy_side_files(tmp: Path, base: Path, models: Sequence[Path], out_names: l
     """Config, tokenizer and other non-weight files of each fine-tune, and ``pave_purify.json``."""
     for src, n in zip(models, out_names):
         for f in Path(src).iterdir():
-            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in WEIGHT_INDEXES:
+            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in (*WEIGHT_INDEXES, MANIFEST):
                 shutil.copy2(f, tmp / n / f.name)
         (tmp / n / PURIFY_RECORD).write_text(
             json.dumps({"source": str(src), "base": str(base), **record, "report": f"../{REPORT_NAME}"}, indent=1)

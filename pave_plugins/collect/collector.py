@@ -154,12 +154,13 @@ class CovarianceSet:
         max_length: int | None = None,
         extra: Mapping[str, Any] | None = None,
         overwrite: bool = True,
+        inputs: Mapping[str, Any] | None = None,
     ) -> Path:
-        """Write a covariance file atomically (see :mod:`pave_plugins.io.covariance`)."""
+        """Write a covariance file through the output transaction (see :func:`save_covariances`)."""
         meta = self.metadata(
             model_path=model_path, model_fingerprint=model_fingerprint, max_length=max_length, extra=extra
         )
-        return save_covariances(path, self.covariances, meta, overwrite=overwrite)
+        return save_covariances(path, self.covariances, meta, overwrite=overwrite, inputs=inputs)
 
     def __add__(self, other: "CovarianceSet") -> "CovarianceSet":
         """Sum of two sets collected on the same model (parts of one data set)."""

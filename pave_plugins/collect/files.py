@@ -87,7 +87,7 @@ def sum_covariance_files(
         extra={**m0.extra, "collection": {"parts": [str(f.path) for f in files]}},
     )
     log.info("summed %d covariance files: %d samples, %d tokens -> %s", len(files), meta.n_samples, meta.n_tokens, out)
-    return save_covariances(out, total, meta, overwrite=overwrite)
+    return save_covariances(out, total, meta, overwrite=overwrite, inputs={"--merge": list(paths)})
 
 
 def _weight_in_features(

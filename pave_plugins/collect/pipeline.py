@@ -143,8 +143,8 @@ def collect_to_file(
     """
     if accumulate_dtype not in ("float64", "float32"):
         raise ValueError(f"--dtype must be float64 or float32, got {accumulate_dtype!r}")
-    check_output_file(out, {"--model": [model_path], "--adapter": [adapter], "--tokenizer": [tokenizer_path],
-                            "--data": [data]}, overwrite=overwrite)
+    inputs = {"--model": [model_path], "--adapter": [adapter], "--tokenizer": [tokenizer_path], "--data": [data]}
+    check_output_file(out, inputs, overwrite=overwrite)
     texts = load_texts(data, text_field=text_field, template=template, split=split, n_samples=n_samples, seed=seed)
     dev = resolve_device(device)
     created = init_from_env(dev)
@@ -174,7 +174,7 @@ def collect_to_file(
                 "device": dev, "device_map": device_map, "world_size": world,
             }
             _save(cs, out, model, model_path=model_path, merged_adapter=adapter is not None, max_length=max_length,
-                  extra=extra, overwrite=overwrite)
+                  extra=extra, overwrite=overwrite, inputs=inputs)
         if world > 1:
             import torch.distributed as dist
 
@@ -199,29 +199,23 @@ def _tokenizer(source: str | os.PathLike):
 def check_output_file(out, inputs: dict, *, overwrite: bool) -> None:
     """The covariance file ``out`` (``-o``) is apart from every input and replaces only a covariance
     file, and only with ``overwrite``."""
-    from pave_plugins.io.atomic import OutputError, check_apart, check_writable
     from pave_plugins.io.covariance import is_covariance_file
+    from pave_plugins.io.output import check_output
 
     if not out:
         raise ValueError("give the output file with -o/--out")
-    check_apart(out, inputs, out_flag="-o/--out")
-    if Path(out).exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-        if not is_covariance_file(out):
-            raise OutputError(f"-o/--out {out} is not a covariance file: --overwrite replaces only an earlier "
-                              "output of pave collect; choose another -o/--out")
-    check_writable(out)
+    check_output(out, who="pave collect", inputs=inputs, overwrite=overwrite, flag="-o/--out", folder=False,
+                 replaceable=is_covariance_file)
 
 
 def _save(cs: CovarianceSet, out, model, *, model_path, merged_adapter: bool, max_length: int, extra: dict,
-          overwrite: bool) -> None:
+          overwrite: bool, inputs: dict) -> None:
     """Write the covariance file (atomically) with the fingerprint of the weights it serves."""
     from .fingerprint import model_fingerprint
 
     # an adapter's covariances serve the merged weights: fingerprint those
     fp = model_fingerprint(model.merge_and_unload() if merged_adapter else model)
     cs.save(out, model_path=str(model_path), model_fingerprint=fp, max_length=max_length, extra=extra,
-            overwrite=overwrite)
+            overwrite=overwrite, inputs=inputs)
     log.info("wrote %s (%d covariances, %d layers, %d samples, %d tokens)", out,
              len(cs.covariances), len(cs.layer_map), cs.n_samples, cs.n_tokens)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pave_plugins.io.atomic import atomic_path
+from pave_plugins.io.output import output_file
 
 logger = logging.getLogger("pave_plugins")
 
@@ -53,6 +53,8 @@ class MergeReport:
         self.settings: dict[str, Any] = {}
         self.out_path: str | None = None
         self.finished = False
+        #: output name -> input, where a command names its outputs after its inputs (``pave purify``)
+        self.outputs: dict[str, str] = {}
         self._last_write = 0.0
         # hooks run when a merge starts / ends (e.g. clearing the covariance caches)
         self.on_close: list[Callable[[], None]] = []
@@ -97,7 +99,7 @@ class MergeReport:
                 path = Path(self.out_path) / self.file_name
             path = Path(path)
             data = self.to_dict()
-            with atomic_path(path) as tmp:
+            with output_file(path, who="pave_plugins report") as tmp:
                 tmp.write_text(json.dumps(data, indent=1, default=_json_default), encoding="utf-8")
             self._last_write = time.monotonic()
             return path
@@ -156,6 +158,7 @@ class RankReport(MergeReport):
                 "n_purified": len(purified),
                 "budget_not_met": [n for n in purified if not self.tensors[n].get("budget_met", True)],
                 "plain_task_vector": plain,
+                **({"outputs": dict(self.outputs)} if self.outputs else {}),
                 "tensors": tensors,
             }
 

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pave_plugins.io.atomic import atomic_path
+from pave_plugins.io.output import Inputs, check_apart, check_output, output_file
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,44 @@ def checked_pool(modelpool: Any, who: str, error: type[Exception] = ValueError, 
     if not modelpool.has_pretrained:
         raise error(f"{who}: the model pool needs a `_pretrained_` model (the base of the task vectors)")
     return modelpool
+
+
+def _local_path(cfg: Any) -> str | None:
+    """The local folder or file a pool entry loads from (None for a module or a hub id)."""
+    if isinstance(cfg, (DictConfig, Mapping)):
+        cfg = next((cfg.get(k) for k in ("pretrained_model_name_or_path", "path", "model_path") if cfg.get(k)), None)
+    if isinstance(cfg, (str, os.PathLike)) and os.path.exists(os.path.expanduser(os.fspath(cfg))):
+        return os.fspath(cfg)
+    return None
+
+
+def pool_inputs(modelpool: Any, **extra: Any) -> dict[str, list]:
+    """Every local path a run reads: the pool's models and tokenizer, and ``extra`` (flag -> a path,
+    a list or a mapping of paths, e.g. the covariance files), for the output checks."""
+    models = getattr(modelpool, "_models", None) or {}
+    paths = [_local_path(models[n]) for n in models]
+    config = getattr(modelpool, "config", None)
+    tokenizer = config.get("tokenizer") if isinstance(config, (DictConfig, Mapping)) else None
+    inputs: dict[str, list] = {"modelpool.models": [p for p in paths if p], "modelpool.tokenizer": [_local_path(tokenizer)]}
+    for flag, value in extra.items():
+        if isinstance(value, (DictConfig, Mapping)):
+            value = [_local_path(v) or (str(v) if isinstance(v, (str, os.PathLike)) else None) for v in value.values()]
+        elif isinstance(value, (str, os.PathLike)) or value is None:
+            value = [value]
+        inputs[flag] = list(value)
+    return inputs
+
+
+def check_run_outputs(algo: Any, inputs: Inputs, **files: str | os.PathLike | None) -> None:
+    """Before the merge: every file the run will write (``method.<flag>=path``) and the program's
+    ``merged_model_save_path`` are apart from the inputs, and a report is not an existing folder."""
+    for flag, path in files.items():
+        if path:
+            check_output(path, who="pave_plugins (FusionBench)", inputs=inputs, overwrite=True, folder=False,
+                         flag=f"method.{flag}")
+    save_path = program_save_path(algo)
+    if save_path:
+        check_apart(save_path, inputs, out_flag="merged_model_save_path")
 
 
 def covariance_paths(covs: Any, names, who: str, error: type[Exception]) -> dict[str, Any]:
@@ -300,6 +338,7 @@ def write_model_card(
     config_yaml: str,
     details: Mapping[str, Any] | None = None,
     is_file: bool | None = None,
+    inputs: Inputs | None = None,
 ) -> Path:
     """Write a model card naming the method, its papers and the exact Hydra config (atomic)."""
     path = model_card_path(save_path, is_file)
@@ -332,15 +371,17 @@ def write_model_card(
         "```",
         "",
     ]
-    with atomic_path(path) as tmp:
+    with output_file(path, who="pave_plugins (FusionBench)", inputs=inputs, flag="model card") as tmp:
         tmp.write_text("\n".join(lines), encoding="utf-8")
     log.info("model card written to %s", path)
     return path
 
 
-def write_json(path: str | os.PathLike, data: Any) -> Path:
+def write_json(path: str | os.PathLike, data: Any, *, inputs: Inputs | None = None,
+               flag: str = "method.report_path") -> Path:
+    """A report through the output transaction (never onto or inside an input)."""
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with output_file(path, who="pave_plugins (FusionBench)", inputs=inputs, flag=flag) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default), encoding="utf-8")
     return path
 

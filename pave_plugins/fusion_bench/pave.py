@@ -39,18 +39,20 @@ from tqdm.auto import tqdm
 
 from pave_plugins.core.rank_allocation import model_rank_ratios
 from pave_plugins.engine import DEFAULT_RHO, PaveEngine, PaveSettings, purified_weight_from_tail
-from pave_plugins.io.atomic import check_apart
+from pave_plugins.io.output import check_apart, output_file
 from pave_plugins.io.sources import CovarianceSource, PreparedCache
 
 from .common import (
     PAVE_PAPER,
     TSV_PAPER,
     algorithm_log_dir,
+    check_run_outputs,
     checked_pool,
     covariance_paths,
     covariance_source,
     inner_method_config,
     padding_collate,
+    pool_inputs,
     pool_split,
     program_config_yaml,
     program_save_path,
@@ -153,12 +155,6 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             )
         if progressive_search and inplace:
             raise PAVEConfigError("PAVE: progressive_search needs the unpurified models; it cannot be used with inplace")
-        if report_path and covariances is not None:
-            inputs = [covariances] if isinstance(covariances, (str, os.PathLike)) else list(dict(covariances).values())
-            try:
-                check_apart(report_path, {"covariances": inputs}, out_flag="report_path")
-            except FileExistsError as exc:
-                raise PAVEConfigError(f"PAVE: {exc}") from exc
         self._inner_cfg = inner_method_config(inner)  # unknown inner method: clear error now
         self.last_report: dict | None = None
 
@@ -166,6 +162,11 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | dict[str, nn.Module]):
         modelpool = checked_pool(modelpool, "PAVE", PAVEConfigError)
+        self._run_inputs = pool_inputs(modelpool, covariances=self.covariances)
+        try:
+            check_run_outputs(self, self._run_inputs, report_path=self.report_path)
+        except OSError as exc:
+            raise PAVEConfigError(f"PAVE: {exc}") from exc
         names = list(modelpool.model_names)
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
@@ -519,7 +520,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             log_dir = algorithm_log_dir(self)
             path = os.path.join(log_dir, "pave_report.json") if log_dir else None
         if path is not None:
-            write_json(path, report)
+            write_json(path, report, inputs=self._run_inputs)
             report["report_file"] = str(path)
             log.info("PAVE report written to %s", path)
         fabric = self._fabric_instance
@@ -549,6 +550,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             config_yaml=program_config_yaml(self),
             details={n: f"rho_i={v['rho_i']:.4f}" for n, v in report["models"].items()},
             is_file=file_save,
+            inputs=self._run_inputs,
         )
 
     def _finish(self, result, report, names):
@@ -556,7 +558,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         save_path = program_save_path(self)
         if _is_modulated(result):
             if save_path is not None:
-                self.save_modulated(result, save_path, names, program.modelpool)
+                self.save_modulated(result, save_path, names, program.modelpool, inputs=self._run_inputs)
                 self._model_card(save_path, names, report, file_save=False)
                 log.info(
                     "PAVE: saved one model per task under %s (the modulated model itself cannot be saved); "
@@ -576,9 +578,10 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         return result
 
     @staticmethod
-    def save_modulated(model, save_path: str, names, modelpool: BaseModelPool | None = None) -> list[str]:
+    def save_modulated(model, save_path: str, names, modelpool: BaseModelPool | None = None,
+                       inputs: Mapping[str, Any] | None = None) -> list[str]:
         """Save one model per task of a modulated (EMR) merge: ``<save_path>/<task>``."""
-        os.makedirs(save_path, exist_ok=True)
+        check_apart(save_path, inputs, out_flag="merged_model_save_path")
         paths = []
         for n in names:
             model.set_task(n)
@@ -586,9 +589,8 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             if modelpool is not None:
                 modelpool.save_model(model.backbone, path)
             else:
-                from pave_plugins.io.atomic import atomic_path
-
-                with atomic_path(path) as tmp:  # an interrupted save leaves no half-written file
+                with output_file(path, who="pave_plugins (FusionBench)", inputs=inputs,
+                                 flag="merged_model_save_path") as tmp:
                     torch.save(model.backbone.state_dict(), tmp)
             paths.append(path)
         return paths

@@ -32,9 +32,11 @@ from pave_plugins.io.sources import CovarianceSource
 from .common import (
     REGMEAN_PAPER,
     algorithm_log_dir,
+    check_run_outputs,
     checked_pool,
     covariance_paths,
     covariance_source,
+    pool_inputs,
     program_config_yaml,
     program_save_path,
     write_json,
@@ -100,6 +102,11 @@ class RegMeanAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | dict[str, nn.Module]):
         modelpool = checked_pool(modelpool, "RegMean", RegMeanConfigError)
+        self._run_inputs = pool_inputs(modelpool, covariances=self.covariances)
+        try:
+            check_run_outputs(self, self._run_inputs, report_path=self.report_path)
+        except OSError as exc:
+            raise RegMeanConfigError(f"RegMean: {exc}") from exc
         names = list(modelpool.model_names)
         t0 = time.perf_counter()
         with self.profile("load models"):
@@ -168,7 +175,7 @@ class RegMeanAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
             log_dir = algorithm_log_dir(self)
             path = os.path.join(log_dir, "regmean_report.json") if log_dir else None
         if path is not None:
-            write_json(path, data)
+            write_json(path, data, inputs=self._run_inputs)
             data["report_file"] = str(path)
 
     def _model_card(self, save_path: str, names, modelpool) -> None:
@@ -184,4 +191,5 @@ class RegMeanAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
             papers=[REGMEAN_PAPER],
             config_yaml=program_config_yaml(self),
             is_file=type(modelpool).save_model is BaseModelPool.save_model,
+            inputs=self._run_inputs,
         )

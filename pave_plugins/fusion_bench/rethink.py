@@ -36,9 +36,11 @@ from pave_plugins.rethink.progress import tqdm_bar
 from .common import (
     SPLITS,
     algorithm_log_dir,
+    check_run_outputs,
     checked_pool,
     inner_method_config,
     padding_collate,
+    pool_inputs,
     pool_split,
     program_config_yaml,
     program_save_path,
@@ -124,6 +126,12 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
     # ------------------------------------------------------------------ run
     def run(self, modelpool: BaseModelPool | dict[str, nn.Module]):
         modelpool = checked_pool(modelpool, "rethink", RethinkConfigError, need_models=False)
+        self._run_inputs = pool_inputs(modelpool)
+        try:
+            check_run_outputs(self, self._run_inputs, report_path=self.report_path,
+                              lambda_save_path=self.lambda_save_path)
+        except OSError as exc:
+            raise RethinkConfigError(f"rethink: {exc}") from exc
         names = list(modelpool.model_names)
         t0 = time.perf_counter()
         # theta_pre first: TA / TIES / TSV-M may change the pool's pretrained model in place
@@ -251,11 +259,11 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
         self.last_report = report
         lam_path = self.lambda_save_path or (f"{log_dir}/rethink_lambda.safetensors" if log_dir else None)
         if lam_path and result.layers:
-            save_lambdas(result, lam_path)
+            save_lambdas(result, lam_path, inputs=self._run_inputs, flag="method.lambda_save_path")
             log.info("rethink: learned Lambda written to %s", lam_path)
         rep_path = self.report_path or (f"{log_dir}/rethink_report.json" if log_dir else None)
         if rep_path:
-            write_json(rep_path, report)
+            write_json(rep_path, report, inputs=self._run_inputs)
         save_path = program_save_path(self)
         if save_path is not None and self.write_model_card:
             program = self._program
@@ -274,6 +282,7 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
                 config_yaml=program_config_yaml(self),
                 details={"layers rethought": len(result.layers), "calibration loss per iteration": losses},
                 is_file=file_save,
+                inputs=self._run_inputs,
             )
 
 

@@ -36,7 +36,16 @@ from pave_plugins.core.tsv import (
     tsv_merge,
 )
 
-from .common import TSV_PAPER, checked_pool, program_config_yaml, program_save_path, resolve_dtype, write_model_card
+from .common import (
+    TSV_PAPER,
+    check_run_outputs,
+    checked_pool,
+    pool_inputs,
+    program_config_yaml,
+    program_save_path,
+    resolve_dtype,
+    write_model_card,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +99,8 @@ class TSVMerging(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | dict[str, nn.Module]) -> nn.Module:
         modelpool = checked_pool(modelpool, "TSV-M")
+        self._run_inputs = pool_inputs(modelpool)
+        check_run_outputs(self, self._run_inputs)
         names = list(modelpool.model_names)
         alpha, alpha_list = _alphas(self.alpha, names)
         exclude = set(self.exclude_keys or [])
@@ -198,6 +209,7 @@ class TSVMerging(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             ),
             papers=[TSV_PAPER],
             config_yaml=program_config_yaml(self),
+            inputs=self._run_inputs,
         )
 
 

@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_path
+from .output import Inputs, output_file
 
 logger = logging.getLogger("pave_plugins.io.covariance")
 
@@ -108,9 +108,12 @@ def save_covariances(
     metadata: CovarianceMetadata,
     *,
     overwrite: bool = True,
+    inputs: Inputs | None = None,
+    flag: str = "-o/--out",
 ) -> Path:
-    """Write ``{tensor key: C}`` and metadata atomically (temp file, then rename; with
-    ``overwrite=False`` a file that appeared meanwhile is not replaced)."""
+    """Write ``{tensor key: C}`` and metadata through the output transaction
+    (:func:`pave_plugins.io.output.output_file`): never onto or inside ``inputs``, an existing file
+    replaced only with ``overwrite`` and only when it is a covariance file."""
     path = Path(path)
     missing = sorted(set(metadata.layer_map.values()) - set(covariances))
     if missing:
@@ -120,7 +123,8 @@ def save_covariances(
         if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
             raise ValueError(f"covariance {key!r} must be square, got {tuple(cov.shape)}")
         tensors[key] = cov.detach().to("cpu").contiguous()
-    with atomic_path(path, overwrite=overwrite) as tmp:
+    with output_file(path, who="pave collect", inputs=inputs, overwrite=overwrite, flag=flag,
+                     replaceable=is_covariance_file) as tmp:
         save_file(tensors, str(tmp), metadata=metadata.to_strings())
     return path
 

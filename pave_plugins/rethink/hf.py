@@ -15,7 +15,6 @@ Calibration data, one jsonl file per task:
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import math
@@ -412,33 +411,24 @@ def run_job(job: RethinkJob) -> dict:
     return recipe
 
 
-#: what ``pave rethink`` writes into ``--out``: the model and tokenizer files, Lambda, recipe, model card
-WRITES = ("config.json", "generation_config.json", "README.md", RECIPE_FILE, LAMBDA_FILE, "model.safetensors",
-          "model-*.safetensors", "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
-          "added_tokens.json", "vocab*", "merges.txt", "*.model", "chat_template*")
+WHO = "pave rethink"
 
 
-def rethink_output(entry: Path) -> bool:
-    """Whether ``entry`` is something ``pave rethink`` writes (see :data:`WRITES`)."""
-    return entry.is_file() and any(fnmatch.fnmatch(entry.name, pattern) for pattern in WRITES)
+def _inputs(job: RethinkJob) -> dict[str, list]:
+    return {"--base": [job.base], "--merged": [job.merged], "--lora": list((job.lora or {}).values()),
+            "--heads": list((job.heads or {}).values()), "--calib": list(job.calib.values()),
+            "--tokenizer": [job.tokenizer]}
 
 
 def _check_job(job: RethinkJob) -> None:
     """Everything that can be refused before a model is loaded."""
-    from pave_plugins.io.atomic import check_apart, check_replaceable, check_writable
+    from pave_plugins.io.output import check_output
 
     if (job.merged is None) == (not job.lora):
         raise ValueError("give either a merged model folder (--merged) or LoRA adapters (--lora), not both")
     if not job.calib:
         raise ValueError("no calibration file (--calib task=file.jsonl ...)")
-    out = Path(job.out)
-    check_apart(out, {"--base": [job.base], "--merged": [job.merged], "--lora": list((job.lora or {}).values()),
-                      "--heads": list((job.heads or {}).values()), "--calib": list(job.calib.values())})
-    if out.exists() and any(out.iterdir()) and not job.overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
-    if job.overwrite:
-        check_replaceable(out, rethink_output, "pave rethink", marker=RECIPE_FILE)
-    check_writable(out)
+    check_output(job.out, who=WHO, inputs=_inputs(job), overwrite=job.overwrite)
     for d in [job.base, job.merged, *(job.lora or {}).values(), *(job.heads or {}).values()]:
         if d is not None and not Path(d).exists():
             raise FileNotFoundError(f"model folder not found: {d}")
@@ -566,10 +556,9 @@ def _recipe(job: RethinkJob, kind: str, result: core.RethinkResult) -> dict:
 
 def _save(job: RethinkJob, model: nn.Module, tokenizer, result: core.RethinkResult, recipe: dict) -> None:
     """The model folder, tokenizer, Lambda file, recipe and model card, moved into place when complete."""
-    from pave_plugins.io.atomic import atomic_directory
+    from pave_plugins.io.output import output_folder
 
-    with atomic_directory(Path(job.out), overwrite=job.overwrite, owned=rethink_output, who="pave rethink",
-                          marker=RECIPE_FILE) as tmp:
+    with output_folder(job.out, who=WHO, inputs=_inputs(job), overwrite=job.overwrite) as tmp:
         model.to("cpu")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
