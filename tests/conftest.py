@@ -11,6 +11,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# generated cases (hypothesis): a bounded number in CI, many more with PAVE_HYPOTHESIS=long
+try:
+    from hypothesis import settings
+
+    settings.register_profile("ci", max_examples=60, derandomize=True, print_blob=True)
+    settings.register_profile("long", max_examples=2000, print_blob=True)
+    settings.load_profile(os.environ.get("PAVE_HYPOTHESIS", "ci"))
+except ImportError:  # the generative tests then fail to import, loudly
+    pass
+
 
 @pytest.fixture
 def one_thread():

@@ -57,7 +57,11 @@ class OutputError(FileExistsError):
 
 
 class OutputWriteError(OSError):
-    """The output could not be written (disk full, read-only, ...); the previous one is intact."""
+    """The output could not be written (disk full, read-only, ...); the previous one is intact.
+    ``errno`` is the system's code; the message (``strerror``) names the output."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def _no_step(step: str) -> None:
