@@ -233,7 +233,7 @@ def test_overwrite(setup, tmp_path, caplog):
     before = out.read_bytes()
     with caplog.at_level(logging.ERROR, logger="pave"):
         assert collect(setup, out, "--n-samples", "4") == 2
-    assert f"{out} exists; pass --overwrite to replace it" in caplog.text
+    assert f"{out} exists (pass --overwrite to replace it)" in caplog.text
     assert out.read_bytes() == before
     assert collect(setup, out, "--n-samples", "4", "--overwrite") == 0
     assert CovarianceFile(out).metadata.n_samples == 4

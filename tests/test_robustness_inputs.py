@@ -499,7 +499,7 @@ def c_existing_purify(env, tmp):
 def c_existing_rethink(env, tmp):
     out = _existing_model(tmp)
     return Case(lambda: cli(rethink_argv(env, out)), out, FileExistsError,
-                rf"{re.escape(str(out))} already exists and is not empty \(pass --overwrite")
+                rf"{re.escape(str(out))} already exists and is not empty \(pass (--)?overwrite")
 
 
 def c_existing_collect(env, tmp):
@@ -507,7 +507,7 @@ def c_existing_collect(env, tmp):
     out.write_bytes(b"old covariances")
     return Case(lambda: cli(["collect", "--model", str(env["cdir"]), "--data", str(env["data"]), "--device", "cpu",
                              "--no-progress", "-o", str(out)]), out, FileExistsError,
-                rf"{re.escape(str(out))} exists; pass --overwrite")
+                rf"{re.escape(str(out))} exists \(pass (--)?overwrite")
 
 
 CASES = {

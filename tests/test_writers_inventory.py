@@ -38,7 +38,9 @@ WRITERS: dict[str, str] = {
     "engine/report.py:MergeReport.write": "transaction",
     "fusion_bench/common.py:write_model_card": "transaction",
     "fusion_bench/common.py:write_json": "transaction",
-    "fusion_bench/pave.py:PAVEAlgorithm.save_modulated": "transaction",
+    "fusion_bench/pave.py:PAVEAlgorithm.save_modulated": "host: FusionBench's merged_model_save_path (checked apart "
+                                                         "from the pool's inputs first) and FusionBench's own "
+                                                         "save_model per task; a file save goes through output_file",
     "bench/harness.py:write_results": "transaction",
     "bench/harness.py:plot": "transaction",
     "bench/training.py:finetune": "transaction",

@@ -582,6 +582,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
                        inputs: Mapping[str, Any] | None = None) -> list[str]:
         """Save one model per task of a modulated (EMR) merge: ``<save_path>/<task>``."""
         check_apart(save_path, inputs, out_flag="merged_model_save_path")
+        os.makedirs(save_path, exist_ok=True)  # FusionBench's save_model writes into it, not creating it
         paths = []
         for n in names:
             model.set_task(n)
