@@ -11,6 +11,7 @@ from pave_plugins.core.purify import (
     activated_pruning_error,
     all_finite,
     co_svd,
+    SEMIDEFINITE_TOLERANCE,
     prepare_covariance,
     purified_task_vector,
     purified_weight_factors,
@@ -327,10 +328,11 @@ def doubling_damping(c, initial, maximum):
 @pytest.mark.parametrize(
     ("c", "initial", "maximum"),
     [
-        # indefinite (eigenvalues 2.75, -0.75): 33 doublings from 1e-10 to 0.86
-        (torch.tensor([[1.0, 1.75], [1.75, 1.0]]), 1e-10, 1.0),
-        # needs exactly max_relative_damping x mean diag: 0.25, 0.5 fail, 1.0 succeeds (inclusive)
-        (torch.tensor([[1.0, 1.75], [1.75, 1.0]]), 0.25, 1.0),
+        # float32, smallest eigenvalue -0.0075 x mean diag (within float32's round-off allowance of
+        # 1e-2): 26 doublings from 1e-10 to 0.0067 fail, 0.0134 succeeds
+        (torch.tensor([[1.0, 1.0075], [1.0075, 1.0]]), 1e-10, 1.0),
+        # needs exactly max_relative_damping x mean diag: 0.005 fails, 0.01 succeeds (inclusive)
+        (torch.tensor([[1.0, 1.0075], [1.0075, 1.0]]), 0.005, 0.01),
         # singular PSD, mean diag 2: the first damping is exactly 1.0
         (torch.tensor([[2.0, 2.0], [2.0, 2.0]]), 0.5, 1.0),
         # positive definite with cond 1e13 < 1 / (n eps): no damping
@@ -340,18 +342,32 @@ def doubling_damping(c, initial, maximum):
     ],
 )
 def test_damping_doubles_from_the_initial_value(c, initial, maximum):
-    c = c.double()
+    stored, c = c, c.double()  # the allowance for round-off below zero is the stored dtype's
     expected = doubling_damping(c, initial, maximum)
-    p = prepare_covariance(c, initial_relative_damping=initial, max_relative_damping=maximum)
+    p = prepare_covariance(stored, initial_relative_damping=initial, max_relative_damping=maximum)
     assert p.damping == pytest.approx(expected, rel=1e-12, abs=0)
     assert p.relative_damping == pytest.approx(expected / float(c.diagonal().mean()), rel=1e-12, abs=0)
     assert torch.equal(p.matrix, c + p.damping * torch.eye(c.shape[0], dtype=torch.float64))
 
 
 def test_damping_beyond_the_maximum_is_refused():
-    c = torch.tensor([[1.0, 1.75], [1.75, 1.0]], dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"^covariance: not positive definite even with damping 0.5 \(0.5 x mean"):
-        prepare_covariance(c, initial_relative_damping=0.25, max_relative_damping=0.5)
+    c = torch.tensor([[1.0, 1.0075], [1.0075, 1.0]], dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"^covariance: not positive definite even with damping 0.005 \(0.005 x mean"):
+        prepare_covariance(c, initial_relative_damping=0.0025, max_relative_damping=0.005)
+
+
+@pytest.mark.parametrize(("dtype", "smallest"), [(torch.float64, -2e-4), (torch.float64, -0.55), (torch.float32, -0.02),
+                                                 (torch.float16, -0.2)])
+def test_an_indefinite_matrix_is_refused_not_damped(dtype, smallest):
+    """X X^T has no negative eigenvalue: beyond round-off (1e-4, 1e-2, 0.1 x mean diag for float64,
+    float32, half) the matrix is refused, whatever damping would make it pass."""
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+    eig = torch.tensor([smallest, 0.5, 1.0, 1.5, 1.0, 2.0 - smallest], dtype=torch.float64)  # mean 1
+    c = ((q * eig) @ q.T).to(dtype)
+    mean = float(c.double().diagonal().mean())
+    with pytest.raises(ValueError, match=r"^cov\.3: is not positive semi-definite \(smallest eigenvalue -[0-9.e-]+ x mean"):
+        prepare_covariance(c, name="cov.3")
+    assert float(torch.linalg.eigvalsh(c.double())[0]) / mean < -SEMIDEFINITE_TOLERANCE.get(dtype, 0.1)
 
 
 def test_damping_is_logged(caplog):

@@ -250,7 +250,7 @@ def c_cov_indefinite(env, tmp):
     def f(k, c):
         n = c.shape[0]
         return torch.eye(n, dtype=c.dtype) + 5.0 * (torch.ones(n, n, dtype=c.dtype) - torch.eye(n, dtype=c.dtype))
-    return _cov_values(env, tmp, f, r"not positive definite even with damping")
+    return _cov_values(env, tmp, f, r"is not positive semi-definite \(smallest eigenvalue -")
 
 
 def c_cov_asymmetric(env, tmp):

@@ -110,7 +110,7 @@ def test_one_model_and_identical_models():
 
 def test_indefinite_covariance_is_refused():
     bad = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)  # eigenvalues 3 and -1
-    with pytest.raises(ValueError, match="not positive definite"):
+    with pytest.raises(ValueError, match="cov.7: is not positive semi-definite"):
         prepare_covariance(bad, name="cov.7")
     with pytest.raises(ValueError, match="cov.7"):
         prepare_covariance(torch.full((2, 2), float("inf")), name="cov.7")

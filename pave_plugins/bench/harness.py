@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pave_plugins.io import strict_json
 from pave_plugins.io.output import OwnedFolder
 
 from .portable import portable
@@ -879,7 +880,7 @@ def write_results(cfg: BenchConfig, tasks: list[Task], per_seed: list[dict], t0:
     extra_md = add_protocol_results(result, per_seed, names)
     out = OwnedFolder(cfg.out_dir, who=BENCH_WHO)
     with out.file("results.json") as tmp:  # no machine paths: model as package==version, folders as <labels>
-        Path(tmp).write_text(json.dumps(portable(json.loads(json.dumps(result, default=str)), cfg), indent=1))
+        Path(tmp).write_text(strict_json.dumps(portable(json.loads(strict_json.dumps(result)), cfg), indent=1))
     md = markdown_table(summary, names)
     with out.file("results.md") as tmp:
         Path(tmp).write_text(f"Test accuracy (%), mean over seeds {[p['seed'] for p in per_seed]}; {len(names)} tasks, "

@@ -12,7 +12,6 @@ atomically (built in a temporary sibling, then renamed). Merging these folders w
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -23,6 +22,7 @@ from pave_plugins.core.purify import TARGETS
 from pave_plugins.core.rank_allocation import ALLOCATIONS
 from pave_plugins.engine.report import REPORT_NAME
 from pave_plugins.engine.settings import COMPUTE_DTYPES, DEFAULT_RHO
+from pave_plugins.io import strict_json
 from pave_plugins.io.output import MANIFEST
 
 logger = logging.getLogger("pave.purify")
@@ -222,7 +222,7 @@ def _copy_side_files(tmp: Path, base: Path, models: Sequence[Path], out_names: l
             if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in (*WEIGHT_INDEXES, MANIFEST):
                 shutil.copy2(f, tmp / n / f.name)
         (tmp / n / PURIFY_RECORD).write_text(
-            json.dumps({"source": str(src), "base": str(base), **record, "report": f"../{REPORT_NAME}"}, indent=1)
+            strict_json.dumps({"source": str(src), "base": str(base), **record, "report": f"../{REPORT_NAME}"}, indent=1)
         )
 
 

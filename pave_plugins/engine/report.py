@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from pave_plugins.io import strict_json
 from pave_plugins.io.output import output_file
 
 logger = logging.getLogger("pave_plugins")
@@ -100,7 +101,7 @@ class MergeReport:
             path = Path(path)
             data = self.to_dict()
             with output_file(path, who="pave_plugins report") as tmp:
-                tmp.write_text(json.dumps(data, indent=1, default=_json_default), encoding="utf-8")
+                tmp.write_text(strict_json.dumps(data, indent=1, default=_json_default), encoding="utf-8")
             self._last_write = time.monotonic()
             return path
 

@@ -3,7 +3,6 @@ model cards. No maths here (that lives in :mod:`pave_plugins.core`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pave_plugins.io import strict_json
 from pave_plugins.io.output import Inputs, check_apart, check_output, output_file
 
 log = logging.getLogger(__name__)
@@ -382,7 +382,7 @@ def write_json(path: str | os.PathLike, data: Any, *, inputs: Inputs | None = No
     """A report through the output transaction (never onto or inside an input)."""
     path = Path(path)
     with output_file(path, who="pave_plugins (FusionBench)", inputs=inputs, flag=flag) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default), encoding="utf-8")
+        tmp.write_text(strict_json.dumps(data, indent=2, sort_keys=False, default=_json_default), encoding="utf-8")
     return path
 
 

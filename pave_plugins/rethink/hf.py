@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from pave_plugins.collect.data import check_rows, ensure_pad_token, read_jsonl, seeded_subset, template_fields
 from pave_plugins.core import rethink as core
+from pave_plugins.io import strict_json
 from pave_plugins.rethink.losses import batch_loss
 from pave_plugins.rethink.output import LAMBDA_FILE, save_lambdas
 from pave_plugins.rethink.progress import tqdm_bar
@@ -563,7 +564,7 @@ def _save(job: RethinkJob, model: nn.Module, tokenizer, result: core.RethinkResu
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         save_lambdas(result, tmp / LAMBDA_FILE, recipe)
-        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2), encoding="utf-8")
+        (tmp / RECIPE_FILE).write_text(strict_json.dumps(recipe, indent=2), encoding="utf-8")
         card = Path(job.merged) / "README.md" if job.merged else None
         prior = card.read_text(encoding="utf-8") if card is not None and card.is_file() else ""
         (tmp / "README.md").write_text(prior.rstrip() + ("\n\n" if prior else "") + model_card_section(recipe), encoding="utf-8")
