@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
         if not args.model:
             raise ValueError("--check needs --model (the model the covariance file is used with)")
-        f = check_covariance_file(args.check, args.model,
+        f = check_covariance_file(args.check, args.model, values=True,
                                   on_fingerprint_mismatch="warn" if args.allow_fingerprint_mismatch else "error")
         m = f.metadata
         print(f"{args.check}: OK for {args.model} ({len(m.layer_map)} layers, {m.n_samples} samples, {m.n_tokens} tokens)")

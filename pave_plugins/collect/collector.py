@@ -462,6 +462,18 @@ class CovarianceCollector:
         self.n_tokens += n_tokens
         return n_tokens
 
+    def _check_finite(self) -> None:
+        """A sum of ``x x^T`` is finite unless the layer's inputs overflowed: refuse it, naming the layer."""
+        from pave_plugins.core.purify import all_finite
+
+        for key, acc in self.acc.items():
+            if not all_finite(acc):
+                layers = sorted(n for n, k in self.layer_map.items() if k == key)
+                raise CollectionError(
+                    f"layer {layers[0] if layers else key}: the inputs it saw hold NaN or Inf (the model's activations "
+                    "overflow in half precision?): nothing was written; collect with --model-dtype float32 or bfloat16"
+                )
+
     def result(self) -> CovarianceSet:
         if not self.acc:
             raise CollectionError("no covariance was collected: no batch was given, or no hooked layer was called")
@@ -474,6 +486,7 @@ class CovarianceCollector:
             for h in self.layers
             if h.name in self.layer_map
         }
+        self._check_finite()
         missing = [h.name for h in self.layers if h.name not in self.layer_map]
         if missing:
             log.warning("%d hooked layer(s) were never called, no covariance: %s", len(missing), missing[:5])

@@ -125,6 +125,7 @@ def check_covariance_file(
     model: nn.Module | Mapping[str, Any] | str | os.PathLike,
     *,
     on_fingerprint_mismatch: str = "error",
+    values: bool = False,
 ) -> CovarianceSource:
     """The one fit check of every face: do these covariances belong to ``model``?
 
@@ -133,7 +134,9 @@ def check_covariance_file(
     with the right input size (a few absent layers, such as a head tied to the embeddings, are a
     warning; most absent is an error), and the weights' fingerprint must match
     (``on_fingerprint_mismatch``: ``"error"``, ``"warn"`` or ``"ignore"``).
-    Raises :class:`CovarianceFileError` naming the source and the layer.
+    With ``values`` every matrix is also read and checked as a covariance must be (finite,
+    symmetric, positive semi-definite up to round-off: ``pave collect --check``); without, each is
+    checked when it is used. Raises :class:`CovarianceFileError` naming the source and the layer.
     """
     if on_fingerprint_mismatch not in FINGERPRINT_POLICIES:
         raise ValueError(f"on_fingerprint_mismatch must be error, warn or ignore, got {on_fingerprint_mismatch!r}")
@@ -149,7 +152,24 @@ def check_covariance_file(
         if on_fingerprint_mismatch == "error":
             raise CovarianceFileError(msg + "; pass on_fingerprint_mismatch='warn' to use it anyway")
         log.warning("%s", msg)
+    if values:
+        check_values(f)
     return f
+
+
+def check_values(f: CovarianceSource) -> None:
+    """Every covariance of ``f`` passes :func:`pave_plugins.core.purify.validated_covariance` with the
+    eigenvalue check; else :class:`CovarianceFileError` naming the source, key and layer."""
+    from pave_plugins.core.purify import validated_covariance
+
+    by_key: dict[str, str] = {}
+    for layer in f.layers:
+        by_key.setdefault(f.key_for(layer), layer)
+    for key, layer in sorted(by_key.items()):
+        try:
+            validated_covariance(f.get(layer), semidefinite=True, name=f"{f.origin}: covariance {key!r} (layer {layer!r})")
+        except ValueError as exc:
+            raise CovarianceFileError(str(exc)) from None
 
 
 def _check_layers(f: CovarianceSource, dims: Mapping[str, Any]) -> None:

@@ -214,7 +214,12 @@ def _save(cs: CovarianceSet, out, model, *, model_path, merged_adapter: bool, ma
     from .fingerprint import model_fingerprint
 
     # an adapter's covariances serve the merged weights: fingerprint those
-    fp = model_fingerprint(model.merge_and_unload() if merged_adapter else model)
+    if merged_adapter:
+        fp = model_fingerprint(model.merge_and_unload())
+    elif Path(model_path).is_dir():  # the weights as stored: a half-precision copy in memory rounds differently
+        fp = model_fingerprint(model_path)
+    else:
+        fp = model_fingerprint(model)
     cs.save(out, model_path=str(model_path), model_fingerprint=fp, max_length=max_length, extra=extra,
             overwrite=overwrite, inputs=inputs)
     log.info("wrote %s (%d covariances, %d layers, %d samples, %d tokens)", out,

@@ -90,6 +90,35 @@ def check_semidefinite(c: Tensor, stored: torch.dtype, mean_diag: float, name: s
         )
 
 
+def validated_covariance(
+    cov: Tensor, *, compute_dtype: torch.dtype = torch.float64, symmetry_tol: float = 1e-6,
+    name: str = "covariance", semidefinite: bool = False,
+) -> tuple[Tensor, float]:
+    """``C`` in ``compute_dtype``, symmetrised, and mean(diag C), after the checks every covariance
+    passes where it enters (PAVE eq. 5 needs ``C = X X^T``): square, finite, not all zero, symmetric,
+    a positive diagonal and, with ``semidefinite``, no eigenvalue below round-off
+    (:func:`check_semidefinite`; otherwise that check runs only when a Cholesky factorisation fails).
+    A ``ValueError`` names ``name``."""
+    if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
+        raise ValueError(f"{name}: expected a square 2-D matrix, got shape {tuple(cov.shape)}")
+    c = cov.to(compute_dtype)
+    if not all_finite(c):
+        raise ValueError(f"{name}: contains NaN or Inf")
+    scale = float(c.abs().max())
+    if scale == 0.0:
+        raise ValueError(f"{name}: is all zero (no tokens reached this layer?)")
+    asym = float((c - c.T).abs().max()) / scale
+    if asym > symmetry_tol:
+        raise ValueError(f"{name}: is not symmetric (max |C - C^T| / max |C| = {asym:.3g})")
+    c = 0.5 * (c + c.T)
+    mean_diag = float(torch.diagonal(c).mean())
+    if mean_diag <= 0.0 or float(torch.diagonal(c).min()) < -1e-8 * scale:
+        raise ValueError(f"{name}: has negative diagonal entries, it is not a covariance X X^T")
+    if semidefinite:
+        check_semidefinite(c, cov.dtype, mean_diag, name)
+    return c, mean_diag
+
+
 def prepare_covariance(
     cov: Tensor,
     *,
@@ -106,22 +135,7 @@ def prepare_covariance(
     ``max_relative_damping * mean(diag C)`` (a ``ValueError`` is raised instead: a giant shift would
     silently change the method). Cache the result when several weights share one covariance.
     """
-    if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
-        raise ValueError(f"{name}: expected a square 2-D matrix, got shape {tuple(cov.shape)}")
-    c = cov.to(compute_dtype)
-    if not all_finite(c):
-        raise ValueError(f"{name}: contains NaN or Inf")
-    scale = float(c.abs().max())
-    if scale == 0.0:
-        raise ValueError(f"{name}: is all zero (no tokens reached this layer?)")
-    asym = float((c - c.T).abs().max()) / scale
-    if asym > symmetry_tol:
-        raise ValueError(f"{name}: is not symmetric (max |C - C^T| / max |C| = {asym:.3g})")
-    c = 0.5 * (c + c.T)
-    mean_diag = float(torch.diagonal(c).mean())
-    if mean_diag <= 0.0 or float(torch.diagonal(c).min()) < -1e-8 * scale:
-        raise ValueError(f"{name}: has negative diagonal entries, it is not a covariance X X^T")
-
+    c, mean_diag = validated_covariance(cov, compute_dtype=compute_dtype, symmetry_tol=symmetry_tol, name=name)
     n = c.shape[0]
     eye = torch.eye(n, dtype=c.dtype, device=c.device)
     # Cholesky "succeeds" when the factor has no tiny pivot relative to the matrix scale: a pivot

@@ -36,7 +36,8 @@ def default_gamma(rho: float) -> float:
 
 
 def check_rho_gamma(rho: float, gamma: float | None) -> float:
-    """Validate ``rho`` in (0, 1] and ``gamma < rho``; return gamma (default filled in)."""
+    """Validate ``rho`` in (0, 1] and ``gamma`` in [0, rho) ([0, 1] when rho = 1: every rank is
+    kept anyway); return gamma (default filled in)."""
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho):
         raise ValueError(f"rho must be a number in (0, 1], got {rho!r}")
     if not 0.0 < rho <= 1.0:
@@ -45,6 +46,8 @@ def check_rho_gamma(rho: float, gamma: float | None) -> float:
         return default_gamma(rho)
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
         raise ValueError(f"gamma must be a number, got {gamma!r}")
+    if gamma < 0.0 or gamma > 1.0:
+        raise ValueError(f"gamma (stopping ratio) must be in [0, rho), got {gamma}")
     if rho < 1.0 and gamma >= rho:
         raise ValueError(
             f"gamma (stopping ratio) must be smaller than rho, got gamma={gamma} >= rho={rho}: "

@@ -107,6 +107,12 @@ def covariance_paths(covs: Any, names, who: str, error: type[Exception]) -> dict
             f"{who}: missing covariance for model(s) {missing}: method.covariances names "
             f"{sorted(mapping)}; add '<model name>: <file from pave collect>' for each model of the pool"
         )
+    extra = sorted(str(k) for k in mapping if k not in names)
+    if extra:
+        raise error(
+            f"{who}: method.covariances names {extra}, which the model pool does not have (its models: "
+            f"{list(names)}): a misspelt name would leave that model without its covariance; remove or rename it"
+        )
     return {n: mapping[n] for n in names}
 
 

@@ -81,6 +81,13 @@ def _check_rho(rho: float) -> float:
     return rho
 
 
+def _check_gamma(gamma: Optional[float]) -> Optional[float]:
+    """On its own (the recipe check compares it with rho): a finite number in [0, 1]."""
+    if gamma is not None:
+        check_rho_gamma(1.0, gamma)
+    return gamma
+
+
 def resolve_inner(name: str) -> MergeMethod:
     """The mergekit method object used as inner method (``tsv`` and ``regmean`` are always ours)."""
     if name == "tsv":
@@ -118,7 +125,9 @@ class PaveMerge(GroupMergeMethod):
                 "inner", Annotated[str, AfterValidator(_check_inner)], ParameterScope.SHARED, default="task_arithmetic"
             ),
             ParameterSpec("rho", Annotated[float, AfterValidator(_check_rho)], ParameterScope.SHARED, default=DEFAULT_RHO),
-            ParameterSpec("gamma", Optional[float], ParameterScope.SHARED, default=None),
+            ParameterSpec(
+                "gamma", Annotated[Optional[float], AfterValidator(_check_gamma)], ParameterScope.SHARED, default=None
+            ),
             ParameterSpec("rank_allocation", Literal["spectral", "uniform"], ParameterScope.SHARED, default="spectral"),
             ParameterSpec("target", Literal["weight", "delta"], ParameterScope.SHARED, default="weight"),
             ParameterSpec("compute_dtype", Literal["float64", "float32"], ParameterScope.SHARED, default="float64"),

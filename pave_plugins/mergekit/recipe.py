@@ -42,6 +42,24 @@ def check_recipe(config: Any, method: Any = None) -> None:
         if method is not None:
             _warn_unknown(config.merge_method, method, where, params)
             _check_values(config.merge_method, method, where, params)
+    if config.merge_method == "pave":
+        _check_rho_gamma(config)
+
+
+def _check_rho_gamma(config: Any) -> None:
+    """``gamma`` against ``rho`` (each alone passed its own check), with rho's one-line message."""
+    from pave_plugins.core.rank_allocation import check_rho_gamma
+    from pave_plugins.engine.settings import DEFAULT_RHO
+
+    for where, model, params in _parameter_blocks(config):
+        if model is not None or "gamma" not in params:
+            continue
+        rho, gamma = params.get("rho", (config.parameters or {}).get("rho", DEFAULT_RHO)), params["gamma"]
+        if isinstance(rho, (int, float)) and isinstance(gamma, (int, float)):
+            try:
+                check_rho_gamma(float(rho), float(gamma))
+            except ValueError as exc:
+                raise RecipeParameterError(f"pave recipe ({where}): {exc}") from None
 
 
 def _check_values(name: str, method: Any, where: str, params: dict) -> None:

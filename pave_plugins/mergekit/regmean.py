@@ -114,13 +114,16 @@ class RegMeanMerge(GroupMergeMethod):
         """One engine (and so one Gram-sum cache) per set of models and settings, for the whole merge."""
         paths = [cov_paths.get(e.id) for e in entries]
         missing = [str(e.id) for e, p in zip(entries, paths) if p is None]
-        if missing:
+        if missing and len(missing) < len(paths):
             raise ValueError(f"regmean: no covariance file for model(s) {missing} (per-model parameter 'covariance')")
         key = (tuple(e.id for e in entries), tuple(paths), settings)
         with self._lock:
             engine = self._engines.get(key)
             if engine is None:
-                sources = [self.store.file(e.id, p) for e, p in zip(entries, paths)]
+                if missing:  # as pave does: without any covariance, the plain rule, said once per merge
+                    logger.warning("regmean: no model has a covariance file (per-model parameter 'covariance'): every "
+                                   "tensor is merged by the plain rule non_linear=%s", settings.non_linear)
+                sources = [self.store.file(e.id, p) if p is not None else None for e, p in zip(entries, paths)]
                 engine = RegMeanEngine(settings, sources, [str(e.id) for e in entries], cache=self.store.cache)
                 self._engines[key] = engine
             return engine
