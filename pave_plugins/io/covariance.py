@@ -77,6 +77,20 @@ class CovarianceMetadata:
             "extra": json.dumps(self.extra, sort_keys=True, default=str),
         }
 
+    def _check_types(self) -> None:
+        """The metadata schema: a ``TypeError`` naming the first field of the wrong type."""
+        if not isinstance(self.layer_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.layer_map.items()):
+            raise TypeError("layer_map must be a JSON object {layer name: tensor key} of strings")
+        if not isinstance(self.counts, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                for k, v in self.counts.items()):
+            raise TypeError("counts must be a JSON object {tensor key: token count} of non-negative integers")
+        if not isinstance(self.extra, dict):
+            raise TypeError("extra must be a JSON object")
+        if self.n_samples < 0 or self.n_tokens < 0 or (self.max_length is not None and self.max_length < 1):
+            raise TypeError("n_samples and n_tokens must be non-negative and max_length positive")
+
     @classmethod
     def from_strings(cls, meta: Mapping[str, str], path: str | os.PathLike = "") -> "CovarianceMetadata":
         if meta.get("format") != FORMAT:
@@ -87,9 +101,9 @@ class CovarianceMetadata:
                 f"(this pave_plugins reads version {FORMAT_VERSION})"
             )
         try:
-            return cls(
+            out = cls(
                 layer_map=json.loads(meta["layer_map"]),
-                counts={k: int(v) for k, v in json.loads(meta.get("counts", "{}")).items()},
+                counts=json.loads(meta.get("counts", "{}")),
                 n_samples=int(meta.get("n_samples", "0")),
                 n_tokens=int(meta.get("n_tokens", "0")),
                 dtype=meta.get("dtype", "float64"),
@@ -98,6 +112,8 @@ class CovarianceMetadata:
                 model_fingerprint=meta.get("model_fingerprint", ""),
                 extra=json.loads(meta.get("extra", "{}")),
             )
+            out._check_types()
+            return out
         except (KeyError, ValueError, TypeError) as exc:
             raise CovarianceFileError(f"{path}: corrupt covariance metadata ({exc})") from exc
 
@@ -170,13 +186,18 @@ class CovarianceFile:
             with safe_open(str(self.path), framework="pt") as f:
                 meta = f.metadata() or {}
                 self._keys = set(f.keys())
-                stored = sorted({f.get_slice(k).get_dtype() for k in self._keys})
+                dtypes = {k: f.get_slice(k).get_dtype() for k in self._keys}
+                stored = sorted(set(dtypes.values()))
         except Exception as exc:  # safetensors raises several types for corrupt headers
             raise CovarianceFileError(f"{self.path}: cannot read covariance file ({exc})") from exc
         self.metadata = CovarianceMetadata.from_strings(meta, self.path)
         absent = sorted(set(self.metadata.layer_map.values()) - self._keys)
         if absent:
             raise CovarianceFileError(f"{self.path}: layer_map names tensors that are missing: {absent[:5]}")
+        not_float = sorted(k for k, d in dtypes.items() if not str(d).upper().startswith(("F", "BF")))
+        if not_float:
+            raise CovarianceFileError(f"{self.path}: covariance {not_float[0]!r} is stored as {dtypes[not_float[0]]}, "
+                                      "not as floating point: not a file of pave collect")
         low = [d for d in stored if d in LOW_PRECISION]
         if low:
             logger.warning("%s: covariances stored in %s: their rounding changes the singular values and so the ranks "

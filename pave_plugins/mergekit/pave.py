@@ -36,7 +36,7 @@ from mergekit.merge_methods.base import (
     TensorEntry,
     TensorGroup,
 )
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BeforeValidator
 from typing_extensions import Annotated, Literal
 
 from pave_plugins._mergekit_bootstrap import register_late, when_imported
@@ -79,6 +79,17 @@ def _check_inner(name: str) -> str:
 def _check_rho(rho: float) -> float:
     check_rho_gamma(rho, None)
     return rho
+
+
+def _a_number(name: str):
+    """Refuse ``true``/``false`` before pydantic reads them as 1.0 / 0.0 (a YAML slip, not a ratio)."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        return value
+
+    return BeforeValidator(check)
 
 
 def _check_gamma(gamma: Optional[float]) -> Optional[float]:
@@ -124,9 +135,11 @@ class PaveMerge(GroupMergeMethod):
             ParameterSpec(
                 "inner", Annotated[str, AfterValidator(_check_inner)], ParameterScope.SHARED, default="task_arithmetic"
             ),
-            ParameterSpec("rho", Annotated[float, AfterValidator(_check_rho)], ParameterScope.SHARED, default=DEFAULT_RHO),
+            ParameterSpec("rho", Annotated[float, _a_number("rho"), AfterValidator(_check_rho)], ParameterScope.SHARED,
+                          default=DEFAULT_RHO),
             ParameterSpec(
-                "gamma", Annotated[Optional[float], AfterValidator(_check_gamma)], ParameterScope.SHARED, default=None
+                "gamma", Annotated[Optional[float], _a_number("gamma"), AfterValidator(_check_gamma)], ParameterScope.SHARED,
+                default=None
             ),
             ParameterSpec("rank_allocation", Literal["spectral", "uniform"], ParameterScope.SHARED, default="spectral"),
             ParameterSpec("target", Literal["weight", "delta"], ParameterScope.SHARED, default="weight"),
