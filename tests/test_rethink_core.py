@@ -453,7 +453,8 @@ def test_calibration_errors():
     def nan_loss(forward, batch):
         return _ce(forward, batch) * float("nan")
 
-    with pytest.raises(FloatingPointError, match=r"^rethink: non-finite calibration loss at iteration 1, batch 0$"):
+    with pytest.raises(FloatingPointError, match=r"^rethink: non-finite calibration loss at iteration 1, epoch 1, batch 0 "
+                                                 r"\(lr 0.01 too large\?\): lower the learning rate \(--lr\)$"):
         rt.rethink(merged, pre, batches, nan_loss, layers=LAYERS, shuffle=False, progress=False)
 
 

@@ -43,7 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="where fine-tuning, collection, merges and evaluation run: cpu, cuda, cuda:N or auto (a GPU "
                    "when torch sees one)")
-    p.add_argument("--seeds", nargs="+", type=checks.nonnegative_int, default=[0, 1], help="one fine-tune and merge per seed")
+    p.add_argument("--seeds", nargs="+", type=checks.seed, default=[0, 1], help="one fine-tune and merge per seed")
     p.add_argument("--steps", type=checks.positive_int, default=100, help="fine-tuning steps per task")
     p.add_argument("--lr", type=checks.positive_float, default=1e-4, help="fine-tuning learning rate")
     p.add_argument("--batch-size", type=checks.positive_int, default=32, help="fine-tuning batch size")

@@ -42,6 +42,17 @@ count_or_all = _at_least(_int, 0, "a positive integer (or 0 for all)")
 nonnegative_int = _at_least(_int, 0, "a non-negative integer")
 nonnegative_float = _at_least(finite_float, 0.0, "a finite number >= 0")
 
+#: every seed of the package seeds torch, Python's random and numpy (which takes 0 .. 2^32 - 1)
+SEED_MAX = 2**32 - 1
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2^32 - 1]."""
+    value = _int(text)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {SEED_MAX}], got {text}")
+    return value
+
 
 def _in_interval(low: float, high: float, *, closed_low: bool, closed_high: bool) -> Callable[[str], float]:
     if math.isinf(high):

@@ -44,7 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--text-field", default=None, help="column holding the text (default: 'text', or the only string column)")
     g.add_argument("--template", default=None, help="text built from columns, e.g. '{sentence1} {sentence2}' for pair tasks")
     p.add_argument("--n-samples", type=checks.count_or_all, default=512, help="examples drawn without replacement (default 512; 0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample draw (same seed, same examples)")
+    p.add_argument("--seed", type=checks.seed, default=0, help="seed of the sample draw (same seed, same examples)")
     p.add_argument("--max-length", type=checks.positive_int, default=512, help="truncate each example to this many tokens (default 512)")
     p.add_argument("--batch-size", type=checks.positive_int, default=8, help="examples per forward pass (default 8)")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64",

@@ -76,7 +76,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target-field", default="target")
     p.add_argument("--task-type", choices=["auto", "seq-cls", "seq2seq", "causal-lm"], default="auto")
     p.add_argument("--include-embeddings", action="store_true", help="also rethink input/output embedding matrices")
-    p.add_argument("--seed", type=int, default=D.seed)
+    p.add_argument("--seed", type=checks.seed, default=D.seed)
     p.add_argument("--device", default="auto", type=checks.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", required=True, help="output model folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier output of pave rethink at --out (once the new one is complete)")

@@ -16,6 +16,7 @@ without replacement with a seeded generator, so the same ``--seed`` picks the sa
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
@@ -33,23 +34,40 @@ class DataError(ValueError):
     """Calibration data is missing, empty, or lacks the field a text is built from."""
 
 
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8, a leading byte-order mark dropped (spreadsheet exports write one);
+    bytes that are not UTF-8 are a :class:`DataError` naming the file, line and byte."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                        "save the file as UTF-8") from None
+
+
+def lines(path: Path) -> list[str]:
+    """The lines of a text data file (``\n`` or ``\r\n``; other Unicode line breaks stay inside a line,
+    as JSON allows them in strings)."""
+    return [line.removesuffix("\r") for line in read_text(path).split("\n")]
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The rows of a JSON-lines file (blank lines skipped; a bare string is a row ``{"text": ...}``);
     a bad line is a :class:`DataError` naming the file and line."""
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {i} is not valid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                row = {"text": row} if isinstance(row, str) else None
-                if row is None:
-                    raise DataError(f"{path}: line {i} is not a JSON object")
-            rows.append(row)
+    for i, line in enumerate(lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {i} is not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            row = {"text": row} if isinstance(row, str) else None
+            if row is None:
+                raise DataError(f"{path}: line {i} is not a JSON object")
+        rows.append(row)
     return rows
 
 
@@ -58,7 +76,7 @@ def _read_file(path: Path, split: str | None) -> Any:
     if suffix == ".jsonl":
         return read_jsonl(path)
     if suffix == ".json":
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
         try:
             obj = json.loads(text)
         except json.JSONDecodeError:
@@ -71,17 +89,30 @@ def _read_file(path: Path, split: str | None) -> Any:
             raise DataError(f"{path}: expected a JSON list of objects (or JSON lines)")
         return [r if isinstance(r, dict) else {"text": r} for r in obj]
     if suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+        return _read_table(path, "\t" if suffix == ".tsv" else ",")
     if suffix == ".txt":
-        with path.open(encoding="utf-8") as f:
-            return [{"text": line.rstrip("\n")} for line in f if line.strip()]
+        return [{"text": line} for line in lines(path) if line.strip()]
     if suffix in (".parquet", ".arrow"):
         import datasets
 
         builder = "parquet" if suffix == ".parquet" else "arrow"
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     raise DataError(f"{path}: unsupported data file type {suffix!r} (use {sorted(TEXT_SUFFIXES)})")
+
+
+def _read_table(path: Path, delimiter: str) -> list[dict[str, Any]]:
+    """Rows of a CSV / TSV file with a header; a row with more or fewer cells is named."""
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
+    rows = []
+    try:
+        for row in reader:
+            if None in row or None in row.values():
+                raise DataError(f"{path}: line {reader.line_num} has {'more' if None in row else 'fewer'} cells than "
+                                f"the header {reader.fieldnames}")
+            rows.append(row)
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num}: {exc}") from None
+    return rows
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -175,6 +206,7 @@ def text_builder(table: Any, *, text_field: str | None = None, template: str | N
         if missing:
             raise DataError(f"{source}: template fields {missing} are not columns of the data (columns: {cols})")
         check_rows(table, fields, source)
+        _check_template(table, template, source)
         return lambda row: template.format_map(row)
     if text_field is None:
         text_field = _default_text_field(table, cols, source)
@@ -183,6 +215,18 @@ def text_builder(table: Any, *, text_field: str | None = None, template: str | N
     check_rows(table, [text_field], source)
     field = text_field
     return lambda row: row[field] if isinstance(row[field], str) else ("" if row[field] is None else str(row[field]))
+
+
+def _check_template(table: Any, template: str, source: str) -> None:
+    """The template formats every row of a list table (the first of a dataset): else a
+    :class:`DataError` naming the file, the row and the reason (a bad format spec, a missing key)."""
+    n = len(table) if isinstance(table, list) else min(len(table), 1)
+    for i in range(n):
+        try:
+            template.format_map(table[i])
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
+            raise DataError(f"{source}: row {i + 1}: the template {template!r} cannot format it "
+                            f"({type(exc).__name__}: {exc})") from None
 
 
 def _default_text_field(table: Any, cols: list[str], source: str) -> str:
@@ -276,6 +320,28 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
+def model_positions(config: Any) -> int | None:
+    """How many token positions a model can read (learned position embeddings; RoBERTa-style
+    models start their positions after the padding id), or None when its config does not say."""
+    n = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions") if
+              isinstance(getattr(config, k, None), int)), None)
+    kind = str(getattr(config, "model_type", ""))
+    if n is not None and ("roberta" in kind or kind == "camembert"):
+        n -= int(getattr(config, "pad_token_id", 0) or 0) + 1
+    return n
+
+
+def check_lengths(lengths: Sequence[int], positions: int | None, source: str, flag: str = "--max-length") -> None:
+    """Every tokenised text fits the model's positions: else a :class:`DataError` naming the first
+    text too long and the flag that would make it fit."""
+    if positions is None:
+        return
+    longest = max(lengths, default=0)
+    if longest > positions:
+        raise DataError(f"{source}: a text is {longest} tokens, more than the model's {positions} positions: "
+                        f"lower {flag} to {positions} or less")
+
+
 def tokenize_batches(
     tokenizer: Any,
     texts: Sequence[str],
@@ -283,6 +349,8 @@ def tokenize_batches(
     max_length: int,
     batch_size: int,
     sort_by_length: bool = True,
+    positions: int | None = None,
+    source: str = "data",
 ) -> list[dict[str, Any]]:
     """Tokenised, right-padded batches (dicts of tensors with ``attention_mask``).
 
@@ -294,6 +362,7 @@ def tokenize_batches(
     prepare_tokenizer(tokenizer)
     enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
     ids = enc["input_ids"]
+    check_lengths([len(x) for x in ids], positions, source)
     order = list(range(len(ids)))
     if sort_by_length:
         order.sort(key=lambda i: -len(ids[i]))

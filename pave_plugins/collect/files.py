@@ -107,8 +107,10 @@ def _weight_in_features(
     else:
         from safetensors import safe_open
 
+        from pave_plugins.io.checkpoints import weight_files
+
         path = Path(model)
-        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        files = (weight_files(path)[1] if weight_files(path)[0] == "safetensors" else []) if path.is_dir() else [path]
         if not files or not all(f.is_file() for f in files):
             raise FileNotFoundError(f"no safetensors weights in {path}")
         for f in files:

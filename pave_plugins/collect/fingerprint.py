@@ -90,10 +90,11 @@ def _items_from_tensors(tensors: Mapping[str, Tensor]) -> list[tuple[str, tuple[
 def _items_from_dir(path: Path) -> list[tuple[str, tuple[int, ...], Callable[[int], Tensor]]]:
     from safetensors import safe_open
 
-    files = sorted(path.glob("*.safetensors"))
-    files = [f for f in files if not f.name.startswith(".")]
-    if not files:
-        bins = sorted(path.glob("pytorch_model*.bin"))
+    from pave_plugins.io.checkpoints import weight_files
+
+    kind, files = weight_files(path)
+    if kind != "safetensors":
+        bins = files
         if not bins:
             raise FileNotFoundError(f"{path}: no *.safetensors or pytorch_model*.bin weights to fingerprint")
         sd: dict[str, Tensor] = {}

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .collector import CovarianceSet, collect_covariances
-from .data import load_texts, shard, tokenize_batches
+from .data import load_texts, model_positions, shard, tokenize_batches
 from .distributed import all_reduce_covariances, dist_info, init_from_env
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,16 @@ def load_model(
     if adapter is not None:
         from peft import PeftModel
 
+        from pave_plugins.io.adapters import AdapterError, read_adapter_config
+
         if not Path(adapter).exists():
             raise FileNotFoundError(f"adapter directory not found: {adapter}")
-        model = PeftModel.from_pretrained(model, str(adapter))
+        read_adapter_config(adapter)
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter))
+        except (RuntimeError, ValueError, KeyError) as exc:  # torch's size mismatch is many lines: keep the first
+            first = str(exc).strip().splitlines()[-1 if "size mismatch" in str(exc) else 0].strip()
+            raise AdapterError(f"--adapter {adapter} does not fit the model {path} ({first})") from None
     if not device_map:
         model.to(device)
     return model.eval()
@@ -102,7 +109,9 @@ def collect_from_texts(
         if len(texts) < world:
             raise ValueError(f"{len(texts)} texts for {world} ranks: give at least one text per rank")
         texts = shard(texts, rank, world)
-    batches = tokenize_batches(tokenizer, texts, max_length=max_length, batch_size=batch_size, sort_by_length=sort_by_length)
+    batches = tokenize_batches(tokenizer, texts, max_length=max_length, batch_size=batch_size, sort_by_length=sort_by_length,
+                               positions=model_positions(getattr(model, "config", None)),
+                               source=str(collect_kwargs.pop("source", "data")))
     collect_kwargs.setdefault("progress", rank == 0)
     cs = collect_covariances(model, batches, **collect_kwargs)
     if distributed and world > 1:
@@ -157,7 +166,7 @@ def collect_to_file(
                            allow_pickle=allow_pickle)
         log.info("collecting on %d texts (%s), rank %d of %d, device %s", len(texts), data, rank, world, dev)
         cs = collect_from_texts(
-            model, tokenizer, texts,
+            model, tokenizer, texts, source=str(data),
             max_length=max_length, batch_size=batch_size,
             accumulate_dtype=_DTYPES[accumulate_dtype],
             compute_dtype=_DTYPES[compute_dtype] if compute_dtype else None,

@@ -178,6 +178,10 @@ def decompose_low_rank(
 
 
 # ----------------------------------------------------------------------------- losses
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """The calibration loss became NaN or Inf (a learning rate too large, or the model's own outputs)."""
+
+
 def entropy_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
     """Shannon entropy of the predictions, eq. 14: ``-sum_c p_c log p_c`` averaged over the rows
     of ``logits`` (``[..., C]``) where ``mask`` (``[...]``, bool) is true."""
@@ -598,7 +602,8 @@ def _train(
             if not torch.is_tensor(loss) or loss.ndim != 0:
                 raise ValueError("rethink: loss_fn must return a scalar tensor")
             if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(f"rethink: non-finite calibration loss at iteration {t + 1}, batch {i}")
+                raise NonFiniteLossError(f"rethink: non-finite calibration loss at iteration {t + 1}, epoch {_epoch + 1}, "
+                                         f"batch {i} (lr {cfg.lr:g} too large?): lower the learning rate (--lr)")
             loss.backward()
             opt.step()
             total += float(loss.detach())
@@ -607,6 +612,10 @@ def _train(
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
         log.debug("rethink: iteration %d epoch %d loss %.6g", t + 1, _epoch + 1, losses[-1])
+    bad = [name for name, lam in lams.items() if not bool(torch.isfinite(lam).all())]
+    if bad:  # the last step can overflow Lambda after a finite loss: never write that model
+        raise NonFiniteLossError(f"rethink: Lambda of {bad[0]} became non-finite at iteration {t + 1} "
+                                 f"(lr {cfg.lr:g} too large?): lower the learning rate (--lr)")
     log.info("rethink: iteration %d/%d, loss %.6g -> %.6g", t + 1, cfg.iterations, losses[0], losses[-1])
     return losses
 

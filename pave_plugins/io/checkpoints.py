@@ -18,12 +18,50 @@ class PickleCheckpointError(ValueError):
     """A folder holds only pickle weights (``pytorch_model.bin``) and the user did not opt in."""
 
 
+# safetensors files a model folder can hold that are not its weights (an adapter, a Lambda file)
+NOT_WEIGHT_SAFETENSORS = ("adapter_model.safetensors", "rethink_lambda.safetensors")
+
+
+def _indexed(folder: Path, index_name: str) -> list[Path] | None:
+    index = folder / index_name
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return sorted({folder / str(f) for f in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{index}: not a readable weight index ({exc})") from None
+
+
+def weight_files(folder: str | os.PathLike) -> tuple[str, list[Path]]:
+    """The files that hold a Hugging Face folder's weights, as ``from_pretrained`` picks them:
+    ``("safetensors", files)`` (the index's shards, ``model.safetensors``, or else every visible
+    ``*.safetensors`` but adapters and Lambda files), else ``("pickle", files)`` (the same for
+    ``pytorch_model*.bin``; a Trainer checkpoint's ``optimizer.pt``, ``rng_state.pth``, ... are not
+    weights), else ``("none", [])``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "none", []
+    shards = _indexed(folder, "model.safetensors.index.json")
+    if shards is None:
+        single = folder / "model.safetensors"
+        shards = [single] if single.is_file() else sorted(
+            f for f in folder.glob("*.safetensors") if not f.name.startswith(".") and f.name not in NOT_WEIGHT_SAFETENSORS)
+    if shards:
+        return "safetensors", shards
+    pickles = _indexed(folder, "pytorch_model.bin.index.json")
+    if pickles is None:
+        single = folder / "pytorch_model.bin"
+        pickles = [single] if single.is_file() else sorted(
+            f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES and f.name not in NOT_WEIGHTS
+            and not f.name.startswith("."))
+    return ("pickle", pickles) if pickles else ("none", [])
+
+
 def pickle_weights(folder: str | os.PathLike) -> list[Path]:
     """Pickle weight files of ``folder`` when it has no safetensors weights (else ``[]``)."""
-    folder = Path(folder)
-    if not folder.is_dir() or any(folder.glob("*.safetensors")):
-        return []
-    return sorted(f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES and f.name not in NOT_WEIGHTS)
+    kind, files = weight_files(folder)
+    return files if kind == "pickle" else []
 
 
 def refuse_pickle(folder: str | os.PathLike, *, allow_pickle: bool = False, option: str = "--allow-pickle") -> bool:
@@ -66,13 +104,13 @@ class CheckpointReader:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"model folder not found: {self.folder}")
-        files = sorted(self.folder.glob("*.safetensors"))
+        kind, files = weight_files(self.folder)
         self.where: dict[str, Path] = {}
         self.dtypes: dict[str, str] = {}
         self._open: dict[Path, object] = {}
         self._loaded: dict[str, object] | None = None
-        if not files:
-            pickles = sorted(f for f in self.folder.iterdir() if f.suffix in (".bin", ".pt", ".pth"))
+        if kind != "safetensors":
+            pickles = files
             if pickles and allow_pickle:
                 self._load_pickles(pickles)
                 return
@@ -84,6 +122,8 @@ class CheckpointReader:
             )
             raise FileNotFoundError(f"{self.folder}: no .safetensors weights{hint}")
         for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: a weight file the folder's index names is missing")
             try:
                 with safe_open(str(f), framework="pt") as st:
                     for k in st.keys():

@@ -15,7 +15,6 @@ Calibration data, one jsonl file per task:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,7 +25,15 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from pave_plugins.collect.data import check_rows, ensure_pad_token, read_jsonl, seeded_subset, template_fields
+from pave_plugins.collect.data import (
+    check_lengths,
+    check_rows,
+    ensure_pad_token,
+    model_positions,
+    read_jsonl,
+    seeded_subset,
+    template_fields,
+)
 from pave_plugins.core import rethink as core
 from pave_plugins.io import strict_json
 from pave_plugins.rethink.losses import batch_loss
@@ -110,6 +117,8 @@ def _text(rec: dict, template: str | None, field_name: str, where: str) -> str:
             return template.format_map(rec)
         except KeyError as exc:
             raise ValueError(f"{where}: template needs field {exc} (record has {sorted(rec)})") from exc
+        except (ValueError, IndexError, AttributeError, TypeError) as exc:  # a bad format spec, {a[9]}, {a.b}
+            raise ValueError(f"{where}: the template {template!r} cannot format it ({type(exc).__name__}: {exc})") from None
     if field_name not in rec:
         raise ValueError(f"{where}: missing field {field_name!r} (record has {sorted(rec)}); give a template")
     return str(rec[field_name])
@@ -275,13 +284,13 @@ def load_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
     """
     from safetensors.torch import load_file
 
+    from pave_plugins.io.adapters import read_adapter_config
+
     path = Path(path)
-    cfg_path, w_path = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not cfg_path.is_file() or not w_path.is_file():
+    w_path = path / "adapter_model.safetensors"
+    cfg = read_adapter_config(path, lora_only=True)
+    if not w_path.is_file():
         raise FileNotFoundError(f"{path} is not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors)")
-    cfg = json.loads(cfg_path.read_text())
-    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
-        raise ValueError(f"{path}: only LoRA adapters are supported, got peft_type={cfg.get('peft_type')}")
     r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise ValueError(f"{path}: adapters with rank_pattern/alpha_pattern are not supported")
@@ -301,6 +310,9 @@ def load_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
         for prefix in ("base_model.model.",):
             module = module.removeprefix(prefix)
         b = tensors[bkey]
+        if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise ValueError(f"{path}: {key} {tuple(a.shape)} and {bkey} {tuple(b.shape)} are not the two factors "
+                             "of one LoRA update (B is out x r, A is r x in)")
         b, a = b.float() * scaling, a.float()
         if fan:  # stored weight is (in x out): delta^T = A^T B^T
             b, a = a.T.contiguous(), b.T.contiguous()
@@ -447,6 +459,8 @@ def _base_state(job: RethinkJob, cls, model: nn.Module) -> dict[str, Tensor]:
 
 def _merge_lora(job: RethinkJob, model: nn.Module) -> dict[str, core.LowRankDelta]:
     """LoRA experts: merged = base + sum_i w_i B_i A_i written into ``model``; the factors for the fast path."""
+    from pave_plugins.io.adapters import check_factor_shapes
+
     names = list(job.lora)
     weights = list(job.lora_weights) if job.lora_weights else [1.0] * len(names)
     if len(weights) != len(names):
@@ -458,6 +472,10 @@ def _merge_lora(job: RethinkJob, model: nn.Module) -> dict[str, core.LowRankDelt
         if key not in params:
             raise ValueError(f"LoRA adapter targets {key!r}, which the base model {job.base} does not have")
         pairs = [(w, a.factors[key]) for w, a in zip(weights, adapters) if key in a.factors]
+        for n, a in zip(names, adapters):
+            if key in a.factors:
+                b_, a_ = a.factors[key]
+                check_factor_shapes(job.lora[n], key, (b_.shape[0], a_.shape[1]), tuple(params[key].shape), job.base)
         low_rank[key] = core.LowRankDelta([p[1][0] for p in pairs], [p[1][1] for p in pairs], [p[0] for p in pairs])
         with torch.no_grad():
             p = params[key]
@@ -509,6 +527,8 @@ def _calibration_batches(job: RethinkJob, tokenizer, kind: str, config, label2id
             )
         except ValueError as exc:  # name the file, not only the task and record numbers
             raise ValueError(f"calibration file {path}: {exc}") from exc
+        lengths = [int(b["input_ids"].shape[-1]) for b in batches if torch.is_tensor(b.get("input_ids"))]
+        check_lengths(lengths, model_positions(config), f"calibration file {path}")
     return batches, used
 
 
