@@ -454,7 +454,7 @@ def test_calibration_errors():
         return _ce(forward, batch) * float("nan")
 
     with pytest.raises(FloatingPointError, match=r"^rethink: non-finite calibration loss at iteration 1, epoch 1, batch 0 "
-                                                 r"\(lr 0.01 too large\?\): lower the learning rate \(--lr\)$"):
+                                                 r"\(lr 0.005 too large\?\): lower the learning rate \(--lr\)$"):
         rt.rethink(merged, pre, batches, nan_loss, layers=LAYERS, shuffle=False, progress=False)
 
 
