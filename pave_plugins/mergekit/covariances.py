@@ -20,6 +20,8 @@ from pave_plugins.collect.files import check_covariance_file
 from pave_plugins.io.covariance import CovarianceFile, CovarianceFileError
 from pave_plugins.io.sources import PreparedCache
 
+from .source_names import source_name
+
 logger = logging.getLogger("pave_plugins.mergekit")
 
 
@@ -42,12 +44,45 @@ def model_folder(model: Hashable) -> Path | None:
     return path if path is not None and any(path.glob("*.safetensors")) else None
 
 
+class StepSource:
+    """A model's covariance file as a merge step reads it: a tensor is looked up under the name of
+    the source tensor that feeds the step (:func:`.source_names.source_name`; mergekit's slices
+    can feed output layer i from source layer j)."""
+
+    def __init__(self, model: Hashable, source: CovarianceFile) -> None:
+        self.model, self.source = model, source
+
+    def _name(self, name: str) -> str:
+        return source_name(self.model, name)
+
+    origin = property(lambda self: self.source.origin)
+    layers = property(lambda self: self.source.layers)
+    fingerprint = property(lambda self: self.source.fingerprint)
+    layer_info = property(lambda self: self.source.layer_info)
+    counts = property(lambda self: self.source.counts)
+
+    def key_sizes(self) -> dict[str, int]:
+        return self.source.key_sizes()
+
+    def resolve(self, name: str) -> str | None:
+        return self.source.resolve(self._name(name))
+
+    def __contains__(self, name: str) -> bool:
+        return self.resolve(name) is not None
+
+    def key_for(self, name: str) -> str:
+        return self.source.key_for(self._name(name))
+
+    def get(self, name: str, *, device=None):
+        return self.source.get(self._name(name), device=device)
+
+
 class CovarianceStore:
     """Per-merge state: open files (checked against their model) and the prepared-covariance cache."""
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._files: dict[tuple, CovarianceFile] = {}
+        self._files: dict[tuple, StepSource] = {}
         self.cache = PreparedCache()
 
     @property
@@ -59,8 +94,9 @@ class CovarianceStore:
             self._files.clear()
             self.cache.clear()
 
-    def file(self, model: Hashable, path: str) -> CovarianceFile:
-        """Open ``path`` once per (model, path) and run the fit check against ``model``'s folder."""
+    def file(self, model: Hashable, path: str) -> StepSource:
+        """Open ``path`` once per (model, path) and run the fit check against ``model``'s folder;
+        the step's tensors are looked up under their source names (see :class:`StepSource`)."""
         try:  # a file rewritten between two merges in one process is opened again
             st = os.stat(os.path.expanduser(path))
             key = (model, path, st.st_mtime_ns, st.st_size)
@@ -76,5 +112,5 @@ class CovarianceStore:
                         check_covariance_file(cf, folder, on_fingerprint_mismatch="warn")
                     except CovarianceFileError as exc:
                         raise CovarianceFileError(f"{exc} (model {model})") from exc
-                self._files[key] = cf
+                cf = self._files[key] = StepSource(model, cf)
             return cf

@@ -46,6 +46,7 @@ from pave_plugins.engine import DEFAULT_RHO, PaveEngine, PaveSettings, purified_
 from .covariances import CovarianceStore, check_covariance_path
 from .recipe import install_recipe_check
 from .report import current_report, install_output_hooks
+from .source_names import install_source_names
 
 logger = logging.getLogger("pave_plugins.mergekit")
 
@@ -246,6 +247,7 @@ pave_merge_method = PaveMerge()
 # attach the rank report to mergekit's output writer when (and only if) it is imported:
 # mergekit.io.tasks pulls in transformers, too heavy for `import mergekit.merge_methods`
 when_imported("mergekit.io.tasks", install_output_hooks)
+when_imported("mergekit.merge_methods.task_adapter", install_source_names)
 # check the recipe (covariance placement, unknown parameter names) when mergekit plans a merge
 when_imported("mergekit.plan", install_recipe_check)
 register_late(pave_merge_method)
