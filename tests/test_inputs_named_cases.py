@@ -213,3 +213,31 @@ def test_a_trainer_checkpoint_with_allow_pickle_reads_only_the_weights(env, tmp_
     got = load_file(str(out / "checkpoint-0" / "model.safetensors"))
     want = load_file(str(ref / env["fts"][0].name / "model.safetensors"))
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_bad_covariance_in_a_mergekit_yaml_run_is_one_line(env, tmp_path):  # noqa: F811
+    """mergekit-yaml: an error this package raises on a user's input is one line (no traceback)."""
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors import safe_open
+
+    tensors = load_file(str(env["covs"][1]))
+    with safe_open(str(env["covs"][1]), framework="pt") as f:
+        meta = f.metadata()
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    recipe = {"merge_method": "pave", "base_model": str(env["base"]), "dtype": "float32",
+              "models": [{"model": str(m), "parameters": {"weight": 1.0, "covariance": str(c)}}
+                         for m, c in zip(env["fts"], [env["covs"][0], bad])],
+              "parameters": {"inner": "task_arithmetic", "rho": 0.875}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    exe = Path(sys.executable).with_name("mergekit-yaml")
+    r = subprocess.run([str(exe), str(tmp_path / "r.yaml"), str(tmp_path / "out")], capture_output=True, text=True,
+                       timeout=300)
+    errors = [ln for ln in r.stderr.splitlines() if "ERROR" in ln]
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(errors) == 1 and str(bad) in errors[0] and "contains NaN or Inf" in errors[0], errors

@@ -74,11 +74,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, RuntimeError, HostMissingError) as exc:
-        if args.debug:
+    except Exception as exc:
+        if args.debug or not _anticipated(exc):
             raise
         logging.getLogger("pave").error("%s", cli_message(exc))
         return 2
+
+
+def _anticipated(exc: BaseException) -> bool:
+    """Errors a user's input or machine causes (a bad file, flag, disk full): one line. Anything else
+    (a ``TypeError``, a ``KeyError``) is a bug and keeps its traceback."""
+    return isinstance(exc, (ValueError, OSError, RuntimeError, HostMissingError)) or (
+        type(exc).__name__ == "SafetensorError")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,7 @@ import difflib
 import logging
 import os
 import sys
+import traceback
 from typing import Any, Iterator
 
 logger = logging.getLogger("pave_plugins.mergekit")
@@ -140,12 +141,28 @@ def install_recipe_check(plan: Any) -> bool:
     return True
 
 
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def anticipated(exc: BaseException, tb) -> bool:
+    """An error a user's input causes and this package raised on purpose: a bad recipe value, or a
+    ``ValueError`` / ``OSError`` (bad covariance, data, adapter, output) raised inside ``pave_plugins``.
+    Anything else (a ``TypeError``, an error inside mergekit) is a bug and keeps its traceback."""
+    if isinstance(exc, RecipeParameterError):
+        return True
+    if not isinstance(exc, (ValueError, OSError)):
+        return False
+    frames = traceback.extract_tb(tb)
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(_PACKAGE + os.sep)
+
+
 def _excepthook(previous):
-    """Print an uncaught :class:`RecipeParameterError` as one line; everything else as before."""
+    """Print an anticipated error of a mergekit run (:func:`anticipated`) as one line naming what is
+    at fault, unless ``PAVE_DEBUG=1``; everything else as before."""
 
     def hook(exc_type, exc, tb):
-        if isinstance(exc, RecipeParameterError):
-            logger.error("%s", exc)
+        if anticipated(exc, tb) and os.environ.get("PAVE_DEBUG", "") in ("", "0"):
+            logger.error("%s", str(exc).splitlines()[0] if str(exc) else exc_type.__name__)
             return
         previous(exc_type, exc, tb)
 
