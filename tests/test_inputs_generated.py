@@ -166,3 +166,61 @@ def test_every_pave_recipe_parameter_is_checked_at_planning(param, value):
     else:
         with pytest.raises(RecipeParameterError, match=rf"^pave recipe \(the recipe's global `parameters`\): {param}"):
             check_recipe(config, registry.get("pave"))
+
+
+# ------------------------------------------------------------------------------ data files
+WORDS = st.text(alphabet=st.sampled_from(list("abcdefghij ,\"'éü中\t")), min_size=1, max_size=12).filter(
+    lambda t: t.strip() and t == t.strip())
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(WORDS, min_size=1, max_size=6), fmt=st.sampled_from(["jsonl", "csv", "tsv", "txt"]),
+       encoding=st.sampled_from(["utf-8", "utf-8-sig", "latin-1", "utf-16"]), crlf=st.booleans(),
+       drop=st.one_of(st.none(), st.integers(0, 5)))
+def test_a_data_file_is_read_as_written_or_refused_naming_it(tmp_path, texts, fmt, encoding, crlf, drop):
+    """Whatever the encoding, byte-order mark, line ends or a row missing its field: the texts read
+    are exactly those written, or a DataError names the file and the line or row."""
+    import csv
+    import io
+
+    from pave_plugins.collect.data import DataError, load_texts
+
+    if fmt == "txt":
+        assume(all("\n" not in t and "\r" not in t for t in texts))
+        drop = None
+    if fmt in ("csv", "tsv"):
+        assume(all("\t" not in t for t in texts) if fmt == "tsv" else True)
+    drop = drop if drop is not None and drop < len(texts) else None
+    rows = [{"text": t, "label": i} if i != drop else {"label": i} for i, t in enumerate(texts)]
+    nl = "\r\n" if crlf else "\n"
+    if fmt == "jsonl":
+        body = nl.join(json.dumps(r, ensure_ascii=False) for r in rows) + nl
+    elif fmt == "txt":
+        body = nl.join(texts) + nl
+    else:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["text", "label"], delimiter="\t" if fmt == "tsv" else ",", lineterminator=nl)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)  # a dropped field is an empty cell in CSV
+        body = buf.getvalue()
+    path = tmp_path / f"d.{fmt}"
+    try:
+        path.write_bytes(body.encode(encoding))
+    except UnicodeEncodeError:
+        assume(False)
+    try:
+        got = load_texts(path, n_samples=None)
+    except DataError as exc:
+        msg = str(exc)
+        assert str(path) in msg and "\n" not in msg, msg
+        non_utf8 = encoding in ("latin-1", "utf-16") and body.encode(encoding) != body.encode("utf-8")
+        assert non_utf8 or (drop is not None and fmt == "jsonl"), msg
+        if drop is not None and fmt == "jsonl" and not non_utf8:
+            assert f"row {drop + 1} has no field 'text'" in msg, msg
+        return
+    assert not (encoding in ("latin-1", "utf-16") and body.encode(encoding) != body.encode("utf-8"))
+    want = [t for i, t in enumerate(texts) if i != drop or fmt in ("txt",)]
+    if fmt in ("csv", "tsv") and drop is not None:
+        want = [t for i, t in enumerate(texts) if i != drop]  # the empty cell: an empty text, skipped
+    assert got == want
