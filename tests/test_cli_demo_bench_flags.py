@@ -189,7 +189,7 @@ def test_bench_cli_smoke_run(tmp_path):
         (["bench", "--dare-sparsity", "0.9", "1"], "argument --dare-sparsity: must be in [0, 1), got 1"),
         (["bench", "--regmean-grid", "0.5", "1.5"], "argument --regmean-grid: must be in [0, 1], got 1.5"),
         (["bench", "--ta-grid", "inf"], "argument --ta-grid: must be a finite number, got inf"),
-        (["bench", "--seeds", "0", "-1"], "argument --seeds: must be a non-negative integer, got -1"),
+        (["bench", "--seeds", "0", "-1"], "argument --seeds: must be an integer in [0, 4294967295], got -1"),
         (["bench", "--batch-size", "0"], "argument --batch-size: must be a positive integer, got 0"),
         (["bench", "--cov-examples", "-5"], "argument --cov-examples: must be a positive integer, got -5"),
         (["bench", "--test-per-class", "0"], "argument --test-per-class: must be a positive integer, got 0"),
