@@ -241,3 +241,27 @@ def test_a_bad_covariance_in_a_mergekit_yaml_run_is_one_line(env, tmp_path):  # 
     errors = [ln for ln in r.stderr.splitlines() if "ERROR" in ln]
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert len(errors) == 1 and str(bad) in errors[0] and "contains NaN or Inf" in errors[0], errors
+
+
+def test_regmean_refuses_one_indefinite_covariance_that_the_sum_would_hide(env, tmp_path):  # noqa: F811
+    """RegMean factors the sum of the models' Gram matrices: one indefinite file summed with a
+    positive definite one can pass as a sum; each model's matrix is checked where it enters."""
+    from test_robustness_inputs import cov_variant
+
+    from pave_plugins.engine.regmean import RegMeanEngine, RegMeanSettings
+    from pave_plugins.io.covariance import CovarianceFile, CovarianceFileError
+
+    other = load_file(str(env["covs"][0]))
+
+    def indefinite(key, c):  # C_1 - 0.99 C_0: indefinite, yet C_0 + it = 0.01 C_0 + C_1 is definite
+        return c - 0.99 * other[key]
+
+    bad = cov_variant(env, tmp_path / "bad.safetensors", indefinite)
+    good = CovarianceFile(env["covs"][0])
+    name = next(n for n in good.layers if n.endswith("q_proj"))
+    total = good.get(name).double() + CovarianceFile(bad).get(name).double()
+    assert float(torch.linalg.eigvalsh(total)[0]) > 0  # the sum alone would pass
+    w = load_file(str(env["fts"][0] / "model.safetensors"))[f"{name}.weight"]
+    engine = RegMeanEngine(RegMeanSettings(), [good, CovarianceFile(bad)], ["a", "b"])
+    with pytest.raises(CovarianceFileError, match=rf"in {bad}: (is not positive semi-definite|has negative diagonal)"):
+        engine.step(f"{name}.weight", [w, w])

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from pave_plugins.core.purify import all_finite
+from pave_plugins.core.purify import validated_covariance
 from pave_plugins.core.regmean import (
     GRAM_WEIGHTINGS,
     NON_LINEAR_RULES,
@@ -122,8 +122,10 @@ class GramSum:
             where = f"covariance {k!r} (layer {name!r}) in {s.origin}"
             if g.shape != raw[0].shape:
                 raise CovarianceFileError(f"{where}: shape {tuple(g.shape)}, the other models have {tuple(raw[0].shape)}")
-            if not all_finite(g):
-                raise CovarianceFileError(f"{where}: contains NaN or Inf")
+            try:  # each model's matrix as a covariance must be: the sum can hide an indefinite one
+                validated_covariance(g, compute_dtype=g.dtype, semidefinite="fast", name=where)
+            except ValueError as exc:
+                raise CovarianceFileError(str(exc)) from None
         grams = regmean_grams(
             raw,
             ratio=self.settings.reduce_non_diagonal_ratio,
