@@ -385,14 +385,17 @@ def test_an_error_about_an_input_is_not_reported_as_a_write_failure(tmp_path):
 
 # ------------------------------------------------------------------------------- names
 @FAST
-@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c/d"]), st.sampled_from(["ft", "ft_1", "FT", "ft_2", "m"])),
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c/d"]),
+                          st.sampled_from(["ft", "ft_1", "FT", "ft_2", "m", "report.json", "Report.JSON"])),
                 min_size=1, max_size=8))
 def test_distinct_inputs_get_distinct_output_names(tmp_path, pairs):
+    reserved = ("report.json", MANIFEST)
     paths = [tmp_path / parent / name for parent, name in pairs]
-    names = distinct_names(paths)
-    assert len({n.casefold() for n in names}) == len(paths)
+    names = distinct_names(paths, reserved=reserved)
+    folded = [n.casefold() for n in names]
+    assert len(set(folded)) == len(paths) and not set(folded) & {r.casefold() for r in reserved}
     assert all(n == p.name or n.startswith(p.name + "_") for n, p in zip(names, paths))
-    # a name no other input has is kept as it is
+    # a name no other input has, and the command does not use, is kept as it is
     for n, p in zip(names, paths):
-        if [q.name.casefold() for q in paths].count(p.name.casefold()) == 1:
+        if [q.name.casefold() for q in paths].count(p.name.casefold()) == 1 and p.name.casefold() != "report.json":
             assert n == p.name

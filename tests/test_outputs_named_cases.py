@@ -148,3 +148,19 @@ def test_safetensors_outputs_get_the_umask(fam, tmp_path, capsys, caplog):  # no
         mode = p.stat().st_mode & 0o777
         assert mode == (0o755 if p.is_dir() else 0o644), (p, oct(mode))
     assert (out / MANIFEST).is_file()
+
+
+@pytest.mark.parametrize("where", ["inside a fine-tune", "the base", "around the models"])
+def test_a_mergekit_merge_into_an_input_is_refused_before_planning(fam, tmp_path, where):  # noqa: F811
+    """mergekit would write its shards into the folder: for pave / tsv / regmean merges an output
+    folder that is, holds or lies inside a model or covariance file of the recipe is refused."""
+    from test_safe_outputs import merge, pave_recipe
+
+    from pave_plugins.mergekit.recipe import RecipeParameterError
+
+    out = {"inside a fine-tune": fam["fts"][0] / "merged", "the base": fam["base"],
+           "around the models": fam["root"]}[where]
+    before = {str(p): snapshot(p) for p in (fam["base"], *fam["fts"], *fam["covs"])}
+    with pytest.raises(RecipeParameterError, match=r"output folder .* (is|contains|lies inside) the input"):
+        merge(pave_recipe(fam), out)
+    assert {str(p): snapshot(p) for p in (fam["base"], *fam["fts"], *fam["covs"])} == before

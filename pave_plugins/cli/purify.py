@@ -188,7 +188,7 @@ def _write_purified(out, inputs, base_ck, cks, sources, settings, record, dev, m
     labels = [str(Path(m)) for m in models]
     engine = PaveEngine(settings, sources, labels)
     report = RankReport()
-    out_names = distinct_names(models)
+    out_names = distinct_names(models, reserved=(REPORT_NAME, MANIFEST))
     report.outputs = dict(zip(out_names, labels))
     with output_folder(out, who=WHO, inputs=inputs, overwrite=overwrite) as tmp:
         writers = [ShardedWriter(tmp / n, max_shard_size=max_shard_size) for n in out_names]

@@ -132,14 +132,15 @@ def check_writable(path: str | os.PathLike) -> None:
         raise PermissionError(f"cannot write {path}: {anc} is not writable")
 
 
-def distinct_names(paths: Iterable[str | os.PathLike]) -> list[str]:
-    """One output name per input, distinct even on a case-insensitive file system: the input's own
-    folder name when no other input has it, else that name with the smallest free ``_k`` suffix."""
+def distinct_names(paths: Iterable[str | os.PathLike], reserved: Iterable[str] = ()) -> list[str]:
+    """One output name per input, distinct even on a case-insensitive file system and from the
+    ``reserved`` names (the command's own files): the input's own folder name when no other input
+    has it, else that name with the smallest free ``_k`` suffix."""
     bases = [resolve(p).name or "model" for p in paths]
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {r.casefold(): 2 for r in reserved}  # a reserved name always collides
     for b in bases:
         counts[b.casefold()] = counts.get(b.casefold(), 0) + 1
-    taken = {b.casefold() for b in bases if counts[b.casefold()] == 1}
+    taken = {r.casefold() for r in reserved} | {b.casefold() for b in bases if counts[b.casefold()] == 1}
     names = []
     for b in bases:
         name, k = b, 0

@@ -47,6 +47,28 @@ def check_recipe(config: Any, method: Any = None) -> None:
         _check_rho_gamma(config)
 
 
+def check_output_apart(config: Any, out_path: Any) -> None:
+    """The merge's output folder is not, does not contain and is not inside a model folder or a
+    covariance file of the recipe (mergekit would write its shards there)."""
+    from pave_plugins.io.output import check_apart
+
+    def local(model: Any) -> str | None:  # a ModelReference's folder, when it is one on this disk
+        path = getattr(getattr(model, "model", None), "path", None)
+        return path if isinstance(path, str) and os.path.exists(os.path.expanduser(path)) else None
+
+    models, covs = [], []
+    for _, model, params in _parameter_blocks(config):
+        if model is not None:
+            models.append(local(model))
+        if isinstance(params.get("covariance"), str):
+            covs.append(os.path.expanduser(params["covariance"]))
+    models.append(local(getattr(config, "base_model", None)))
+    try:
+        check_apart(out_path, {"model": models, "covariance": covs}, out_flag="output folder")
+    except OSError as exc:
+        raise RecipeParameterError(f"{config.merge_method} recipe: {exc}") from None
+
+
 def _check_rho_gamma(config: Any) -> None:
     """``gamma`` against ``rho`` (each alone passed its own check), with rho's one-line message."""
     from pave_plugins.core.rank_allocation import check_rho_gamma
@@ -133,8 +155,17 @@ def install_recipe_check(plan: Any) -> bool:
         check_recipe(config, method)
         original(self, config, *args, **kwargs)
 
+    original_plan = planner.plan_to_disk
+
+    def plan_to_disk(self, out_path, *args, **kwargs):
+        if self.config.merge_method in ("pave", "tsv", "regmean"):
+            check_output_apart(self.config, out_path)
+        return original_plan(self, out_path, *args, **kwargs)
+
     __init__.__wrapped__ = original  # type: ignore[attr-defined]
+    plan_to_disk.__wrapped__ = original_plan  # type: ignore[attr-defined]
     planner.__init__ = __init__
+    planner.plan_to_disk = plan_to_disk
     planner._pave_recipe_check = True
     if not getattr(sys.excepthook, "_pave_recipe_hook", False):
         sys.excepthook = _excepthook(sys.excepthook)
