@@ -224,3 +224,31 @@ def test_a_data_file_is_read_as_written_or_refused_naming_it(tmp_path, texts, fm
     if fmt in ("csv", "tsv") and drop is not None:
         want = [t for i, t in enumerate(texts) if i != drop]  # the empty cell: an empty text, skipped
     assert got == want
+
+
+FLOAT_PARAMS = {"pave": [("model", "weight"), ("model", "density"), ("global", "lambda"), ("global", "alpha")],
+                "tsv": [("global", "alpha")], "regmean": [("global", "lambda")]}
+
+
+@settings(deadline=None)
+@given(method=st.sampled_from(sorted(FLOAT_PARAMS)), data=st.data(),
+       value=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.integers(-5, 5)))
+def test_every_number_of_our_mergekit_methods_is_finite_at_planning(method, data, value):
+    """``.nan`` or ``.inf`` anywhere a recipe of pave / tsv / regmean takes a number merges into NaN
+    weights: refused at planning, naming the parameter; finite numbers pass the check."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge_methods import registry
+
+    from pave_plugins.mergekit.recipe import RecipeParameterError, check_recipe
+
+    where, param = data.draw(st.sampled_from(FLOAT_PARAMS[method]))
+    models = [{"model": m, "parameters": {}} for m in ("a", "b")]
+    recipe = {"merge_method": method, "base_model": "base", "dtype": "float32", "models": models, "parameters": {}}
+    (models[0]["parameters"] if where == "model" else recipe["parameters"])[param] = value
+    config = MergeConfiguration.model_validate(recipe)
+    ok = not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        check_recipe(config, registry.get(method))
+    else:
+        with pytest.raises(RecipeParameterError, match=rf"^{method} recipe \(.*\): {param}: must be a"):
+            check_recipe(config, registry.get(method))

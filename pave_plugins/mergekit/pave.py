@@ -47,6 +47,7 @@ from .covariances import CovarianceStore, check_covariance_path
 from .recipe import install_recipe_check
 from .report import current_report, install_output_hooks
 from .source_names import install_source_names
+from .types import OptionalFiniteFloat
 
 logger = logging.getLogger("pave_plugins.mergekit")
 
@@ -124,15 +125,15 @@ class PaveMerge(GroupMergeMethod):
         reference_url=PAVE_URL,
         contract=InputContract(base=BasePolicy.REQUIRED),
         parameters=(
-            ParameterSpec("weight", Optional[float], ParameterScope.NON_BASE, default=None),
+            ParameterSpec("weight", OptionalFiniteFloat, ParameterScope.NON_BASE, default=None),
             ParameterSpec(
                 "covariance",
                 Annotated[Optional[str], AfterValidator(check_covariance_path)],
                 ParameterScope.NON_BASE,
                 default=None,
             ),
-            ParameterSpec("density", Optional[float], ParameterScope.NON_BASE, default=None),
-            ParameterSpec("epsilon", Optional[float], ParameterScope.NON_BASE, default=None),
+            ParameterSpec("density", OptionalFiniteFloat, ParameterScope.NON_BASE, default=None),
+            ParameterSpec("epsilon", OptionalFiniteFloat, ParameterScope.NON_BASE, default=None),
             ParameterSpec(
                 "inner", Annotated[str, AfterValidator(_check_inner)], ParameterScope.SHARED, default="task_arithmetic"
             ),
@@ -145,13 +146,13 @@ class PaveMerge(GroupMergeMethod):
             ParameterSpec("rank_allocation", Literal["spectral", "uniform"], ParameterScope.SHARED, default="spectral"),
             ParameterSpec("target", Literal["weight", "delta"], ParameterScope.SHARED, default="weight"),
             ParameterSpec("compute_dtype", Literal["float64", "float32"], ParameterScope.SHARED, default="float64"),
-            ParameterSpec("lambda", Optional[float], ParameterScope.SHARED, default=None),
+            ParameterSpec("lambda", OptionalFiniteFloat, ParameterScope.SHARED, default=None),
             ParameterSpec("normalize", Optional[bool], ParameterScope.SHARED, default=None),
             ParameterSpec("rescale", Optional[bool], ParameterScope.SHARED, default=None),
             ParameterSpec("int8_mask", Optional[bool], ParameterScope.SHARED, default=None),
-            ParameterSpec("alpha", Optional[float], ParameterScope.SHARED, default=None),
+            ParameterSpec("alpha", OptionalFiniteFloat, ParameterScope.SHARED, default=None),
             # for inner: regmean (unset: RegMean's defaults)
-            ParameterSpec("reduce_non_diagonal_ratio", Optional[float], ParameterScope.SHARED, default=None),
+            ParameterSpec("reduce_non_diagonal_ratio", OptionalFiniteFloat, ParameterScope.SHARED, default=None),
             ParameterSpec("gram_weighting", Optional[Literal["sum", "mean"]], ParameterScope.SHARED, default=None),
             ParameterSpec(
                 "non_linear", Optional[Literal["mean", "task_arithmetic"]], ParameterScope.SHARED, default=None

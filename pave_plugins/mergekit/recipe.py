@@ -28,9 +28,13 @@ class RecipeParameterError(ValueError):
     """A ``pave`` or ``tsv`` parameter of a mergekit recipe has a value or place the method does not accept."""
 
 
+#: the mergekit methods of this package: their recipes are checked at planning
+OUR_METHODS = ("pave", "tsv", "regmean")
+
+
 def check_recipe(config: Any, method: Any = None) -> None:
-    """Check a ``MergeConfiguration`` of a ``pave`` or ``tsv`` merge (other methods: nothing)."""
-    if config.merge_method not in ("pave", "tsv"):
+    """Check a ``MergeConfiguration`` of a ``pave``, ``tsv`` or ``regmean`` merge (other methods: nothing)."""
+    if config.merge_method not in OUR_METHODS:
         return
     for where, model, params in _parameter_blocks(config):
         try:
@@ -151,14 +155,14 @@ def install_recipe_check(plan: Any) -> bool:
     def __init__(self, config, *args, **kwargs):
         from mergekit.merge_methods import registry
 
-        method = registry.get(config.merge_method) if config.merge_method in ("pave", "tsv") else None
+        method = registry.get(config.merge_method) if config.merge_method in OUR_METHODS else None
         check_recipe(config, method)
         original(self, config, *args, **kwargs)
 
     original_plan = planner.plan_to_disk
 
     def plan_to_disk(self, out_path, *args, **kwargs):
-        if self.config.merge_method in ("pave", "tsv", "regmean"):
+        if self.config.merge_method in OUR_METHODS:
             check_output_apart(self.config, out_path)
         return original_plan(self, out_path, *args, **kwargs)
 

@@ -42,6 +42,7 @@ from pave_plugins.engine.regmean import REGMEAN_URL, RegMeanEngine, RegMeanSetti
 
 from .covariances import CovarianceStore, check_covariance_path
 from .report import current_report, install_output_hooks
+from .types import FiniteFloat
 
 logger = logging.getLogger("pave_plugins.mergekit")
 
@@ -69,7 +70,7 @@ class RegMeanMerge(GroupMergeMethod):
             ),
             ParameterSpec("gram_weighting", Literal["sum", "mean"], ParameterScope.SHARED, default="sum"),
             ParameterSpec("non_linear", Literal["mean", "task_arithmetic"], ParameterScope.SHARED, default="mean"),
-            ParameterSpec("lambda", float, ParameterScope.SHARED, default=1.0),
+            ParameterSpec("lambda", FiniteFloat, ParameterScope.SHARED, default=1.0),
             ParameterSpec("compute_dtype", Literal["float64", "float32"], ParameterScope.SHARED, default="float64"),
         ),
     )

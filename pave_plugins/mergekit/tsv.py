@@ -23,6 +23,8 @@ from mergekit.merge_methods.easy_define import merge_method
 from pave_plugins._mergekit_bootstrap import register_late
 from pave_plugins.core import mean_task_vector, tsv_merge
 
+from .types import FiniteFloat
+
 TSV_URL = "https://arxiv.org/abs/2412.00081"
 
 
@@ -32,7 +34,7 @@ TSV_URL = "https://arxiv.org/abs/2412.00081"
     reference_url=TSV_URL,
     contract=InputContract(base=BasePolicy.REQUIRED),
 )
-def tsv_merge_method(group: TensorGroup, alpha: float = 1.0, exclude: bool = False) -> torch.Tensor:
+def tsv_merge_method(group: TensorGroup, alpha: FiniteFloat = 1.0, exclude: bool = False) -> torch.Tensor:
     base = group.base.tensor  # type: ignore[union-attr]
     if not group.non_base:
         return base
