@@ -114,3 +114,31 @@ def test_cli_pave_emr_saves_one_model_per_task(llamas, tmp_path):
         assert (tmp_path / "emr" / n / "config.json").is_file()
     card = (tmp_path / "emr" / "README.md").read_text()
     assert "EMRMerging" in card and "arxiv.org/abs/2510.14697" in card
+
+
+@pytest.mark.parametrize("bad", ["unknown covariance key", "corrupt covariance", "report onto a model"])
+def test_cli_bad_input_is_one_line_without_traceback(llamas, tmp_path, bad):
+    """A bad input of a pave/* algorithm: the fusion_bench CLI fails with the one-line message
+    (FusionBench's log line and Hydra's), no traceback; the same run from Python raises the
+    package's own exception type."""
+    paths, covs = llamas
+    covs = dict(covs)
+    extra = []
+    if bad == "unknown covariance key":
+        covs["task_z"] = covs[NAMES[0]]
+        needle = "method.covariances names ['task_z'], which the model pool does not have"
+    elif bad == "corrupt covariance":
+        broken = tmp_path / "broken.safetensors"
+        broken.write_bytes(Path(covs[NAMES[1]]).read_bytes()[:100])
+        covs[NAMES[1]] = str(broken)
+        needle = f"{broken}: cannot read covariance file"
+    else:
+        extra = [f"+method.report_path={paths[NAMES[0]]}/config.json"]
+        needle = "lies inside the input modelpool.models"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    args = ["method=pave/pave_ta", f"method.covariances={hydra_dict(covs)}", "modelpool=pave/causal_lm_local",
+            f"modelpool.models={hydra_dict(paths)}", "~taskpool", *extra]
+    proc = subprocess.run([FUSION_BENCH, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out, out[-3000:]
+    assert any(needle in line for line in out.splitlines()), out[-3000:]

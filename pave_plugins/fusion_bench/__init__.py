@@ -16,8 +16,11 @@ from pave_plugins.hosts import require_host
 
 require_host("fusion_bench", "pave_plugins.fusion_bench")
 
+from .boundary import install_log_filter  # noqa: E402
 from .pave import PAVEAlgorithm, PAVEConfigError  # noqa: E402
 from .regmean import RegMeanAlgorithm, RegMeanConfigError  # noqa: E402
 from .tsv import TSVCompression, TSVMerging  # noqa: E402
+
+install_log_filter()
 
 __all__ = ["PAVEAlgorithm", "PAVEConfigError", "RegMeanAlgorithm", "RegMeanConfigError", "TSVCompression", "TSVMerging"]

@@ -42,6 +42,7 @@ from pave_plugins.engine import DEFAULT_RHO, PaveEngine, PaveSettings, purified_
 from pave_plugins.io.output import check_apart, output_file
 from pave_plugins.io.sources import CovarianceSource, PreparedCache
 
+from .boundary import one_line_errors
 from .common import (
     PAVE_PAPER,
     TSV_PAPER,
@@ -159,6 +160,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         self.last_report: dict | None = None
 
     # ------------------------------------------------------------------ run
+    @one_line_errors
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | dict[str, nn.Module]):
         modelpool = checked_pool(modelpool, "PAVE", PAVEConfigError)

@@ -29,6 +29,7 @@ from pave_plugins.engine.regmean import RegMeanEngine, RegMeanSettings
 from pave_plugins.engine.report import RegMeanReport
 from pave_plugins.io.sources import CovarianceSource
 
+from .boundary import one_line_errors
 from .common import (
     REGMEAN_PAPER,
     algorithm_log_dir,
@@ -99,6 +100,7 @@ class RegMeanAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
         self.covariance_sources: dict[str, CovarianceSource] | None = None  # set by pave/pave
         self.last_report: dict | None = None
 
+    @one_line_errors
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | dict[str, nn.Module]):
         modelpool = checked_pool(modelpool, "RegMean", RegMeanConfigError)

@@ -33,6 +33,7 @@ from pave_plugins.rethink.losses import NEEDS_LABELS, batch_loss
 from pave_plugins.rethink.output import save_lambdas
 from pave_plugins.rethink.progress import tqdm_bar
 
+from .boundary import one_line_errors
 from .common import (
     SPLITS,
     algorithm_log_dir,
@@ -124,6 +125,7 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
         self.last_report: dict | None = None
 
     # ------------------------------------------------------------------ run
+    @one_line_errors
     def run(self, modelpool: BaseModelPool | dict[str, nn.Module]):
         modelpool = checked_pool(modelpool, "rethink", RethinkConfigError, need_models=False)
         self._run_inputs = pool_inputs(modelpool)

@@ -36,6 +36,7 @@ from pave_plugins.core.tsv import (
     tsv_merge,
 )
 
+from .boundary import one_line_errors
 from .common import (
     TSV_PAPER,
     check_run_outputs,
@@ -96,6 +97,7 @@ class TSVMerging(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     ):
         super().__init__(**kwargs)
 
+    @one_line_errors
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | dict[str, nn.Module]) -> nn.Module:
         modelpool = checked_pool(modelpool, "TSV-M")
@@ -232,6 +234,7 @@ class TSVCompression(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     ):
         super().__init__(**kwargs)
 
+    @one_line_errors
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | dict[str, nn.Module]) -> dict[str, nn.Module]:
         from copy import deepcopy

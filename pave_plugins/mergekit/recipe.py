@@ -16,7 +16,6 @@ import difflib
 import logging
 import os
 import sys
-import traceback
 from typing import Any, Iterator
 
 logger = logging.getLogger("pave_plugins.mergekit")
@@ -176,19 +175,11 @@ def install_recipe_check(plan: Any) -> bool:
     return True
 
 
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def anticipated(exc: BaseException, tb=None) -> bool:
+    """A bad recipe value, or an error this package raised about an input (:mod:`pave_plugins.errors`)."""
+    from pave_plugins.errors import anticipated as raised_on_input
 
-
-def anticipated(exc: BaseException, tb) -> bool:
-    """An error a user's input causes and this package raised on purpose: a bad recipe value, or a
-    ``ValueError`` / ``OSError`` (bad covariance, data, adapter, output) raised inside ``pave_plugins``.
-    Anything else (a ``TypeError``, an error inside mergekit) is a bug and keeps its traceback."""
-    if isinstance(exc, RecipeParameterError):
-        return True
-    if not isinstance(exc, (ValueError, OSError)):
-        return False
-    frames = traceback.extract_tb(tb)
-    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(_PACKAGE + os.sep)
+    return isinstance(exc, RecipeParameterError) or raised_on_input(exc)
 
 
 def _excepthook(previous):
@@ -196,8 +187,10 @@ def _excepthook(previous):
     at fault, unless ``PAVE_DEBUG=1``; everything else as before."""
 
     def hook(exc_type, exc, tb):
-        if anticipated(exc, tb) and os.environ.get("PAVE_DEBUG", "") in ("", "0"):
-            logger.error("%s", str(exc).splitlines()[0] if str(exc) else exc_type.__name__)
+        from pave_plugins.errors import debugging, first_line
+
+        if anticipated(exc) and not debugging():
+            logger.error("%s", first_line(exc))
             return
         previous(exc_type, exc, tb)
 
