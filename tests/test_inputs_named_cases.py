@@ -265,3 +265,42 @@ def test_regmean_refuses_one_indefinite_covariance_that_the_sum_would_hide(env, 
     engine = RegMeanEngine(RegMeanSettings(), [good, CovarianceFile(bad)], ["a", "b"])
     with pytest.raises(CovarianceFileError, match=rf"in {bad}: (is not positive semi-definite|has negative diagonal)"):
         engine.step(f"{name}.weight", [w, w])
+
+
+@pytest.fixture(scope="module")
+def nan_norm(env, tmp_path_factory):  # noqa: F811
+    """A copy of fine-tune 1 whose first LayerNorm weight holds a NaN (PAVE does not purify norms)."""
+    d = tmp_path_factory.mktemp("nan") / "ft_nan"
+    shutil.copytree(env["fts"][1], d)
+    t = load_file(str(d / "model.safetensors"))
+    key = "model.layers.0.input_layernorm.weight"
+    t[key][0] = float("nan")
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d, key
+
+
+@pytest.mark.parametrize("face", ["pave purify", "fusion_bench pave/pave", "fusion_bench pave/tsv_m", "mergekit tsv"])
+def test_a_non_finite_fine_tune_is_refused_by_every_face(env, nan_norm, tmp_path, face):  # noqa: F811
+    d, key = nan_norm
+    if face == "pave purify":
+        code, errors, text = run_pave(purify_argv(env, tmp_path / "out", models=[env["fts"][0], d]))
+        one_error(code, errors, text, f"{key}: the weight of {d} contains NaN or Inf")
+        return
+    if face == "mergekit tsv":
+        from test_safe_outputs import merge
+
+        recipe = {"merge_method": "tsv", "base_model": str(env["base"]), "dtype": "float32",
+                  "models": [{"model": str(m)} for m in (env["fts"][0], d)]}
+        with pytest.raises(ValueError, match=rf"{key}: the weight of .*ft_nan.* contains NaN or Inf"):
+            merge(recipe, tmp_path / "out")
+        return
+    from fusion_bench.modelpool import CausalLMPool
+
+    from pave_plugins.fusion_bench import PAVEAlgorithm, TSVMerging
+
+    pool = CausalLMPool(models={"_pretrained_": str(env["base"]), "a": str(env["fts"][0]), "b": str(d)},
+                        tokenizer=None)
+    algo = (PAVEAlgorithm(covariances={"a": str(env["covs"][0]), "b": str(env["covs"][1])})
+            if face.endswith("pave") else TSVMerging())
+    with pytest.raises(ValueError, match=rf"^{key}: the weight of b contains NaN or Inf$"):
+        algo.run(pool)

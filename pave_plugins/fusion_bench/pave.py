@@ -288,6 +288,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         """The engine's per-layer step on every ``nn.Linear`` of the pool, weights purified in place."""
         engine = PaveEngine(self._settings, [sources[n] for n in names], names, cache=PreparedCache(),
                             device=self.fabric.device)
+        self._check_finite(engine, base, working, names)
         base_modules = dict(base.named_modules())
         work_modules = {n: dict(working[n].named_modules()) for n in names}
         layers = [name for name, m in base.named_modules() if isinstance(m, nn.Linear)]
@@ -328,6 +329,15 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             log.info("PAVE: %d layers without covariance keep their plain task vectors: %s", len(skipped), skipped[:8])
         self._skipped = skipped
         return report
+
+    @staticmethod
+    def _check_finite(engine: PaveEngine, base, working, names) -> None:
+        """Every floating tensor of every model is finite (norms and embeddings too, which PAVE does not
+        purify): the engine's one-line error otherwise, as ``pave purify`` and mergekit give."""
+        sds = [working[n].state_dict() for n in names]
+        for key, w_base in base.state_dict().items():
+            if w_base.is_floating_point() and all(key in sd for sd in sds):
+                engine.check_finite(key, w_base, [sd[key] for sd in sds])
 
     @staticmethod
     def _layer_entry(step, names, keys) -> dict:

@@ -35,6 +35,7 @@ from pave_plugins.core.tsv import (
     top_singular_triplets,
     tsv_merge,
 )
+from pave_plugins.engine.step import check_finite_weights
 
 from .boundary import one_line_errors
 from .common import (
@@ -136,6 +137,7 @@ class TSVMerging(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
                 for i, sd in enumerate(ft_sds):
                     if key not in sd:
                         raise ValueError(f"model {names[i]!r} has no parameter {key!r}")
+                    check_finite_weights(key, base if i == 0 else None, [sd[key]], [names[i]])
                     tv = sd[key].to(device) - b
                     if alpha_list is not None:
                         tv = tv * alpha_list[i]
@@ -165,6 +167,7 @@ class TSVMerging(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
                         continue
                     if key not in sd:
                         raise ValueError(f"model {name!r} has no parameter {key!r}")
+                    check_finite_weights(key, base if i == 0 else None, [sd[key]], [name])
                     tv = sd[key].to(device) - base.to(device)
                     if alpha_list is not None:
                         tv = tv * alpha_list[i]

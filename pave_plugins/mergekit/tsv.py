@@ -22,6 +22,7 @@ from mergekit.merge_methods.easy_define import merge_method
 
 from pave_plugins._mergekit_bootstrap import register_late
 from pave_plugins.core import mean_task_vector, tsv_merge
+from pave_plugins.engine.step import check_finite_weights
 
 from .types import FiniteFloat
 
@@ -38,6 +39,9 @@ def tsv_merge_method(group: TensorGroup, alpha: FiniteFloat = 1.0, exclude: bool
     base = group.base.tensor  # type: ignore[union-attr]
     if not group.non_base:
         return base
+    # never merge NaN or Inf (the same one-line error as pave's)
+    check_finite_weights(group.metadata.name or "tensor", base, [e.tensor for e in group.non_base],
+                         [str(e.id) for e in group.non_base])
     work = torch.promote_types(base.dtype, torch.float32)
     base_w = base.to(work)
     task_vectors = [e.tensor.to(work) - base_w for e in group.non_base]
