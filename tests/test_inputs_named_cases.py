@@ -22,8 +22,8 @@ def one_error(code: int, errors: list[str], text: str, *needles: str) -> str:
     return errors[0]
 
 
-def collect_argv(env, out: Path, *extra, data=None) -> list:  # noqa: F811
-    return ["collect", "--model", env["cdir"], "--data", data or env["data"], "--no-progress", "--device", "cpu",
+def collect_argv(env, out: Path, *extra, data=None, model=None) -> list:  # noqa: F811
+    return ["collect", "--model", model or env["cdir"], "--data", data or env["data"], "--no-progress", "--device", "cpu",
             "-o", out, *extra]
 
 
@@ -304,3 +304,15 @@ def test_a_non_finite_fine_tune_is_refused_by_every_face(env, nan_norm, tmp_path
             if face.endswith("pave") else TSVMerging())
     with pytest.raises(ValueError, match=rf"^{key}: the weight of b contains NaN or Inf$"):
         algo.run(pool)
+
+
+def test_a_covariance_folder_or_a_broken_config_is_named_for_what_it_is(env, tmp_path):  # noqa: F811
+    folder = tmp_path / "covs"
+    folder.mkdir()
+    code, errors, text = run_pave(purify_argv(env, tmp_path / "out", covs=[env["covs"][0], folder]))
+    one_error(code, errors, text, f"{folder} is a folder, not a covariance file")
+    broken = tmp_path / "model"
+    shutil.copytree(env["cdir"], broken)
+    (broken / "config.json").write_text("{")
+    code, errors, text = run_pave(collect_argv(env, tmp_path / "c.safetensors", model=broken))
+    one_error(code, errors, text, f"{broken / 'config.json'}: not valid JSON")

@@ -120,6 +120,8 @@ def purify_checkpoints(
     )
     check_output(out, who=WHO, inputs=_inputs(base, models, covariances), overwrite=overwrite)  # before any work
     for c in covariances:
+        if Path(c).is_dir():
+            raise FileNotFoundError(f"{c} is a folder, not a covariance file: give the file of pave collect for this model")
         if not Path(c).is_file():
             raise FileNotFoundError(f"covariance file not found: {c}")
     dev = torch.device(device)

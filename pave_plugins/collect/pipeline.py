@@ -161,6 +161,9 @@ def collect_to_file(
         rank, world = dist_info()
         if not Path(model_path).exists():
             raise FileNotFoundError(f"model directory not found: {model_path}")
+        from pave_plugins.io.checkpoints import check_model_config
+
+        check_model_config(model_path)
         tokenizer = _tokenizer(tokenizer_path or model_path)
         model = load_model(model_path, adapter=adapter, device=dev, device_map=device_map, dtype=model_dtype,
                            allow_pickle=allow_pickle)

@@ -180,6 +180,9 @@ class CovarianceFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise CovarianceFileError(f"{self.path} is a folder, not a covariance file: give the file of pave collect "
+                                      "for this model")
         if not self.path.is_file():
             raise CovarianceFileError(f"covariance file not found: {self.path}")
         try:
