@@ -96,7 +96,15 @@ def _read_file(path: Path, split: str | None) -> Any:
         import datasets
 
         builder = "parquet" if suffix == ".parquet" else "arrow"
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        quiet = logging.getLogger("datasets")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # its own ERROR line would repeat ours without the file's name
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as exc:  # ArrowInvalid, DatasetGenerationError, OSError: a file that is not one
+            raise DataError(f"{path}: cannot read it as a {builder} file ({str(exc).splitlines()[0]})") from None
+        finally:
+            quiet.setLevel(level)
     raise DataError(f"{path}: unsupported data file type {suffix!r} (use {sorted(TEXT_SUFFIXES)})")
 
 
@@ -157,6 +165,8 @@ def load_table(path: str | Path, *, split: str | None = None) -> Any:
             part = _read_file(f, None)
             rows.extend(part if isinstance(part, list) else [part[i] for i in range(len(part))])
         return rows
+    if split is not None and path.suffix.lower() != ".json":
+        log.warning("%s is a single file without splits: --split %s ignored", path, split)
     return _read_file(path, split)
 
 
