@@ -8,11 +8,12 @@ folder, the file or the module at fault.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
+
+from .strict_json import read_object
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -29,11 +30,9 @@ def read_adapter_config(path: str | os.PathLike, *, lora_only: bool = False) -> 
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{path} is not a PEFT adapter folder (it has no {CONFIG_NAME})")
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{cfg_path}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+        cfg = read_object(cfg_path)
+    except ValueError as exc:
+        raise AdapterError(str(exc)) from None
     kind = str(cfg.get("peft_type", "LORA")).upper()
     if lora_only and kind != "LORA":
         raise AdapterError(f"{path}: only LoRA adapters are supported, got peft_type={cfg.get('peft_type')}")

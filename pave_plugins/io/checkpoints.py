@@ -82,15 +82,11 @@ def refuse_pickle(folder: str | os.PathLike, *, allow_pickle: bool = False, opti
 def check_model_config(folder: str | os.PathLike) -> None:
     """A model folder's ``config.json`` is a JSON object (else a ``ValueError`` naming the file, before
     a tokenizer or model loader reports it as something else)."""
+    from .strict_json import read_object
+
     config = Path(folder) / "config.json"
-    if not config.is_file():
-        return
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{config}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{config}: expected a JSON object, got {type(data).__name__}")
+    if config.is_file():
+        read_object(config)
 
 
 def load_pretrained(cls: Any, folder: str | os.PathLike, *, allow_pickle: bool = False, **kwargs: Any) -> Any:

@@ -438,6 +438,21 @@ def _make_parent(target: Path, shown: str) -> None:
         raise PermissionError(f"cannot write {shown}: its folder {target.parent} cannot be created ({exc})") from exc
 
 
+@contextlib.contextmanager
+def _staged(target: Path, stage: Path, old: Path, *, shown: str, flag: str) -> Iterator[None]:
+    """Around a transaction's work: an error that means the output cannot be written becomes
+    :class:`OutputWriteError`; the staging siblings are removed whatever happens."""
+    try:
+        yield
+    except BaseException as exc:
+        failure = _write_failure(exc, target, stage, shown, flag)
+        if failure is not None:
+            raise failure from exc
+        raise
+    finally:
+        _release(stage, old)
+
+
 # ------------------------------------------------------------------- the transactions
 @contextlib.contextmanager
 def output_folder(path: str | os.PathLike, *, who: str, inputs: Inputs | None = None, overwrite: bool = False,
@@ -449,28 +464,20 @@ def output_folder(path: str | os.PathLike, *, who: str, inputs: Inputs | None = 
     existed = os.path.lexists(target)
     _make_parent(target, shown)
     stage, old = _stage_paths(target)
-    try:
+    with _staged(target, stage, old, shown=shown, flag=flag):  # after an exchange the stage holds the old output
+        stage.mkdir()
+        yield stage
+        _step("built")
+        apply_umask(stage)
+        _write_record(stage, who)
+        _step("sealed")
         try:
-            stage.mkdir()
-            yield stage
-            _step("built")
-            apply_umask(stage)
-            _write_record(stage, who)
-            _step("sealed")
-            try:
-                _check_target(target, shown, who, overwrite, flag, folder=True)
-            except FileExistsError:
-                if not existed:
-                    raise _appeared(shown) from None
-                raise
-            _swap_folder(stage, target, old, shown)
-        except BaseException as exc:
-            failure = _write_failure(exc, target, stage, shown, flag)
-            if failure is not None:
-                raise failure from exc
+            _check_target(target, shown, who, overwrite, flag, folder=True)
+        except FileExistsError:
+            if not existed:
+                raise _appeared(shown) from None
             raise
-    finally:
-        _release(stage, old)  # after an exchange the stage holds the old output
+        _swap_folder(stage, target, old, shown)
     _step("done")
 
 
@@ -484,23 +491,15 @@ def output_file(path: str | os.PathLike, *, who: str, inputs: Inputs | None = No
     target = check_output(path, who=who, inputs=inputs, overwrite=overwrite, flag=flag, folder=False,
                           replaceable=replaceable)
     _make_parent(target, shown)
-    stage, _ = _stage_paths(target)
-    try:
-        try:
-            yield stage
-            _step("built")
-            if not stage.is_file():
-                raise RuntimeError(f"{who}: nothing was written for {shown}")
-            apply_umask(stage)
-            _step("sealed")
-            _publish_file(stage, target, overwrite, shown)
-        except BaseException as exc:
-            failure = _write_failure(exc, target, stage, shown, flag)
-            if failure is not None:
-                raise failure from exc
-            raise
-    finally:
-        _release(stage)
+    stage, old = _stage_paths(target)
+    with _staged(target, stage, old, shown=shown, flag=flag):
+        yield stage
+        _step("built")
+        if not stage.is_file():
+            raise RuntimeError(f"{who}: nothing was written for {shown}")
+        apply_umask(stage)
+        _step("sealed")
+        _publish_file(stage, target, overwrite, shown)
     _step("done")
 
 

@@ -26,6 +26,19 @@ def _plain(obj: Any, default: Callable[[Any], Any]) -> Any:
     return _plain(default(obj), default)
 
 
+def read_object(path: str | os.PathLike) -> dict:
+    """A JSON file that must hold an object (a config): else a ``ValueError`` naming the file."""
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def dumps(obj: Any, *, indent: int | None = 1, default: Callable[[Any], Any] = str, **kwargs: Any) -> str:
     """``json.dumps`` that writes non-finite numbers as ``null`` and never emits ``NaN``/``Infinity``;
     objects JSON does not know go through ``default`` first (then the same rules)."""
