@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 from independent_reference import purified_weights
-from mergekit_helpers import build_family, load_tensors, write_covariances
-from test_safe_outputs import merge
+from mergekit_helpers import load_tensors
+from test_safe_outputs import fam, merge  # noqa: F401  (fam: a fixture)
 
 from pave_plugins.io.covariance import CovarianceFile
 
@@ -17,30 +17,22 @@ RHO = 0.75
 LAYER = "self_attn.q_proj.weight"
 
 
-@pytest.fixture(scope="module")
-def fam(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slices")
-    base, fts = build_family("llama", root, n_models=2)
-    covs = [write_covariances(d, root / f"cov{i}.safetensors", seed=20 + i) for i, d in enumerate(fts)]
-    return {"root": root, "base": base, "fts": fts, "covs": covs}
-
-
-def _recipe(fam, layer_range):
-    sources = [{"model": str(fam["base"]), "layer_range": layer_range}]
-    for ft, c in zip(fam["fts"], fam["covs"]):
+def _recipe(family, layer_range):
+    sources = [{"model": str(family["base"]), "layer_range": layer_range}]
+    for ft, c in zip(family["fts"], family["covs"]):
         sources.append({"model": str(ft), "layer_range": layer_range,
                         "parameters": {"covariance": str(c), "weight": 1.0}})
-    return {"merge_method": "pave", "base_model": str(fam["base"]), "slices": [{"sources": sources}],
+    return {"merge_method": "pave", "base_model": str(family["base"]), "slices": [{"sources": sources}],
             "parameters": {"inner": "task_arithmetic", "rho": RHO, "lambda": 1.0}, "dtype": "float32"}
 
 
-def _expected(fam, source_layer: int) -> torch.Tensor:
+def _expected(family, source_layer: int) -> torch.Tensor:
     """Task arithmetic of the PAVE-purified fine-tunes of ``source_layer``, from the paper."""
-    return _expected_with(fam, weights_layer=source_layer, covariance_layer=source_layer)
+    return _expected_with(family, weights_layer=source_layer, covariance_layer=source_layer)
 
 
 @pytest.mark.parametrize("source_layer", [0, 1])
-def test_a_slice_is_purified_with_its_source_layers_covariance(fam, tmp_path, source_layer):
+def test_a_slice_is_purified_with_its_source_layers_covariance(fam, tmp_path, source_layer):  # noqa: F811
     out = tmp_path / "merged"
     merge(_recipe(fam, [source_layer, source_layer + 1]), out)
     got = load_tensors(out)[f"model.layers.0.{LAYER}"].double()
@@ -50,10 +42,10 @@ def test_a_slice_is_purified_with_its_source_layers_covariance(fam, tmp_path, so
         assert not torch.allclose(got, _expected_with(fam, weights_layer=1, covariance_layer=0), rtol=1e-4, atol=1e-5)
 
 
-def _expected_with(fam, *, weights_layer: int, covariance_layer: int) -> torch.Tensor:
+def _expected_with(family, *, weights_layer: int, covariance_layer: int) -> torch.Tensor:
     name = f"model.layers.{weights_layer}.{LAYER}"
-    base = load_tensors(fam["base"])[name]
-    fts = [load_tensors(d)[name] for d in fam["fts"]]
-    covs = [CovarianceFile(c).get(f"model.layers.{covariance_layer}.{LAYER}").double() for c in fam["covs"]]
+    base = load_tensors(family["base"])[name]
+    fts = [load_tensors(d)[name] for d in family["fts"]]
+    covs = [CovarianceFile(c).get(f"model.layers.{covariance_layer}.{LAYER}").double() for c in family["covs"]]
     purified = purified_weights(base, fts, covs, RHO)
     return base.double() + sum(p - base.double() for p in purified)

@@ -101,6 +101,7 @@ def purify_checkpoints(
     import torch
 
     from pave_plugins.engine import PaveSettings
+    from pave_plugins.io.covariance import not_a_covariance_file
     from pave_plugins.io.output import check_output
 
     if len(models) != len(covariances):
@@ -120,10 +121,9 @@ def purify_checkpoints(
     )
     check_output(out, who=WHO, inputs=_inputs(base, models, covariances), overwrite=overwrite)  # before any work
     for c in covariances:
-        if Path(c).is_dir():
-            raise FileNotFoundError(f"{c} is a folder, not a covariance file: give the file of pave collect for this model")
-        if not Path(c).is_file():
-            raise FileNotFoundError(f"covariance file not found: {c}")
+        problem = not_a_covariance_file(c)
+        if problem:
+            raise FileNotFoundError(problem)
     dev = torch.device(device)
     base_ck, cks = _open_checkpoints(base, models, allow_pickle)
     sources = _fitted_sources(models, covariances, cks, settings)

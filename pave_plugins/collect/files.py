@@ -110,7 +110,11 @@ def _weight_in_features(
         from pave_plugins.io.checkpoints import weight_files
 
         path = Path(model)
-        files = (weight_files(path)[1] if weight_files(path)[0] == "safetensors" else []) if path.is_dir() else [path]
+        if path.is_dir():
+            kind, files = weight_files(path)
+            files = files if kind == "safetensors" else []
+        else:
+            files = [path]
         if not files or not all(f.is_file() for f in files):
             raise FileNotFoundError(f"no safetensors weights in {path}")
         for f in files:

@@ -175,16 +175,23 @@ def resolve_layer_name(name: str, layer_map: Mapping[str, str], where: str = "co
     return None
 
 
+def not_a_covariance_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a covariance file (a folder, nothing there), or None."""
+    if Path(path).is_dir():
+        return f"{path} is a folder, not a covariance file: give the file of pave collect for this model"
+    if not Path(path).is_file():
+        return f"covariance file not found: {path}"
+    return None
+
+
 class CovarianceFile:
     """Lazy reader of a covariance file. ``get(name)`` accepts a layer or a weight tensor name."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if self.path.is_dir():
-            raise CovarianceFileError(f"{self.path} is a folder, not a covariance file: give the file of pave collect "
-                                      "for this model")
-        if not self.path.is_file():
-            raise CovarianceFileError(f"covariance file not found: {self.path}")
+        problem = not_a_covariance_file(self.path)
+        if problem:
+            raise CovarianceFileError(problem)
         try:
             with safe_open(str(self.path), framework="pt") as f:
                 meta = f.metadata() or {}

@@ -47,7 +47,7 @@ from .covariances import CovarianceStore, check_covariance_path
 from .recipe import install_recipe_check
 from .report import current_report, install_output_hooks
 from .source_names import install_source_names
-from .types import OptionalFiniteFloat
+from .types import OptionalFiniteFloat, not_bool
 
 logger = logging.getLogger("pave_plugins.mergekit")
 
@@ -81,17 +81,6 @@ def _check_inner(name: str) -> str:
 def _check_rho(rho: float) -> float:
     check_rho_gamma(rho, None)
     return rho
-
-
-def _a_number(name: str):
-    """Refuse ``true``/``false`` before pydantic reads them as 1.0 / 0.0 (a YAML slip, not a ratio)."""
-
-    def check(value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError(f"{name} must be a number, got {value!r}")
-        return value
-
-    return BeforeValidator(check)
 
 
 def _check_gamma(gamma: Optional[float]) -> Optional[float]:
@@ -137,10 +126,10 @@ class PaveMerge(GroupMergeMethod):
             ParameterSpec(
                 "inner", Annotated[str, AfterValidator(_check_inner)], ParameterScope.SHARED, default="task_arithmetic"
             ),
-            ParameterSpec("rho", Annotated[float, _a_number("rho"), AfterValidator(_check_rho)], ParameterScope.SHARED,
+            ParameterSpec("rho", Annotated[float, BeforeValidator(not_bool), AfterValidator(_check_rho)], ParameterScope.SHARED,
                           default=DEFAULT_RHO),
             ParameterSpec(
-                "gamma", Annotated[Optional[float], _a_number("gamma"), AfterValidator(_check_gamma)], ParameterScope.SHARED,
+                "gamma", Annotated[Optional[float], BeforeValidator(not_bool), AfterValidator(_check_gamma)], ParameterScope.SHARED,
                 default=None
             ),
             ParameterSpec("rank_allocation", Literal["spectral", "uniform"], ParameterScope.SHARED, default="spectral"),

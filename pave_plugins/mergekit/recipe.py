@@ -175,7 +175,7 @@ def install_recipe_check(plan: Any) -> bool:
     return True
 
 
-def anticipated(exc: BaseException, tb=None) -> bool:
+def anticipated(exc: BaseException) -> bool:
     """A bad recipe value, or an error this package raised about an input (:mod:`pave_plugins.errors`)."""
     from pave_plugins.errors import anticipated as raised_on_input
 

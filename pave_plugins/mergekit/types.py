@@ -9,7 +9,8 @@ from typing import Annotated, Any, Optional
 from pydantic import AfterValidator, BeforeValidator
 
 
-def _not_bool(value: Any) -> Any:
+def not_bool(value: Any) -> Any:
+    """Refuse ``true``/``false`` before pydantic reads them as 1.0 / 0.0 (a YAML slip, not a number)."""
     if isinstance(value, bool):
         raise ValueError(f"must be a number, got {value!r}")
     return value
@@ -21,5 +22,5 @@ def _finite(value: Optional[float]) -> Optional[float]:
     return value
 
 
-FiniteFloat = Annotated[float, BeforeValidator(_not_bool), AfterValidator(_finite)]
-OptionalFiniteFloat = Annotated[Optional[float], BeforeValidator(_not_bool), AfterValidator(_finite)]
+FiniteFloat = Annotated[float, BeforeValidator(not_bool), AfterValidator(_finite)]
+OptionalFiniteFloat = Annotated[Optional[float], BeforeValidator(not_bool), AfterValidator(_finite)]

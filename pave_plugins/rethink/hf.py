@@ -471,12 +471,11 @@ def _merge_lora(job: RethinkJob, model: nn.Module) -> dict[str, core.LowRankDelt
     for key in sorted(set().union(*(a.factors for a in adapters))):
         if key not in params:
             raise ValueError(f"LoRA adapter targets {key!r}, which the base model {job.base} does not have")
-        pairs = [(w, a.factors[key]) for w, a in zip(weights, adapters) if key in a.factors]
-        for n, a in zip(names, adapters):
-            if key in a.factors:
-                b_, a_ = a.factors[key]
-                check_factor_shapes(job.lora[n], key, (b_.shape[0], a_.shape[1]), tuple(params[key].shape), job.base)
-        low_rank[key] = core.LowRankDelta([p[1][0] for p in pairs], [p[1][1] for p in pairs], [p[0] for p in pairs])
+        pairs = [(n, w, a.factors[key]) for n, w, a in zip(names, weights, adapters) if key in a.factors]
+        for n, _, (b_, a_) in pairs:
+            check_factor_shapes(job.lora[n], key, (b_.shape[0], a_.shape[1]), tuple(params[key].shape), job.base)
+        low_rank[key] = core.LowRankDelta([f[0] for _, _, f in pairs], [f[1] for _, _, f in pairs],
+                                          [w for _, w, _ in pairs])
         with torch.no_grad():
             p = params[key]
             p.copy_((p.to(torch.float32) + low_rank[key].dense(torch.float32)).to(p.dtype))
