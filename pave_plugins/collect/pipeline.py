@@ -94,13 +94,14 @@ def collect_from_texts(
     batch_size: int = 8,
     sort_by_length: bool = True,
     distributed: bool | None = None,
+    source: str = "data",
     **collect_kwargs: Any,
 ) -> CovarianceSet:
     """Tokenise ``texts`` (right padding, truncation at ``max_length``) and collect covariances.
 
     ``distributed`` (default: whether a ``torch.distributed`` group with more than one rank is
     initialised): this rank takes ``texts[rank::world_size]`` and the result is all-reduced, so
-    every rank returns the covariances of all ``texts``.
+    every rank returns the covariances of all ``texts``. ``source`` names the texts in errors.
     """
     rank, world = dist_info()
     if distributed is None:
@@ -110,8 +111,7 @@ def collect_from_texts(
             raise ValueError(f"{len(texts)} texts for {world} ranks: give at least one text per rank")
         texts = shard(texts, rank, world)
     batches = tokenize_batches(tokenizer, texts, max_length=max_length, batch_size=batch_size, sort_by_length=sort_by_length,
-                               positions=model_positions(getattr(model, "config", None)),
-                               source=str(collect_kwargs.pop("source", "data")))
+                               positions=model_positions(getattr(model, "config", None)), source=source)
     collect_kwargs.setdefault("progress", rank == 0)
     cs = collect_covariances(model, batches, **collect_kwargs)
     if distributed and world > 1:
