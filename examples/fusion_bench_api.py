@@ -61,8 +61,8 @@ def run(workdir: Path) -> dict:
     merged = pave.run(pool)
     report = pave.last_report
     print("PAVE + task arithmetic: per-model preserved rank ratio rho_i")
-    for name, m in report["models"].items():
-        print(f"  {name}: rho_i = {m['rho_i']:.4f}")
+    for name, ratio in report["model_ratios"].items():
+        print(f"  {name}: rho_i = {ratio:.4f}")
     tsv = TSVMerging(alpha=1.0).run(BaseModelPool({"_pretrained_": copy.deepcopy(base), **fine_tuned}))
     ids = torch.randint(0, 64, (2, 16))
     with torch.no_grad():

@@ -12,9 +12,9 @@ import torch
 
 from collect_helpers import TEXTS, make_tokenizer, save_model_dir, tiny_gpt2, tiny_llama, write_jsonl
 from pave_plugins.cli import main as pave
+from pave_plugins.io.fit import check_covariance_file
 from pave_plugins.collect import (
     DataError,
-    check_covariance_file,
     collect_covariances,
     collect_to_file,
     load_texts,

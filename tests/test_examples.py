@@ -22,7 +22,7 @@ def test_fusion_bench_api_example(capfd, tmp_path):
     out = module.main(str(tmp_path))
     printed = capfd.readouterr().out
     assert "rho_i" in printed and "TSV-M" in printed
-    ratios = [m["rho_i"] for m in out["report"]["models"].values()]
+    ratios = list(out["report"]["model_ratios"].values())
     assert len(ratios) == 2 and all(0.85 < r < 1.0 for r in ratios)
     # the purified merge differs from plain task arithmetic on the same pool (PAVE did something)
     # but only on purified linear weights: embeddings follow plain TA exactly

@@ -79,7 +79,8 @@ def test_fusion_bench_refuses(tmp_path):
 
 
 def test_benchmark_refuses(tmp_path):
-    from pave_plugins.bench.harness import PaveCache, linear_weight_names, pave_purify_pool
+    from pave_plugins.bench.harness import pave_purify_pool
+    from pave_plugins.engine.step import CoSVDStore
 
     base, fts = fh.tiny_models(2)
     sds = [m.state_dict() for m in fts.values()]
@@ -89,6 +90,5 @@ def test_benchmark_refuses(tmp_path):
     bad = _too_wide(ref.metadata.layer_map, ref.key_sizes(), tmp_path / "bad.safetensors")
     with pytest.raises(CovarianceFileError) as err:
         pave_purify_pool(base.state_dict(), sds, [CovarianceFile(files[0]), CovarianceFile(bad)],
-                         linear_weight_names(base), target="weight", allocation="spectral", rho=0.75,
-                         cache=PaveCache())
+                         target="weight", allocation="spectral", rho=0.75, store=CoSVDStore())
     assert re.search(_expect(bad, "fc1", fh.IN + 1, fh.IN, "1"), str(err.value)), str(err.value)

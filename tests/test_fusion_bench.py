@@ -143,12 +143,15 @@ def test_pave_matches_hand_purified_pool(setup, rho, target, method, inner):
         for k, v in sd.items():
             assert torch.equal(user_pool[n].state_dict()[k], v)
     rep = algo.last_report
-    full = rep["layers"]["fc1"]["full_rank"]
+    assert rep["format"] == "pave-rank-report" and rep["complete"]  # the engine's report, as pave purify's
+    fc1 = rep["tensors"]["fc1.weight"]
+    full = fc1["full_rank"]
     assert full == 12
-    ranks = [rep["layers"]["fc1"]["models"][n]["rank"] for n in fts]
-    assert sum(ranks) <= rho * 3 * full + 1e-9 or not rep["layers"]["fc1"]["budget_met"]
-    assert set(rep["models"]) == set(fts) and all(0 < v["rho_i"] <= 1 for v in rep["models"].values())
-    assert rep["layers_without_covariance"] == []
+    ranks = [fc1["models"][n]["rank"] for n in fts]
+    assert sum(ranks) <= rho * 3 * full + 1e-9 or not fc1["budget_met"]
+    assert rep["models"] == list(fts) and all(0 < v <= 1 for v in rep["model_ratios"].values())
+    assert all(not rep["tensors"][n]["purified"] for n in rep["plain_task_vector"])
+    assert not [n for n in rep["plain_task_vector"] if n.endswith(".weight") and n.startswith("fc")]
 
 
 def test_pave_emr_end_to_end(setup, tmp_path):
@@ -264,7 +267,7 @@ def test_clear_errors(setup, tmp_path):
     covs2 = covariances_of(fts["task1"], inputs_for("task1"))
     del covs2["fc2"]
     f2 = save_covariance_file(tmp_path / "t1.safetensors", covs2)
-    with pytest.raises(ValueError, match=r"fc2: missing covariance for model\(s\) \['task1 \("):
+    with pytest.raises(ValueError, match=r"fc2.weight: missing covariance for model\(s\) \['task1 \("):
         PAVEAlgorithm(inner="task_arithmetic", covariances={**files, "task1": f2}).run(BaseModelPool(pool_dict(base, fts)))
     with pytest.raises(ValueError, match="no train dataset named 'task0'"):
         PAVEAlgorithm(inner="task_arithmetic", covariances=None).run(BaseModelPool(pool_dict(base, fts)))

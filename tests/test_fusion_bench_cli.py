@@ -79,11 +79,11 @@ def test_cli_pave_ta_saves_model_card_and_report(llamas, tmp_path):
     card = cards[0].read_text()
     assert "arxiv.org/abs/2510.14697" in card and "pave_plugins.fusion_bench.PAVEAlgorithm" in card
     assert "rho: 0.75" in card and "inner: task_arithmetic" in card and "CausalLMPool" in card
-    reports = list(tmp_path.rglob("pave_report.json"))
+    reports = list(tmp_path.rglob("pave_rank_report.json"))
     assert len(reports) == 1
     rep = json.loads(reports[0].read_text())
-    assert rep["rho"] == 0.75 and set(rep["models"]) == set(NAMES)
-    assert "model.layers.0.self_attn.q_proj" in rep["layers"] and rep["timings"]["total_s"] > 0
+    assert rep["settings"]["rho"] == 0.75 and set(rep["models"]) == set(NAMES)
+    assert rep["tensors"]["model.layers.0.self_attn.q_proj.weight"]["purified"] and rep["timings"]["total_s"] > 0
 
     # same weights as the Python API run of the same method on the same pool
     from fusion_bench.modelpool import CausalLMPool

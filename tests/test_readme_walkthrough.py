@@ -46,6 +46,6 @@ def test_readme_walkthrough_runs_as_printed(tmp_path):
         assert proc.returncode == 0, f"{cmd}\n--- exit {proc.returncode}\n{out[-4000:]}"
         assert "Traceback" not in out and " ERROR " not in out, f"{cmd}\n{out[-4000:]}"
     demo = tmp_path / "pave-demo" / "out"
-    for produced in ("pave_ties/pave_rank_report.json", "fusion_bench/pave_report.json", "task_0.safetensors",
+    for produced in ("pave_ties/pave_rank_report.json", "fusion_bench/pave_rank_report.json", "task_0.safetensors",
                      "purified/pave_rank_report.json", "rethought/rethink.json", "bench/results.json"):
         assert (demo / produced).is_file(), produced

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pave_plugins.engine.step import CoSVDStore
 from pave_plugins.io import strict_json
 from pave_plugins.io.output import OwnedFolder
 
@@ -69,11 +70,6 @@ BENCH_WHO = "pave bench"
 # --------------------------------------------------------------------------- covariances
 
 
-def linear_weight_names(model: nn.Module) -> dict[str, str]:
-    """``module name -> weight key`` of every ``nn.Linear`` (the layers PAVE purifies)."""
-    return {n: f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-
 def task_covariances(model: nn.Module, tok, task: Task, cfg: BenchConfig):
     """``cfg.cov_examples`` training examples of the task fed to its fine-tuned model, collected
     with :func:`pave_plugins.collect.collect_covariances`."""
@@ -88,77 +84,44 @@ def task_covariances(model: nn.Module, tok, task: Task, cfg: BenchConfig):
 # --------------------------------------------------------------------------- PAVE purification of a pool
 
 
-@dataclass
-class PaveCache:
-    """The one CO-SVD per (model, layer, target), with the dense operands stripped to save memory."""
-
-    cosvd: dict[tuple[int, str, str], Any] = field(default_factory=dict)
-
-
-def _layer_cosvds(engine, mod: str, wkey: str, base_sd, ft_sds, keys, cache: PaveCache) -> list:
-    """The engine's CO-SVDs of one layer, from ``cache`` when this (model, layer, target) was seen
-    (at another ``rho``): only ``U`` and ``S`` are kept there, ``W_ft`` and ``dW`` are rebuilt."""
-    target = engine.settings.target
-    todo = [k if (k, wkey, target) not in cache.cosvd else None for k in range(len(ft_sds))]
-    fresh = engine.decompose(mod, base_sd[wkey], [sd[wkey] for sd in ft_sds],
-                             [keys[k] if t is not None else None for k, t in enumerate(todo)])
-    for k, d in enumerate(fresh):
-        if d is not None:
-            cache.cosvd[(k, wkey, target)] = dataclasses.replace(d, delta=None, w_ft=None)
-    b64 = base_sd[wkey].to(torch.float64)
-    decs = []
-    for k, sd in enumerate(ft_sds):
-        ft64 = sd[wkey].to(torch.float64)
-        decs.append(dataclasses.replace(cache.cosvd[(k, wkey, target)], w_ft=ft64, delta=ft64 - b64))
-    return decs
-
-
 def pave_purify_pool(base_sd: dict[str, Tensor], ft_sds: Sequence[dict[str, Tensor]], covs: Sequence[Any],
-                     layers: dict[str, str], *, target: str, allocation: str, rho: float,
-                     cache: PaveCache) -> tuple[list[dict[str, Tensor]], dict[str, float]]:
+                     *, target: str, allocation: str, rho: float,
+                     store: CoSVDStore) -> tuple[list[dict[str, Tensor]], dict[str, float]]:
     """Purified fine-tunes ``theta_pre + dW_PAVE`` (eq. 6) with ranks from Algorithm 1 / uniform,
-    through the engine's per-layer step (:class:`pave_plugins.engine.PaveEngine`).
+    through the engine's whole-model run (:meth:`pave_plugins.engine.PaveEngine.run`); ``store``
+    keeps each CO-SVD across the ``rho`` grid.
 
-    Parameters without a covariance keep the plain task vector. Returns the purified state dicts
-    and statistics (mean ``||dW_PAVE - dW|| / ||dW||`` over layers and models, rank ratios).
+    Returns the purified state dicts and statistics from the rank report (mean and max
+    ``||dW_PAVE - dW|| / ||dW||`` over layers and models, rank ratios, budget).
     """
-    from pave_plugins.collect.files import check_covariance_file
-    from pave_plugins.core import model_rank_ratios
     from pave_plugins.engine import PaveEngine, PaveSettings, purified_weight
-    from pave_plugins.io.covariance import CovarianceFileError
+    from pave_plugins.io.fit import fitted_source
 
-    for k, (c, sd) in enumerate(zip(covs, ft_sds)):  # the fit check of every face (layers and input sizes)
-        try:
-            check_covariance_file(c, sd, on_fingerprint_mismatch="warn")
-        except CovarianceFileError as exc:
-            raise CovarianceFileError(f"{exc} (model {k})") from exc
-    engine = PaveEngine(PaveSettings(rho=rho, rank_allocation=allocation, target=target), covs,
-                        [f"model {k}" for k in range(len(covs))])
+    settings = PaveSettings(rho=rho, rank_allocation=allocation, target=target, on_fingerprint_mismatch="warn")
+    labels = [str(k) for k in range(len(covs))]
+    covs = [fitted_source(c, sd, label=lab, on_fingerprint_mismatch=settings.on_fingerprint_mismatch)
+            for c, sd, lab in zip(covs, ft_sds, labels)]
+    engine = PaveEngine(settings, covs, labels, store=store)
     out = [dict(sd) for sd in ft_sds]
-    rel_by_model: list[list[float]] = [[] for _ in ft_sds]
-    ranks: dict[str, list[int]] = {}
-    full_ranks: dict[str, int] = {}
-    met: dict[str, bool] = {}
-    for mod, wkey in layers.items():
-        keys = engine.keys(mod)
-        if any(k is None for k in keys):
-            # no covariance for this layer (every Linear is collected, so this is a layer no token
-            # reached): plain task vectors, said in the log
-            log.warning("PAVE: no covariance for %s in model(s) %s: plain task vectors for this layer", mod,
-                        [k for k, key in enumerate(keys) if key is None])
-            continue
-        step = engine.finish(mod, _layer_cosvds(engine, mod, wkey, base_sd, ft_sds, keys, cache), keys)
-        ranks[wkey] = [m.rank for m in step.models]
-        full_ranks[wkey], met[wkey] = step.full_rank, step.budget_met
+
+    def write(name: str, step, w_base, w_fts) -> None:
         for k, p in enumerate(step.purifications):
-            out[k][wkey] = purified_weight(base_sd[wkey], p, like=ft_sds[k][wkey])
-            if math.isfinite(p.relative_change):
-                rel_by_model[k].append(p.relative_change)
-    rel = [r for rs in rel_by_model for r in rs]  # model-major order, as the statistics always used
-    stats = {"mean_rel_change": float(sum(rel) / max(len(rel), 1)), "max_rel_change": float(max(rel, default=0.0)),
-             "model_rank_ratios": [float(r) for r in model_rank_ratios(ranks, full_ranks)],
-             "budget_met": bool(all(met.values()))}
-    return out, stats
+            if p is not None:
+                out[k][name] = purified_weight(w_base, p, like=w_fts[k])
+
+    report = engine.run(list(base_sd), lambda name: (base_sd[name], [sd[name] for sd in ft_sds]), write)
+    return out, pave_statistics(report.to_dict(), labels)
+
+
+def pave_statistics(report: dict[str, Any], labels: Sequence[str]) -> dict[str, Any]:
+    """The benchmark's summary of a rank report: relative changes (model-major), ratios, budget."""
+    purified = [r for r in report["tensors"].values() if r.get("purified")]
+    rel = [m["relative_change"] for lab in labels for r in purified
+           for m in [r["models"][lab]] if m.get("purified") and math.isfinite(m["relative_change"])]
+    ratios = report["model_ratios"]
+    return {"mean_rel_change": float(sum(rel) / max(len(rel), 1)), "max_rel_change": float(max(rel, default=0.0)),
+            "model_rank_ratios": [float(ratios[lab]) for lab in labels if ratios[lab] is not None],
+            "budget_met": not report["budget_not_met"]}
 
 
 # --------------------------------------------------------------------------- merge methods (host code paths)
@@ -550,25 +513,24 @@ class SeedRun:
                    for b in cfg.pave_bases):
             return
         covs, _ = self.covariances()
-        layers = linear_weight_names(self.base)
-        cache = PaveCache()
+        store = CoSVDStore()
         for target in cfg.pave_targets:
             for allocation in cfg.pave_allocations:
                 bases = [b for b in cfg.pave_bases if self.wanted(f"pave_{target}_{allocation}_{b}") and b in self.selected]
                 if not bases:
                     continue
-                best = self.choose_rho(bases, covs, layers, target, allocation, cache)
+                best = self.choose_rho(bases, covs, target, allocation, store)
                 for b, choice in best.items():
-                    self.pave_final(b, choice, covs, layers, target, allocation, cache)
-        del cache
+                    self.pave_final(b, choice, covs, target, allocation, store)
+        del store
 
-    def choose_rho(self, bases, covs, layers, target, allocation, cache) -> dict[str, Choice]:
+    def choose_rho(self, bases, covs, target, allocation, store) -> dict[str, Choice]:
         """For every base method X: the rho of ``cfg.rho_grid`` whose PAVE + X is best on validation."""
         best: dict[str, Choice] = {}
         for rho in self.cfg.rho_grid:
             t2 = time.perf_counter()
-            psds, stats = pave_purify_pool(self.base_sd, self.ft_sds, covs, layers, target=target,
-                                           allocation=allocation, rho=rho, cache=cache)
+            psds, stats = pave_purify_pool(self.base_sd, self.ft_sds, covs, target=target,
+                                           allocation=allocation, rho=rho, store=store)
             purify_s = time.perf_counter() - t2
             for b in bases:
                 t3 = time.perf_counter()
@@ -581,7 +543,7 @@ class SeedRun:
             del psds
         return best
 
-    def pave_final(self, b: str, choice: Choice, covs, layers, target, allocation, cache) -> None:
+    def pave_final(self, b: str, choice: Choice, covs, target, allocation, store) -> None:
         """The chosen PAVE + X through the host plugin (FusionBench ``pave/pave``), or the harness's
         core path when asked (``--pave-host-final``) or when the host path fails (said in the JSON)."""
         cfg, rho = self.cfg, choice.hp["rho"]
@@ -598,8 +560,8 @@ class SeedRun:
                 log.warning("PAVE host path failed (%s); using the harness's core path", exc)
                 reason = str(exc)
         if prov is None:
-            psds, _ = pave_purify_pool(self.base_sd, self.ft_sds, covs, layers, target=target,
-                                       allocation=allocation, rho=rho, cache=cache)
+            psds, _ = pave_purify_pool(self.base_sd, self.ft_sds, covs, target=target,
+                                       allocation=allocation, rho=rho, store=store)
             prov = self.merge(b, self.selected[b], psds)
             stats = {**choice.stats, "final_path": f"core ({reason})"}
             del psds

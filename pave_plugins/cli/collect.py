@@ -78,7 +78,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     if args.merge:
-        from pave_plugins.collect.files import sum_covariance_files
+        from pave_plugins.collect.parts import sum_covariance_files
         from pave_plugins.collect.pipeline import check_output_file
 
         check_output_file(args.out, {"--merge": args.merge}, overwrite=args.overwrite)
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}")
         return 0
     if args.check:
-        from pave_plugins.collect.files import check_covariance_file
+        from pave_plugins.io.fit import check_covariance_file
 
         if not args.model:
             raise ValueError("--check needs --model (the model the covariance file is used with)")

@@ -161,27 +161,15 @@ def _open_checkpoints(base: Path, models: Sequence[Path], allow_pickle: bool):
 
 def _fitted_sources(models, covariances, cks, settings) -> list:
     """Open each covariance file and run the fit check against its model (layers, sizes, fingerprint)."""
-    from pave_plugins.collect.files import check_covariance_file
-    from pave_plugins.io.covariance import CovarianceFile, CovarianceFileError
+    from pave_plugins.io.fit import fitted_source
 
-    sources = []
-    for m, c, ck in zip(models, covariances, cks):
-        try:
-            cf = CovarianceFile(c)
-            check_covariance_file(cf, ck.fit_target(), on_fingerprint_mismatch=settings.on_fingerprint_mismatch)
-        except CovarianceFileError as exc:
-            msg = str(exc).replace(
-                "pass on_fingerprint_mismatch='warn'", "pass --allow-fingerprint-mismatch (allow_fingerprint_mismatch=True)"
-            )
-            raise CovarianceFileError(f"{msg} (model {m})") from exc
-        sources.append(cf)
-    return sources
+    hint = "pass --allow-fingerprint-mismatch (allow_fingerprint_mismatch=True) to use it anyway"
+    return [fitted_source(c, ck.fit_target(), label=str(m), on_fingerprint_mismatch=settings.on_fingerprint_mismatch,
+                          mismatch_hint=hint) for m, c, ck in zip(models, covariances, cks)]
 
 
 def _write_purified(out, inputs, base_ck, cks, sources, settings, record, dev, max_shard_size, overwrite):
     """Build the output folder in a temporary sibling (renamed when complete); returns the report."""
-    from tqdm import tqdm
-
     from pave_plugins.engine import PaveEngine, RankReport, purified_weight
     from pave_plugins.io.checkpoints import ShardedWriter
     from pave_plugins.io.output import distinct_names, output_folder
@@ -194,21 +182,15 @@ def _write_purified(out, inputs, base_ck, cks, sources, settings, record, dev, m
     report.outputs = dict(zip(out_names, labels))
     with output_folder(out, who=WHO, inputs=inputs, overwrite=overwrite) as tmp:
         writers = [ShardedWriter(tmp / n, max_shard_size=max_shard_size) for n in out_names]
-        for name in tqdm(base_ck.names(), desc="pave purify", unit="tensor"):
-            w_base = base_ck.get(name).to(dev)
-            fts = [ck.get(name).to(dev) for ck in cks]
-            for lab, t in zip(labels, fts):
-                if t.shape != w_base.shape:
-                    raise ValueError(f"{name}: {lab} has shape {tuple(t.shape)}, base {tuple(w_base.shape)}")
-            outs = fts
-            if w_base.is_floating_point():
-                step = engine.step(name, w_base, fts)
-                report.add_tensor(name, step.to_dict(), record)
-                outs = [purified_weight(w_base, p, like=t) if p is not None else t
-                        for p, t in zip(step.purifications or [None] * len(fts), fts)]
-            for writer, t in zip(writers, outs):
-                writer.save_tensor(name, t.to("cpu"))
-            del w_base, fts, outs
+
+        def read(name: str):
+            return base_ck.get(name).to(dev), [ck.get(name).to(dev) for ck in cks]
+
+        def write(name: str, step, w_base, fts) -> None:
+            for writer, p, t in zip(writers, step.purifications or [None] * len(fts), fts):
+                writer.save_tensor(name, (purified_weight(w_base, p, like=t) if p is not None else t).to("cpu"))
+
+        engine.run(base_ck.names(), read, write, report=report, record=record, progress="pave purify")
         for writer in writers:
             writer.finalize()
         _copy_side_files(tmp, base, models, out_names, record)

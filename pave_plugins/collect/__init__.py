@@ -8,6 +8,8 @@ API (used by ``pave collect`` and by the mergekit / FusionBench adapters):
 * :func:`sum_covariance_files` (collection in parts), :func:`all_reduce_covariances` (torchrun).
 """
 
+from pave_plugins.io.fingerprint import model_fingerprint
+
 from .collector import (
     CollectionError,
     CovarianceCollector,
@@ -18,14 +20,12 @@ from .collector import (
 )
 from .data import DataError, load_texts, tokenize_batches
 from .distributed import all_reduce_covariances
-from .files import check_covariance_file, sum_covariance_files
-from .fingerprint import model_fingerprint
+from .parts import sum_covariance_files
 from .pipeline import collect_from_texts, collect_to_file, load_model
 
 __all__ = [
     "DataError",
     "all_reduce_covariances",
-    "check_covariance_file",
     "collect_from_texts",
     "collect_to_file",
     "load_model",

@@ -223,7 +223,7 @@ def check_output_file(out, inputs: dict, *, overwrite: bool) -> None:
 def _save(cs: CovarianceSet, out, model, *, model_path, merged_adapter: bool, max_length: int, extra: dict,
           overwrite: bool, inputs: dict) -> None:
     """Write the covariance file (atomically) with the fingerprint of the weights it serves."""
-    from .fingerprint import model_fingerprint
+    from pave_plugins.io.fingerprint import model_fingerprint
 
     # an adapter's covariances serve the merged weights: fingerprint those
     if merged_adapter:

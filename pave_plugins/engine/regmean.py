@@ -34,7 +34,14 @@ from pave_plugins.core.regmean import (
     regmean_solve,
 )
 from pave_plugins.io.covariance import CovarianceFileError, MissingCovarianceError
-from pave_plugins.io.sources import CovarianceSource, PreparedCache, lookup_key, token_count, weight_layout
+from pave_plugins.io.sources import (
+    FINGERPRINT_POLICIES,
+    CovarianceSource,
+    PreparedCache,
+    lookup_key,
+    token_count,
+    weight_layout,
+)
 
 from .settings import COMPUTE_DTYPES, compute_dtype_name
 from .step import check_finite_weights
@@ -56,8 +63,15 @@ class RegMeanSettings:
     non_linear: str = "mean"
     scaling_factor: float = 1.0
     compute_dtype: str = "float64"
+    #: a covariance collected on other weights of the same shapes: refused, a warning (default: a
+    #: face may hold a re-saved or LoRA-merged copy of the model) or ignored
+    on_fingerprint_mismatch: str = "warn"
 
     def __post_init__(self) -> None:
+        if self.on_fingerprint_mismatch not in FINGERPRINT_POLICIES:
+            raise ValueError(
+                f"on_fingerprint_mismatch must be one of {FINGERPRINT_POLICIES}, got {self.on_fingerprint_mismatch!r}"
+            )
         object.__setattr__(self, "reduce_non_diagonal_ratio", check_non_diagonal_ratio(self.reduce_non_diagonal_ratio))
         if self.gram_weighting not in GRAM_WEIGHTINGS:
             raise ValueError(f"gram_weighting must be one of {GRAM_WEIGHTINGS}, got {self.gram_weighting!r}")

@@ -56,6 +56,8 @@ class MergeReport:
         self.finished = False
         #: output name -> input, where a command names its outputs after its inputs (``pave purify``)
         self.outputs: dict[str, str] = {}
+        #: what a face adds to the report (FusionBench: the inner method, timings, the search)
+        self.extra: dict[str, Any] = {}
         self._last_write = 0.0
         # hooks run when a merge starts / ends (e.g. clearing the covariance caches)
         self.on_close: list[Callable[[], None]] = []
@@ -160,6 +162,7 @@ class RankReport(MergeReport):
                 "budget_not_met": [n for n in purified if not self.tensors[n].get("budget_met", True)],
                 "plain_task_vector": plain,
                 **({"outputs": dict(self.outputs)} if self.outputs else {}),
+                **self.extra,
                 "tensors": tensors,
             }
 

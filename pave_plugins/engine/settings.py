@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -89,3 +90,7 @@ class PaveSettings:
     @property
     def dtype(self) -> torch.dtype:
         return COMPUTE_DTYPES[self.compute_dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting by name (reports, cards)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}

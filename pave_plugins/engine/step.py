@@ -10,15 +10,18 @@ For one weight name and K fine-tuned models (PAVE paper, Sec. 3.2-3.3):
    eq. 6 from the same decompositions, :func:`pave_plugins.core.layer.allocate_and_purify`;
 4. one :class:`LayerStep` record (ranks, damping, relative change, pruning error per model).
 
-The faces turn the record into their weights (:func:`purified_weight` or
-:func:`purified_weight_from_tail`) and their report format. Host-neutral: no host import here.
+:meth:`PaveEngine.run` is the whole-model loop of ``pave purify``, FusionBench ``pave/pave`` and the
+benchmark: every tensor through the step, covariances released after their last use, one
+:class:`~pave_plugins.engine.report.RankReport`. mergekit streams tensor groups through
+:meth:`PaveEngine.step` itself. The faces turn each record into their weights
+(:func:`purified_weight` or :func:`purified_weight_from_tail`). Host-neutral: no host import here.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Callable, MutableSequence, Sequence
+from typing import Any, Callable, MutableSequence, Sequence
 
 import torch
 from torch import Tensor
@@ -28,7 +31,13 @@ from pave_plugins.core.purify import CoSVD, Purification, all_finite, co_svd
 from pave_plugins.io.covariance import MissingCovarianceError
 from pave_plugins.io.sources import CovarianceSource, PreparedCache, lookup_key, weight_layout
 
+from .report import RankReport
 from .settings import PaveSettings
+
+#: a face's tensors of one name: ``name -> (base weight, fine-tuned weights)``
+TensorReader = Callable[[str], "tuple[Tensor, Sequence[Tensor]]"]
+#: what a face does with one step's result: ``(name, step, base weight, fine-tuned weights)``
+StepWriter = Callable[[str, "LayerStep", Tensor, Sequence[Tensor]], None]
 
 logger = logging.getLogger("pave_plugins")
 
@@ -104,6 +113,21 @@ def transposed_purification(p: Purification) -> Purification:
     return replace(p, task_vector=p.task_vector.T, tail_left=p.tail_right.T, tail_right=p.tail_left.T)
 
 
+def check_shapes(name: str, w_base: Tensor, w_fts: Sequence[Tensor], labels: Sequence[str]) -> None:
+    """Every fine-tuned tensor has the base's shape (else the models are of different architectures)."""
+    for lab, t in zip(labels, w_fts):
+        if t.shape != w_base.shape:
+            raise ValueError(f"{name}: {lab} has shape {tuple(t.shape)}, base {tuple(w_base.shape)}")
+
+
+class CoSVDStore:
+    """CO-SVDs kept across runs of one set of models (the benchmark runs PAVE at several ``rho``):
+    per (model, tensor, target) only ``U`` and ``S``; ``W_ft`` and ``dW`` are rebuilt when used."""
+
+    def __init__(self) -> None:
+        self.decompositions: dict[tuple[int, str, str], CoSVD] = {}
+
+
 def check_finite_weights(name: str, w_base: Tensor | None, w_fts: Sequence[Tensor], labels: Sequence[str]) -> None:
     """Never merge NaN or Inf: a one-line error naming the tensor and the model (``w_base`` may be None)."""
     pairs = ([("base model", w_base)] if w_base is not None else []) + list(zip(labels, w_fts))
@@ -127,6 +151,7 @@ class PaveEngine:
         *,
         cache: PreparedCache | None = None,
         device: torch.device | str | None = None,
+        store: CoSVDStore | None = None,
     ) -> None:
         if len(sources) != len(labels):
             raise ValueError(f"{len(sources)} covariance sources for {len(labels)} models")
@@ -135,10 +160,15 @@ class PaveEngine:
         self.labels = list(labels)
         self.cache = cache if cache is not None else PreparedCache()
         self.device = device
+        self.store = store
 
     # ------------------------------------------------------------------ the whole step
-    def step(self, name: str, w_base: Tensor, w_fts: Sequence[Tensor]) -> LayerStep:
-        """Purify one weight name of the K models (any tensor: only 2-D ones with covariances change)."""
+    def step(
+        self, name: str, w_base: Tensor, w_fts: Sequence[Tensor], *, release: Callable[[int], bool] | None = None
+    ) -> LayerStep:
+        """Purify one weight name of the K models (any tensor: only 2-D ones with covariances change);
+        ``release(i)`` true drops model i's prepared covariances once used (see :meth:`decompose`)."""
+        check_shapes(name, w_base, w_fts, self.labels)
         self.check_finite(name, w_base, w_fts)
         if w_base.ndim != 2:
             reason = f"not a 2-D weight ({w_base.ndim}-D)"
@@ -147,11 +177,52 @@ class PaveEngine:
         if not self.models_to_purify(name, keys):
             return self.unpurified(name, keys)
         if not self.stored_in_out(name, keys):
-            return self.finish(name, self.decompose(name, w_base, w_fts, keys), keys)
+            return self.finish(name, self.decompose(name, w_base, w_fts, keys, release=release), keys)
         # GPT-2 Conv1D: y = x W with W stored in x out; eq. 5-6 act on the out x in matrix W^T
-        step = self.finish(name, self.decompose(name, w_base.T, [w.T for w in w_fts], keys), keys)
+        step = self.finish(name, self.decompose(name, w_base.T, [w.T for w in w_fts], keys, release=release), keys)
         step.purifications = [transposed_purification(p) if p is not None else None for p in step.purifications]
         return step
+
+    def run(
+        self,
+        names: Sequence[str],
+        read: TensorReader,
+        write: StepWriter,
+        *,
+        report: RankReport | None = None,
+        record: dict[str, Any] | None = None,
+        progress: str | None = None,
+    ) -> RankReport:
+        """PAVE over a whole model: each tensor of ``names`` (in that order) read, stepped
+        (:meth:`step`: finiteness, missing-covariance rule, eq. 5-6, Algorithm 1) and handed to
+        ``write``; each model's prepared covariance is released after the last tensor that reads it.
+        Returns the rank report (``record``: the settings it names; default :meth:`PaveSettings.to_dict`),
+        not yet marked complete: the face does that once its output is."""
+        from tqdm.auto import tqdm
+
+        report = report if report is not None else RankReport()
+        record = record if record is not None else self.settings.to_dict()
+        last_use = self._last_uses(names)
+        for index, name in enumerate(tqdm(names, desc=progress, unit="tensor", disable=progress is None)):
+            w_base, w_fts = read(name)
+            step = self.step(name, w_base, w_fts, release=lambda i, at=index: last_use.get(i, {}).get(name) == at)
+            if w_base.is_floating_point():  # integer buffers are copied, not reported
+                report.add_tensor(name, step.to_dict(), record, self.labels)
+            write(name, step, w_base, w_fts)
+            del w_base, w_fts, step
+        return report
+
+    def _last_uses(self, names: Sequence[str]) -> dict[int, dict[str, int]]:
+        """Per model, per tensor name: the index of the last name reading the same covariance."""
+        last: dict[int, dict[str, int]] = {}
+        for i, source in enumerate(self.sources):
+            by_key: dict[str, int] = {}
+            keys = [lookup_key(source, n) for n in names]
+            for index, key in enumerate(keys):
+                if key is not None:
+                    by_key[key] = index
+            last[i] = {n: by_key[k] for n, k in zip(names, keys) if k is not None}
+        return last
 
     def check_finite(self, name: str, w_base: Tensor, w_fts: Sequence[Tensor]) -> None:
         """Never merge NaN or Inf (also in tensors that are not purified: norms, embeddings)."""
@@ -201,6 +272,8 @@ class PaveEngine:
     ) -> list[CoSVD | None]:
         """One CO-SVD per model with a key (eq. 5), one model at a time; ``release(i)`` true drops
         model i's prepared covariances right after its decomposition (the next layer reads another input)."""
+        if self.store is not None:
+            return self._stored_decompositions(name, w_base, w_fts, keys, release)
         dtype = self.settings.dtype
         out: list[CoSVD | None] = []
         for i, (w_ft, key) in enumerate(zip(w_fts, keys)):
@@ -219,6 +292,26 @@ class PaveEngine:
             del prepared
             if release is not None and release(i):
                 self.cache.release(self.sources[i])  # type: ignore[arg-type]
+        return out
+
+    def _stored_decompositions(self, name, w_base, w_fts, keys, release) -> list[CoSVD | None]:
+        """:meth:`decompose` through :attr:`store`: models seen before reuse their ``U``, ``S``."""
+        assert self.store is not None
+        stored, target = self.store.decompositions, self.settings.target
+        todo = [key if (i, name, target) not in stored else None for i, key in enumerate(keys)]
+        keeper, self.store = self.store, None
+        try:
+            fresh = self.decompose(name, w_base, w_fts, todo, release=release)
+        finally:
+            self.store = keeper
+        for i, d in enumerate(fresh):
+            if d is not None:
+                stored[(i, name, target)] = replace(d, delta=None, w_ft=None)
+        base = w_base.to(self.settings.dtype)
+        out: list[CoSVD | None] = []
+        for i, (w_ft, key) in enumerate(zip(w_fts, keys)):
+            ft = w_ft.to(self.settings.dtype)
+            out.append(replace(stored[(i, name, target)], w_ft=ft, delta=ft - base) if key is not None else None)
         return out
 
     def finish(self, name: str, cosvds: MutableSequence[CoSVD | None], keys: Sequence[str | None]) -> LayerStep:

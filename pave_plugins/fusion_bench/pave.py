@@ -35,10 +35,9 @@ from fusion_bench import BaseAlgorithm, BaseModelPool
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from tqdm.auto import tqdm
 
-from pave_plugins.core.rank_allocation import model_rank_ratios
-from pave_plugins.engine import DEFAULT_RHO, PaveEngine, PaveSettings, purified_weight_from_tail
+from pave_plugins.engine import DEFAULT_RHO, PaveEngine, PaveSettings, RankReport, purified_weight_from_tail
+from pave_plugins.engine.report import REPORT_NAME
 from pave_plugins.io.output import check_apart, output_file
 from pave_plugins.io.sources import CovarianceSource, PreparedCache
 
@@ -99,7 +98,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         progressive_search: PAVE Appendix A.1 (needs a task pool), off by default.
         search_metric, search_higher_is_better: score read from the task pool's report per task.
         taskpool: task pool (config or instance) for the search when not run by ``fusion_bench``.
-        report_path: JSON rank report (default ``<log_dir>/pave_report.json`` when there is one).
+        report_path: JSON rank report (default ``<log_dir>/pave_rank_report.json`` when there is one).
         allow_missing_covariance: a layer some models have a covariance for and others lack is an
             error unless true (then those models keep their plain task vector for that layer).
         write_model_card: README.md beside a saved merged model (method, papers, Hydra config).
@@ -198,7 +197,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         tails: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = (
             {n: {} for n in names} if self.progressive_search else None
         )
-        layer_report = self._purify(base, working, sources, names, tails)
+        rank_report = self._purify(base, working, sources, names, tails)
         timings["purify_s"] = time.perf_counter() - t0
         self._inner_sources = sources  # an inner RegMean without covariances of its own reads these
         del sources
@@ -213,7 +212,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         timings["total_s"] = time.perf_counter() - t_start
         self._inner_sources = None
 
-        report = self._report(layer_report, names, timings, candidates)
+        report = self._report(rank_report, timings, candidates)
         result = self._finish(result, report, names)
         return result
 
@@ -225,19 +224,14 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     def _covariance_sources(self, modelpool, names, working) -> dict[str, CovarianceSource]:
         """One covariance source per model (files, a folder, or collected in the run), each through the
         fit check against its model: layers present, input sizes, fingerprint (a warning)."""
-        from pave_plugins.collect.files import check_covariance_file
-        from pave_plugins.io.covariance import CovarianceFileError
+        from pave_plugins.io.fit import fitted_source
 
         if self.covariances is None:
             sources = {n: self._collect(modelpool, n, working[n]) for n in names}
         else:
             sources = {n: self._source(n, path) for n, path in self._covariance_paths(names).items()}
-        for n, src in sources.items():
-            try:
-                check_covariance_file(src, working[n], on_fingerprint_mismatch=self._settings.on_fingerprint_mismatch)
-            except CovarianceFileError as exc:
-                raise CovarianceFileError(f"{exc} (model {n})") from exc
-        return sources
+        policy = self._settings.on_fingerprint_mismatch
+        return {n: fitted_source(src, working[n], label=n, on_fingerprint_mismatch=policy) for n, src in sources.items()}
 
     def _covariance_paths(self, names) -> dict[str, Any]:
         return covariance_paths(self.covariances, names, "PAVE", PAVEConfigError)
@@ -284,87 +278,38 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         return padding_collate(modelpool)
 
     # ------------------------------------------------------------- purify
-    def _purify(self, base, working, sources, names, tails) -> dict[str, dict]:
-        """The engine's per-layer step on every ``nn.Linear`` of the pool, weights purified in place."""
+    def _purify(self, base, working, sources, names, tails) -> RankReport:
+        """The engine's whole-model run over the pool's state dicts, weights purified in place
+        (layers kept at full rank stay bit-for-bit); ``tails`` keeps eq. 6's low-rank tails for the search."""
         engine = PaveEngine(self._settings, [sources[n] for n in names], names, cache=PreparedCache(),
                             device=self.fabric.device)
-        self._check_finite(engine, base, working, names)
-        base_modules = dict(base.named_modules())
-        work_modules = {n: dict(working[n].named_modules()) for n in names}
-        layers = [name for name, m in base.named_modules() if isinstance(m, nn.Linear)]
-        report: dict[str, dict] = {}
-        skipped = []
-        keys = engine.keys(layers[0]) if layers else []
-        for index, layer in enumerate(tqdm(layers, desc="PAVE purify", disable=len(layers) < 8)):
-            next_keys = engine.keys(layers[index + 1]) if index + 1 < len(layers) else None
-            if not engine.models_to_purify(layer, keys):
-                skipped.append(layer)
-                keys = next_keys
-                continue
-            w_base = base_modules[layer].weight
-            mods = [work_modules[n].get(layer) for n in names]
-            for n, mod, key in zip(names, mods, keys):
-                if key is not None and (not isinstance(mod, nn.Linear) or mod.weight.shape != w_base.shape):
-                    raise PAVEConfigError(f"PAVE: model {n!r} has no linear layer {layer!r} shaped like the base")
-            with self.profile("co-svd"):
-                # one model at a time: a covariance that the next layer does not share is released
-                # before the next model's is prepared, so at most one unshared C (11008^2 float64
-                # is 0.97 GB for LLaMA-7B's down_proj) is alive, not K
-                w_fts = [mod.weight.detach() if key is not None else w_base.detach() for mod, key in zip(mods, keys)]
-                decs = engine.decompose(layer, w_base.detach(), w_fts, keys,
-                                        release=lambda i, k=keys: next_keys is None or next_keys[i] != k[i])
-                del w_fts
-            with self.profile("purify"):
-                step = engine.finish(layer, decs, keys)
-            report[layer] = self._layer_entry(step, names, keys)
-            self._write_back(step, names, mods, layer, tails)
-            del decs, step
-            keys = next_keys
-        if not report:
+        base_sd = base.state_dict()
+        states = [working[n].state_dict() for n in names]
+
+        def read(key: str):
+            missing = [n for n, sd in zip(names, states) if key not in sd]
+            if missing:
+                raise PAVEConfigError(f"PAVE: model(s) {missing} have no tensor {key!r} of the base model")
+            return base_sd[key], [sd[key] for sd in states]
+
+        def write(key: str, step, w_base, w_fts) -> None:
+            for n, w, pur in zip(names, w_fts, step.purifications):
+                if pur is None or pur.rank >= pur.full_rank:
+                    continue
+                w.copy_(purified_weight_from_tail(w.to(self.fabric.device), pur.tail_left, pur.tail_right, w))
+                if tails is not None:
+                    tails[n][key] = (pur.tail_left.cpu(), pur.tail_right.cpu())
+            step.purifications.clear()
+
+        with self.profile("purify"):
+            report = engine.run(list(base_sd), read, write, record={**self._settings.to_dict(), "inner": str(self._inner_cfg._target_)},
+                                progress="PAVE purify" if len(base_sd) >= 8 else None)
+        if not report.to_dict()["n_purified"]:
             raise PAVEConfigError(
                 "PAVE: no linear layer of the model has a covariance (layer names do not match the covariance "
-                f"files?); first layers of the model: {layers[:5]}"
+                f"files?); first tensors of the model: {list(base_sd)[:5]}"
             )
-        if skipped:
-            log.info("PAVE: %d layers without covariance keep their plain task vectors: %s", len(skipped), skipped[:8])
-        self._skipped = skipped
         return report
-
-    @staticmethod
-    def _check_finite(engine: PaveEngine, base, working, names) -> None:
-        """Every floating tensor of every model is finite (norms and embeddings too, which PAVE does not
-        purify): the engine's one-line error otherwise, as ``pave purify`` and mergekit give."""
-        sds = [working[n].state_dict() for n in names]
-        for key, w_base in base.state_dict().items():
-            if w_base.is_floating_point() and all(key in sd for sd in sds):
-                engine.check_finite(key, w_base, [sd[key] for sd in sds])
-
-    @staticmethod
-    def _layer_entry(step, names, keys) -> dict:
-        """This algorithm's report entry of one layer (models without a covariance first)."""
-        entry: dict[str, Any] = {"full_rank": step.full_rank, "budget_met": step.budget_met, "models": {}}
-        for n, key in zip(names, keys):
-            if key is None:  # allow_missing_covariance: plain task vector = full rank, unchanged
-                entry["models"][n] = {"rank": step.full_rank, "damping": 0.0, "relative_change": 0.0,
-                                      "pruning_error": 0.0, "purified": False, "reason": "no covariance"}
-        for n, m in zip(names, step.models):
-            if m.purified:
-                entry["models"][n] = {"rank": m.rank, "damping": m.damping, "relative_change": m.relative_change,
-                                      "pruning_error": m.pruning_error}
-        return entry
-
-    def _write_back(self, step, names, mods, layer, tails) -> None:
-        """Overwrite each purified model's weight (layers kept at full rank stay bit-for-bit)."""
-        device = self.fabric.device
-        for i, (n, mod, pur) in enumerate(zip(names, mods, step.purifications)):
-            if pur is None or pur.rank >= pur.full_rank:
-                continue
-            weight = mod.weight
-            weight.data.copy_(purified_weight_from_tail(weight.detach().to(device), pur.tail_left, pur.tail_right,
-                                                        weight))
-            if tails is not None:
-                tails[n][layer] = (pur.tail_left.cpu(), pur.tail_right.cpu())
-            step.purifications[i] = None
 
     # -------------------------------------------------------------- inner
     def _pool(self, base: nn.Module, models: dict[str, nn.Module]) -> BaseModelPool:
@@ -455,10 +400,9 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             for n in names:
                 m = fresh(n)
                 if n not in full:
-                    mods = dict(m.named_modules())
-                    for layer, (left, right) in tails[n].items():
-                        w = mods[layer].weight
-                        w.data.copy_(purified_weight_from_tail(w.detach().to(left.device), left, right, w))
+                    sd = m.state_dict()
+                    for key, (left, right) in tails[n].items():
+                        sd[key].copy_(purified_weight_from_tail(sd[key].to(left.device), left, right, sd[key]))
                 models[n] = m
             merged = self._run_inner(self._pool(cand_base, models))
             del models
@@ -484,61 +428,26 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         return best, {"individual": individual, "candidates": candidates, "selected": best_index}
 
     # ---------------------------------------------------------- reporting
-    def _report(self, layer_report, names, timings, candidates) -> dict:
-        ranks = {layer: [e["models"][n]["rank"] for n in names] for layer, e in layer_report.items()}
-        full = {layer: e["full_rank"] for layer, e in layer_report.items()}
-        ratios = model_rank_ratios(ranks, full)
-        per_model = {}
-        for i, n in enumerate(names):
-            changes = [e["models"][n]["relative_change"] for e in layer_report.values()]
-            damp = [e["models"][n]["damping"] for e in layer_report.values()]
-            per_model[n] = {
-                "rho_i": ratios[i],
-                "mean_relative_change": sum(changes) / len(changes),
-                "max_relative_change": max(changes),
-                "max_damping": max(damp),
-                "damped_layers": sum(d > 0 for d in damp),
-            }
-        report = {
-            "method": "PAVE",
-            "paper": PAVE_PAPER[1],
-            "inner": OmegaConf.to_container(self._inner_cfg, resolve=True),
-            "rho": self.rho,
-            "gamma": self._gamma,
-            "rank_allocation": self.rank_allocation,
-            "target": self.target,
-            "compute_dtype": str(self._dtype).replace("torch.", ""),
-            "models": per_model,
-            "budget_met_all_layers": all(e["budget_met"] for e in layer_report.values()),
-            "layers": layer_report,
-            "layers_without_covariance": getattr(self, "_skipped", []),
-            "timings": timings,
-        }
-        if candidates is not None:
-            report["progressive_search"] = candidates
-        log.info(
-            "PAVE rank report (rho=%s, gamma=%.4g, %s, target=%s): %s",
-            self.rho, self._gamma, self.rank_allocation, self.target,
-            ", ".join(f"{n}: rho_i={v['rho_i']:.4f} rel.change={v['mean_relative_change']:.3g} "
-                      f"max damping={v['max_damping']:.3g}" for n, v in per_model.items()),
-        )
-        for layer, e in layer_report.items():
-            log.debug("PAVE %s (R=%d): %s", layer, e["full_rank"],
-                      {n: (m["rank"], round(m["relative_change"], 4)) for n, m in e["models"].items()})
+    def _report(self, rank_report: RankReport, timings, candidates) -> dict:
+        """The engine's rank report, with the inner method, timings and the search's candidates."""
+        rank_report.finished = True
+        rank_report.extra = {"inner": OmegaConf.to_container(self._inner_cfg, resolve=True), "timings": timings,
+                             **({"progressive_search": candidates} if candidates is not None else {})}
+        report = rank_report.to_dict()
+        log.info("%s", rank_report.summary())
         log.info("PAVE timings: %s", {k: round(v, 3) for k, v in timings.items()})
         self.last_report = report
         path = self.report_path
         if path is None:
             log_dir = algorithm_log_dir(self)
-            path = os.path.join(log_dir, "pave_report.json") if log_dir else None
+            path = os.path.join(log_dir, REPORT_NAME) if log_dir else None
         if path is not None:
             write_json(path, report, inputs=self._run_inputs)
-            report["report_file"] = str(path)
             log.info("PAVE report written to %s", path)
         fabric = self._fabric_instance
         if fabric is not None and getattr(fabric, "_loggers", None):
             try:
-                fabric.log_dict({f"pave/rho_i/{n}": v["rho_i"] for n, v in per_model.items()})
+                fabric.log_dict({f"pave/rho_i/{n}": v for n, v in report["model_ratios"].items()})
             except Exception:  # a logger that refuses scalars must not fail the merge
                 pass
         return report
@@ -560,7 +469,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             ),
             papers=papers,
             config_yaml=program_config_yaml(self),
-            details={n: f"rho_i={v['rho_i']:.4f}" for n, v in report["models"].items()},
+            details={n: f"rho_i={v:.4f}" for n, v in report["model_ratios"].items() if v is not None},
             is_file=file_save,
             inputs=self._run_inputs,
         )
@@ -582,7 +491,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
                 scores, raw = self.evaluate_per_task(taskpool, result, names)
                 report["per_task_evaluation"] = raw
                 log.info("PAVE: per-task evaluation of the modulated model: %s", scores)
-                return {"pave_per_task_evaluation": raw, "pave_rho_i": {n: v["rho_i"] for n, v in report["models"].items()}}
+                return {"pave_per_task_evaluation": raw, "pave_rho_i": report["model_ratios"]}
             return result
         if save_path is not None:
             file_save = type(program.modelpool).save_model is BaseModelPool.save_model

@@ -133,8 +133,7 @@ class RegMeanAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
 
     def _sources(self, names, models) -> dict[str, CovarianceSource]:
         """One covariance source per model, each through the fit check against its model."""
-        from pave_plugins.collect.files import check_covariance_file
-        from pave_plugins.io.covariance import CovarianceFileError
+        from pave_plugins.io.fit import fitted_source
 
         if self.covariances is not None:
             paths = covariance_paths(self.covariances, names, "RegMean", RegMeanConfigError)
@@ -146,12 +145,8 @@ class RegMeanAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
                 "RegMean: method.covariances is null; give {model name: file from `pave collect`} or a folder "
                 "of <model name>.safetensors"
             )
-        for n, src in sources.items():
-            try:
-                check_covariance_file(src, models[n], on_fingerprint_mismatch="warn")
-            except CovarianceFileError as exc:
-                raise CovarianceFileError(f"{exc} (model {n})") from exc
-        return sources
+        policy = self._settings.on_fingerprint_mismatch
+        return {n: fitted_source(src, models[n], label=n, on_fingerprint_mismatch=policy) for n, src in sources.items()}
 
     def _merge(self, engine: RegMeanEngine, base: nn.Module, models: dict[str, nn.Module], report) -> None:
         """Every state-dict entry of the pretrained model, one at a time, written back in place."""

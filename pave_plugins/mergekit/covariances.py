@@ -3,8 +3,8 @@
 mergekit streams a merge tensor by tensor; so does this: a covariance is read from its file only
 when the tensor that needs it is merged, and prepared (damping check) once per shared input by the
 engine's :class:`~pave_plugins.io.sources.PreparedCache`. Every file goes through the same fit check
-as in the other faces (:func:`pave_plugins.collect.check_covariance_file`) against the model folder
-mergekit loads; a fingerprint mismatch is a warning here (mergekit cannot say whether a folder is
+as in the other faces (:func:`pave_plugins.io.fit.fitted_source`) against the model folder
+mergekit loads; a fingerprint mismatch is a warning by default here (the settings' ``on_fingerprint_mismatch``) (mergekit cannot say whether a folder is
 the model a covariance was collected on or a LoRA-merged / re-wrapped copy of it).
 """
 
@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 from typing import Hashable, Optional
 
-from pave_plugins.collect.files import check_covariance_file
-from pave_plugins.io.covariance import CovarianceFile, CovarianceFileError
+from pave_plugins.io.covariance import CovarianceFile
+from pave_plugins.io.fit import fitted_source
 from pave_plugins.io.sources import PreparedCache
 
 from .source_names import source_name
@@ -94,7 +94,7 @@ class CovarianceStore:
             self._files.clear()
             self.cache.clear()
 
-    def file(self, model: Hashable, path: str) -> StepSource:
+    def file(self, model: Hashable, path: str, *, on_fingerprint_mismatch: str) -> StepSource:
         """Open ``path`` once per (model, path) and run the fit check against ``model``'s folder;
         the step's tensors are looked up under their source names (see :class:`StepSource`)."""
         try:  # a file rewritten between two merges in one process is opened again
@@ -108,9 +108,6 @@ class CovarianceStore:
                 cf = CovarianceFile(os.path.expanduser(path))
                 folder = model_folder(model)
                 if folder is not None:
-                    try:
-                        check_covariance_file(cf, folder, on_fingerprint_mismatch="warn")
-                    except CovarianceFileError as exc:
-                        raise CovarianceFileError(f"{exc} (model {model})") from exc
+                    fitted_source(cf, folder, label=str(model), on_fingerprint_mismatch=on_fingerprint_mismatch)
                 cf = self._files[key] = StepSource(model, cf)
             return cf

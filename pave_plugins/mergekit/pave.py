@@ -167,6 +167,7 @@ class PaveMerge(GroupMergeMethod):
             target=params["target"],
             compute_dtype=params["compute_dtype"],
             allow_missing_covariance=bool(params.get("allow_missing_covariance", False)),
+            on_fingerprint_mismatch="warn",  # mergekit may hand a LoRA-merged or re-saved copy of the model
         )
         report = current_report()
         if report.on_close_once(self.store.clear):
@@ -192,7 +193,7 @@ class PaveMerge(GroupMergeMethod):
         entries = group.non_base
         wanted = base.ndim == 2 and base.is_floating_point()
         sources = [
-            self.store.file(e.id, cov_paths.get(e.id)) if wanted and cov_paths.get(e.id) is not None else None
+            self.store.file(e.id, cov_paths.get(e.id), on_fingerprint_mismatch=settings.on_fingerprint_mismatch) if wanted and cov_paths.get(e.id) is not None else None
             for e in entries
         ]
         engine = PaveEngine(settings, sources, [str(e.id) for e in entries], cache=self.store.cache)

@@ -124,7 +124,7 @@ class RegMeanMerge(GroupMergeMethod):
                 if missing:  # as pave does: without any covariance, the plain rule, said once per merge
                     logger.warning("regmean: no model has a covariance file (per-model parameter 'covariance'): every "
                                    "tensor is merged by the plain rule non_linear=%s", settings.non_linear)
-                sources = [self.store.file(e.id, p) if p is not None else None for e, p in zip(entries, paths)]
+                sources = [self.store.file(e.id, p, on_fingerprint_mismatch=settings.on_fingerprint_mismatch) if p is not None else None for e, p in zip(entries, paths)]
                 engine = RegMeanEngine(settings, sources, [str(e.id) for e in entries], cache=self.store.cache)
                 self._engines[key] = engine
             return engine
