@@ -103,3 +103,27 @@ def device(text: str) -> str:
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise argparse.ArgumentTypeError(f"{text}: no MPS device here; use cpu")
     return text
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, settings_cls: type, *, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per row of a settings table (:func:`pave_plugins.engine.settings.table`): ``--name-with-dashes``,
+    numbers checked finite here and by the settings' own rules when the run builds them."""
+    from pave_plugins.engine.settings import table
+
+    for row in table(settings_cls):
+        if row.name in exclude:
+            continue
+        flag = "--" + row.name.replace("_", "-")
+        if row.type is bool:
+            parser.add_argument(flag, action="store_true", help=row.help)
+            continue
+        default = "" if row.default is None else f" (default {row.default})"
+        kind = {float: finite_float, int: _int, str: str}[row.type]
+        parser.add_argument(flag, type=kind, choices=row.choices, default=row.default, help=row.help + default)
+
+
+def setting_values(args: argparse.Namespace, settings_cls: type) -> dict[str, Any]:
+    """The values of a settings table's flags in ``args`` (those the parser has)."""
+    from pave_plugins.engine.settings import table
+
+    return {row.name: getattr(args, row.name) for row in table(settings_cls) if hasattr(args, row.name)}

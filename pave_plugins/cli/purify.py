@@ -15,13 +15,11 @@ import argparse
 import logging
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from pave_plugins.cli import checks
-from pave_plugins.core.purify import TARGETS
-from pave_plugins.core.rank_allocation import ALLOCATIONS
 from pave_plugins.engine.report import REPORT_NAME
-from pave_plugins.engine.settings import COMPUTE_DTYPES, DEFAULT_RHO
+from pave_plugins.engine.settings import PaveSettings
 from pave_plugins.io import strict_json
 from pave_plugins.io.output import MANIFEST
 
@@ -44,26 +42,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--covariance", action="append", required=True, type=Path, help="covariance file of the preceding --model (repeat)"
     )
-    p.add_argument("--rho", type=checks.finite_float, default=DEFAULT_RHO, help=f"preserved rank ratio of Algorithm 1 (default {DEFAULT_RHO})")
-    p.add_argument("--gamma", type=checks.finite_float, default=None, help="stopping ratio (default rho - (1 - rho) / 2)")
-    p.add_argument("--rank-allocation", choices=ALLOCATIONS, default="spectral")
-    p.add_argument(
-        "--target",
-        choices=TARGETS,
-        default="weight",
-        help="'weight': eq. 6 as published (SVD of W_ft C); 'delta': SVD of dW C (base weight untouched)",
-    )
-    p.add_argument("--compute-dtype", choices=tuple(COMPUTE_DTYPES), default="float64")
+    checks.add_setting_flags(p, PaveSettings, exclude=("on_fingerprint_mismatch",))
     p.add_argument("--device", default="cpu", type=checks.device, help="torch device for the maths (e.g. cuda)")
     p.add_argument("--max-shard-size", type=checks.positive_int, default=5 * 10**9, help="bytes per output safetensors shard")
     p.add_argument("--out", required=True, type=Path, help="output folder (one sub-folder per model)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier output of pave purify at --out (once the new one is complete)")
-    p.add_argument(
-        "--allow-missing-covariance",
-        action="store_true",
-        help="a layer some models have a covariance for and others lack keeps the plain task vector of the "
-        "latter (default: error)",
-    )
     p.add_argument(
         "--allow-fingerprint-mismatch",
         action="store_true",
@@ -85,22 +68,17 @@ def purify_checkpoints(
     covariances: Sequence[Path],
     out: Path,
     *,
-    rho: float = DEFAULT_RHO,
-    gamma: float | None = None,
-    rank_allocation: str = "spectral",
-    target: str = "weight",
-    compute_dtype: str = "float64",
     device: str = "cpu",
     max_shard_size: int = 5 * 10**9,
     overwrite: bool = False,
-    allow_missing_covariance: bool = False,
     allow_fingerprint_mismatch: bool = False,
     allow_pickle: bool = False,
+    **settings: Any,
 ) -> Path:
-    """Write one purified checkpoint per model under ``out`` (see module docstring); returns ``out``."""
+    """Write one purified checkpoint per model under ``out`` (see module docstring); returns ``out``.
+    ``settings``: :class:`~pave_plugins.engine.PaveSettings` by name (``rho``, ``target``, ...)."""
     import torch
 
-    from pave_plugins.engine import PaveSettings
     from pave_plugins.io.covariance import not_a_covariance_file
     from pave_plugins.io.output import check_output
 
@@ -110,15 +88,9 @@ def purify_checkpoints(
         )
     if not models:
         raise ValueError("give at least one --model")
-    settings = PaveSettings(
-        rho=rho,
-        gamma=gamma,
-        rank_allocation=rank_allocation,
-        target=target,
-        compute_dtype=compute_dtype,
-        allow_missing_covariance=allow_missing_covariance,
-        on_fingerprint_mismatch="warn" if allow_fingerprint_mismatch else "error",
-    )
+    if allow_fingerprint_mismatch:
+        settings["on_fingerprint_mismatch"] = "warn"
+    settings = PaveSettings(**settings)
     check_output(out, who=WHO, inputs=_inputs(base, models, covariances), overwrite=overwrite)  # before any work
     for c in covariances:
         problem = not_a_covariance_file(c)
@@ -127,8 +99,7 @@ def purify_checkpoints(
     dev = torch.device(device)
     base_ck, cks = _open_checkpoints(base, models, allow_pickle)
     sources = _fitted_sources(models, covariances, cks, settings)
-    record = {"inner": None, "rho": rho, "gamma": gamma, "rank_allocation": rank_allocation, "target": target,
-              "compute_dtype": compute_dtype}
+    record = {"inner": None, **settings.to_dict()}
     inputs = _inputs(base, models, covariances)
     report = _write_purified(out, inputs, base_ck, cks, sources, settings, record, dev, max_shard_size, overwrite)
     logger.info("%s\nwrote %s", report.summary().replace("PAVE: purified", "pave purify: purified", 1), out)
@@ -216,16 +187,11 @@ def run(args: argparse.Namespace) -> int:
         args.model,
         args.covariance,
         args.out,
-        rho=args.rho,
-        gamma=args.gamma,
-        rank_allocation=args.rank_allocation,
-        target=args.target,
-        compute_dtype=args.compute_dtype,
         device=args.device,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
-        allow_missing_covariance=args.allow_missing_covariance,
         allow_fingerprint_mismatch=args.allow_fingerprint_mismatch,
         allow_pickle=args.allow_pickle,
+        **checks.setting_values(args, PaveSettings),
     )
     return 0

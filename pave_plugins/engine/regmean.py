@@ -18,7 +18,7 @@ The faces (mergekit ``regmean``, FusionBench ``pave/regmean``, the benchmark) bu
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import torch
@@ -43,7 +43,7 @@ from pave_plugins.io.sources import (
     weight_layout,
 )
 
-from .settings import COMPUTE_DTYPES, compute_dtype_name
+from .settings import COMPUTE_DTYPES, check_table, compute_dtype_name, setting
 from .step import check_finite_weights
 
 logger = logging.getLogger("pave_plugins")
@@ -58,35 +58,31 @@ class RegMeanSettings:
     count, as FusionBench), ``non_linear`` (``mean``: the paper; ``task_arithmetic``: base +
     ``scaling_factor`` x sum of task vectors, needs the base model) and ``compute_dtype``."""
 
-    reduce_non_diagonal_ratio: float = 1.0
-    gram_weighting: str = "sum"
-    non_linear: str = "mean"
-    scaling_factor: float = 1.0
-    compute_dtype: str = "float64"
-    #: a covariance collected on other weights of the same shapes: refused, a warning (default: a
-    #: face may hold a re-saved or LoRA-merged copy of the model) or ignored
-    on_fingerprint_mismatch: str = "warn"
+    reduce_non_diagonal_ratio: float = setting(
+        1.0, "a of RegMean Sec. 3.3: off-diagonal Gram entries scaled by a, in [0, 1]; 1 is the closed form",
+        check=check_non_diagonal_ratio)
+    gram_weighting: str = setting("sum", "sum: Grams as collected (the paper); mean: each divided by its token "
+                                  "count (FusionBench)", choices=GRAM_WEIGHTINGS)
+    non_linear: str = setting("mean", "entries RegMean does not regress: mean (the paper) or task_arithmetic",
+                              choices=NON_LINEAR_RULES)
+    scaling_factor: float = setting(1.0, "task_arithmetic only: base + scaling_factor x sum of task vectors",
+                                    face_names={"mergekit": "lambda"})
+    compute_dtype: str = setting("float64", "dtype of the maths", choices=tuple(COMPUTE_DTYPES))
+    on_fingerprint_mismatch: str = setting(
+        "warn", "a covariance collected on other weights of the same shapes: error, warn (default: a face may "
+        "hold a re-saved or LoRA-merged copy of the model) or ignore", choices=FINGERPRINT_POLICIES)
 
     def __post_init__(self) -> None:
-        if self.on_fingerprint_mismatch not in FINGERPRINT_POLICIES:
-            raise ValueError(
-                f"on_fingerprint_mismatch must be one of {FINGERPRINT_POLICIES}, got {self.on_fingerprint_mismatch!r}"
-            )
-        object.__setattr__(self, "reduce_non_diagonal_ratio", check_non_diagonal_ratio(self.reduce_non_diagonal_ratio))
-        if self.gram_weighting not in GRAM_WEIGHTINGS:
-            raise ValueError(f"gram_weighting must be one of {GRAM_WEIGHTINGS}, got {self.gram_weighting!r}")
-        if self.non_linear not in NON_LINEAR_RULES:
-            raise ValueError(f"non_linear must be one of {NON_LINEAR_RULES}, got {self.non_linear!r}")
-        if isinstance(self.scaling_factor, bool) or not isinstance(self.scaling_factor, (int, float)):
-            raise ValueError(f"scaling_factor must be a number, got {self.scaling_factor!r}")
-        object.__setattr__(self, "compute_dtype", compute_dtype_name(self.compute_dtype))
+        if not isinstance(self.compute_dtype, str) or self.compute_dtype not in COMPUTE_DTYPES:
+            object.__setattr__(self, "compute_dtype", compute_dtype_name(self.compute_dtype))
+        check_table(self)
 
     @property
     def dtype(self) -> torch.dtype:
         return COMPUTE_DTYPES[self.compute_dtype]
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class GramSum:

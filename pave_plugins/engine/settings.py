@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -48,44 +49,114 @@ def compute_dtype_name(value: str | torch.dtype) -> str:
     return key
 
 
+def setting(default: Any, help: str, *, choices: Sequence[str] | None = None, check: Callable[[Any], Any] | None = None,
+            optional: bool = False, face_defaults: Mapping[str, Any] | None = None,
+            face_names: Mapping[str, str] | None = None) -> Any:
+    """One row of a settings table: a dataclass field whose metadata is what every face derives its
+    declaration from (mergekit ``ParameterSpec``, argparse flag, FusionBench config key, see
+    :func:`table`). ``check``: the value's own rule (raises ``ValueError``); ``optional``: ``None``
+    allowed; ``face_defaults`` / ``face_names``: a face whose default / name differs (``mergekit``,
+    ``fusion_bench``), e.g. mergekit's own ``lambda`` for a scaling factor."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "check": check, "optional": optional,
+            "face_defaults": dict(face_defaults or {}), "face_names": dict(face_names or {})}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A row of a settings table, as the faces read it."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+    check: Callable[[Any], Any] | None
+    optional: bool
+    face_defaults: dict[str, Any]
+    face_names: dict[str, str]
+
+    def default_for(self, face: str) -> Any:
+        return self.face_defaults.get(face, self.default)
+
+    def name_for(self, face: str) -> str:
+        return self.face_names.get(face, self.name)
+
+
+_TYPES = {"float": float, "float | None": float, "str": str, "bool": bool, "int": int}
+
+
+def table(cls: type) -> tuple[Setting, ...]:
+    """The settings table of a settings dataclass (its fields declared with :func:`setting`)."""
+    return tuple(
+        Setting(f.name, _TYPES[str(f.type)], f.default, f.metadata["help"], f.metadata["choices"],
+                f.metadata["check"], f.metadata["optional"], f.metadata["face_defaults"], f.metadata["face_names"])
+        for f in fields(cls) if "help" in f.metadata
+    )
+
+
+def check_table(obj: Any) -> None:
+    """Every setting of ``obj`` against its row: type (``true`` is not a number), choices, own rule."""
+    for row in table(type(obj)):
+        value = getattr(obj, row.name)
+        if value is None and row.optional:
+            continue
+        if row.type is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{row.name} must be a number, got {value!r}")
+        elif row.type is bool and not isinstance(value, bool):
+            raise ValueError(f"{row.name} must be true or false, got {value!r}")
+        if row.choices is not None and value not in row.choices:
+            raise ValueError(f"{row.name} must be one of {row.choices}, got {value!r}")
+        if row.check is not None:
+            row.check(value)
+
+
+def _check_rho(rho: float) -> None:
+    check_rho_gamma(rho, None)
+
+
+def _check_gamma(gamma: float) -> None:
+    check_rho_gamma(1.0, gamma)  # on its own; against rho in PaveSettings
+
+
 @dataclass(frozen=True)
 class PaveSettings:
-    """PAVE's parameters (PAVE paper, Sec. 3.3 and Algorithm 1).
+    """PAVE's parameters (PAVE paper, Sec. 3.3 and Algorithm 1): the one declaration of each, from
+    which the mergekit parameters, the ``pave purify`` flags and the FusionBench config are derived
+    (:func:`table`). Validated once, when built."""
 
-    ``rho``: preserved rank ratio in (0, 1]; ``gamma``: stopping ratio (``None``: ``rho - (1-rho)/2``);
-    ``rank_allocation``: ``spectral`` (Algorithm 1) or ``uniform`` (Table 4 baseline); ``target``:
-    ``weight`` (eq. 6) or ``delta`` (CO-SVD of the task vector); ``compute_dtype``: of the maths;
-    ``allow_missing_covariance``: a layer some models have a covariance for and others lack keeps the
-    plain task vector of the latter (default: error); ``on_fingerprint_mismatch``: a covariance
-    collected on other weights of the same shapes is an ``error``, a ``warn``-ing or ``ignore``-d.
-    """
-
-    rho: float = DEFAULT_RHO
-    gamma: float | None = None
-    rank_allocation: str = "spectral"
-    target: str = "weight"
-    compute_dtype: str = "float64"
-    allow_missing_covariance: bool = False
-    on_fingerprint_mismatch: str = "error"
+    rho: float = setting(DEFAULT_RHO, "preserved rank ratio of Algorithm 1, in (0, 1]; paper values 7/8, 15/16, "
+                         "31/32, 63/64; 1 reproduces the inner method", check=_check_rho)
+    gamma: float | None = setting(None, "stopping ratio of Algorithm 1, in [0, rho] (default rho - (1 - rho) / 2)",
+                                  check=_check_gamma, optional=True)
+    rank_allocation: str = setting("spectral", "spectral: Algorithm 1; uniform: every model keeps floor(rho R) "
+                                   "(the Table 4 baseline)", choices=ALLOCATIONS)
+    target: str = setting("weight", "weight: eq. 6 as published (SVD of W_ft C); delta: SVD of dW C (base weight "
+                          "untouched)", choices=TARGETS)
+    compute_dtype: str = setting("float64", "dtype of the maths (float32 is inaccurate for target weight on "
+                                 "ill-conditioned covariances)", choices=tuple(COMPUTE_DTYPES))
+    allow_missing_covariance: bool = setting(False, "a layer some models have a covariance for and others lack "
+                                             "keeps the plain task vector of the latter (default: error)")
+    on_fingerprint_mismatch: str = setting(
+        "error", "a covariance collected on other weights of the same shapes: error, warn or ignore",
+        choices=FINGERPRINT_POLICIES,
+        # mergekit and FusionBench may hand a LoRA-merged or re-saved copy of the model
+        face_defaults={"mergekit": "warn", "fusion_bench": "warn"},
+    )
 
     def __post_init__(self) -> None:
-        check_rho_gamma(self.rho, self.gamma)
-        if self.rank_allocation not in ALLOCATIONS:
-            raise ValueError(f"rank_allocation must be one of {ALLOCATIONS}, got {self.rank_allocation!r}")
-        if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
-        object.__setattr__(self, "compute_dtype", compute_dtype_name(self.compute_dtype))
+        if not isinstance(self.compute_dtype, str) or self.compute_dtype not in COMPUTE_DTYPES:
+            object.__setattr__(self, "compute_dtype", compute_dtype_name(self.compute_dtype))
+        check_table(self)
+        object.__setattr__(self, "_gamma", check_rho_gamma(self.rho, self.gamma))
         if self.compute_dtype == "float32" and self.target == "weight":
             warn_float32_weight_target()
-        if self.on_fingerprint_mismatch not in FINGERPRINT_POLICIES:
-            raise ValueError(
-                f"on_fingerprint_mismatch must be one of {FINGERPRINT_POLICIES}, got {self.on_fingerprint_mismatch!r}"
-            )
 
     @property
     def resolved_gamma(self) -> float:
-        """``gamma``, or the paper's default ``rho - (1 - rho) / 2``."""
-        return check_rho_gamma(self.rho, self.gamma)
+        """``gamma``, or the paper's default ``rho - (1 - rho) / 2`` (checked against rho once, when built)."""
+        return self._gamma  # type: ignore[attr-defined]
 
     @property
     def dtype(self) -> torch.dtype:

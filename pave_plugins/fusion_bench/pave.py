@@ -38,6 +38,7 @@ from torch import nn
 
 from pave_plugins.engine import DEFAULT_RHO, PaveEngine, PaveSettings, RankReport, purified_weight_from_tail
 from pave_plugins.engine.report import REPORT_NAME
+from pave_plugins.engine.settings import table
 from pave_plugins.io.output import check_apart, output_file
 from pave_plugins.io.sources import CovarianceSource, PreparedCache
 
@@ -101,6 +102,11 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         report_path: JSON rank report (default ``<log_dir>/pave_rank_report.json`` when there is one).
         allow_missing_covariance: a layer some models have a covariance for and others lack is an
             error unless true (then those models keep their plain task vector for that layer).
+        on_fingerprint_mismatch: a covariance collected on other weights of the same shapes:
+            ``warn`` (default: a pool may hold a re-saved copy), ``error`` or ``ignore``.
+        (``rho`` ... ``compute_dtype``, ``allow_missing_covariance`` and ``on_fingerprint_mismatch``
+        are :class:`pave_plugins.engine.PaveSettings`, declared there; a test checks this signature
+        and ``pave.yaml`` against it.)
         write_model_card: README.md beside a saved merged model (method, papers, Hydra config).
     """
 
@@ -124,24 +130,14 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         report_path: str | None = None,
         write_model_card: bool = True,
         allow_missing_covariance: bool = False,
+        on_fingerprint_mismatch: str = "warn",
         **kwargs,
     ):
         super().__init__(**kwargs)
-        try:
-            # a fingerprint mismatch is a warning here, as in mergekit: a pool may hold a re-saved copy
-            self._settings = PaveSettings(
-                rho=rho,
-                gamma=gamma,
-                rank_allocation=rank_allocation,
-                target=target,
-                compute_dtype=compute_dtype,
-                allow_missing_covariance=allow_missing_covariance,
-                on_fingerprint_mismatch="warn",
-            )
+        try:  # the PAVE settings by their one declaration (auto_register_config set them as attributes)
+            self._settings = PaveSettings(**{row.name: getattr(self, row.name) for row in table(PaveSettings)})
         except ValueError as exc:
             raise PAVEConfigError(f"PAVE: {exc}") from exc
-        self._gamma = self._settings.resolved_gamma
-        self._dtype = self._settings.dtype
         if isinstance(n_samples, bool) or int(n_samples) != n_samples or int(n_samples) < 1:
             raise PAVEConfigError(f"PAVE: n_samples must be a positive integer, got {n_samples!r}")
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or int(batch_size) < 1:
@@ -455,6 +451,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     def _model_card(self, save_path: str, names, report, *, file_save: bool) -> None:
         if not self.write_model_card:
             return
+        s = self._settings
         papers = [PAVE_PAPER]
         if "TSV" in str(self._inner_cfg._target_) or "task_singular" in str(self._inner_cfg._target_):
             papers.append(TSV_PAPER)
@@ -463,8 +460,8 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             method=f"PAVE + {str(self._inner_cfg._target_).rsplit('.', 1)[-1]} (pave_plugins `pave/pave`)",
             description=(
                 f"{len(names)} fine-tuned models ({', '.join(names)}) purified with PAVE "
-                f"(context-oriented SVD, {self.rank_allocation} rank allocation, rho={self.rho}, "
-                f"gamma={self._gamma:.4g}, target={self.target}) and merged with the inner method "
+                f"(context-oriented SVD, {s.rank_allocation} rank allocation, rho={s.rho}, "
+                f"gamma={s.resolved_gamma:.4g}, target={s.target}) and merged with the inner method "
                 f"`{self._inner_cfg._target_}`."
             ),
             papers=papers,

@@ -27,6 +27,7 @@ from torch import nn
 
 from pave_plugins.engine.regmean import RegMeanEngine, RegMeanSettings
 from pave_plugins.engine.report import RegMeanReport
+from pave_plugins.engine.settings import table
 from pave_plugins.io.sources import CovarianceSource
 
 from .boundary import one_line_errors
@@ -77,19 +78,14 @@ class RegMeanAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
         non_linear: str = "mean",
         scaling_factor: float = 1.0,
         compute_dtype: str = "float64",
+        on_fingerprint_mismatch: str = "warn",
         report_path: str | None = None,
         write_model_card: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
         try:
-            self._settings = RegMeanSettings(
-                reduce_non_diagonal_ratio=reduce_non_diagonal_ratio,
-                gram_weighting=gram_weighting,
-                non_linear=non_linear,
-                scaling_factor=scaling_factor,
-                compute_dtype=compute_dtype,
-            )
+            self._settings = RegMeanSettings(**{row.name: getattr(self, row.name) for row in table(RegMeanSettings)})
         except ValueError as exc:
             raise RegMeanConfigError(f"RegMean: {exc}") from exc
         if covariances is not None and not isinstance(covariances, (str, os.PathLike, Mapping, DictConfig)):

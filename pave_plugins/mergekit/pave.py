@@ -13,13 +13,16 @@ YAML: per model ``weight``, ``covariance`` (a ``pave_plugins.io.covariance`` fil
 ``normalize``, ``rescale``, ``int8_mask``, ``alpha``, ``reduce_non_diagonal_ratio``, ``gram_weighting``,
 ``non_linear`` (the last three for ``inner: regmean``, which uses the same covariance files),
 ``compute_dtype``, ``allow_missing_covariance``
-(default false: a tensor that some models have a covariance for and others lack is an error).
+(default false: a tensor that some models have a covariance for and others lack is an error),
+``on_fingerprint_mismatch`` (default ``warn``). The PAVE settings are declared once, in
+:class:`pave_plugins.engine.PaveSettings`; their specs here are derived from it.
 Inner-method parameters
 left unset take the inner method's own defaults.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Optional
 
@@ -36,18 +39,18 @@ from mergekit.merge_methods.base import (
     TensorEntry,
     TensorGroup,
 )
-from pydantic import AfterValidator, BeforeValidator
+from pydantic import AfterValidator
 from typing_extensions import Annotated, Literal
 
 from pave_plugins._mergekit_bootstrap import register_late, when_imported
-from pave_plugins.core.rank_allocation import check_rho_gamma
-from pave_plugins.engine import DEFAULT_RHO, PaveEngine, PaveSettings, purified_weight
+from pave_plugins.engine import PaveEngine, PaveSettings, purified_weight
+from pave_plugins.engine.settings import table
 
 from .covariances import CovarianceStore, check_covariance_path
 from .recipe import install_recipe_check
 from .report import current_report, install_output_hooks
 from .source_names import install_source_names
-from .types import OptionalFiniteFloat, not_bool
+from .types import OptionalFiniteFloat, setting_specs
 
 logger = logging.getLogger("pave_plugins.mergekit")
 
@@ -78,16 +81,10 @@ def _check_inner(name: str) -> str:
     return name
 
 
-def _check_rho(rho: float) -> float:
-    check_rho_gamma(rho, None)
-    return rho
-
-
-def _check_gamma(gamma: Optional[float]) -> Optional[float]:
-    """On its own (the recipe check compares it with rho): a finite number in [0, 1]."""
-    if gamma is not None:
-        check_rho_gamma(1.0, gamma)
-    return gamma
+@functools.lru_cache(maxsize=8)
+def _settings(values: tuple) -> PaveSettings:
+    """The run's settings, built (and validated) once, not per tensor."""
+    return PaveSettings(*values)
 
 
 def resolve_inner(name: str) -> MergeMethod:
@@ -126,15 +123,6 @@ class PaveMerge(GroupMergeMethod):
             ParameterSpec(
                 "inner", Annotated[str, AfterValidator(_check_inner)], ParameterScope.SHARED, default="task_arithmetic"
             ),
-            ParameterSpec("rho", Annotated[float, BeforeValidator(not_bool), AfterValidator(_check_rho)], ParameterScope.SHARED,
-                          default=DEFAULT_RHO),
-            ParameterSpec(
-                "gamma", Annotated[Optional[float], BeforeValidator(not_bool), AfterValidator(_check_gamma)], ParameterScope.SHARED,
-                default=None
-            ),
-            ParameterSpec("rank_allocation", Literal["spectral", "uniform"], ParameterScope.SHARED, default="spectral"),
-            ParameterSpec("target", Literal["weight", "delta"], ParameterScope.SHARED, default="weight"),
-            ParameterSpec("compute_dtype", Literal["float64", "float32"], ParameterScope.SHARED, default="float64"),
             ParameterSpec("lambda", OptionalFiniteFloat, ParameterScope.SHARED, default=None),
             ParameterSpec("normalize", Optional[bool], ParameterScope.SHARED, default=None),
             ParameterSpec("rescale", Optional[bool], ParameterScope.SHARED, default=None),
@@ -146,9 +134,7 @@ class PaveMerge(GroupMergeMethod):
             ParameterSpec(
                 "non_linear", Optional[Literal["mean", "task_arithmetic"]], ParameterScope.SHARED, default=None
             ),
-            # a tensor some models have a covariance for and others lack: error unless true
-            # (then those models keep their plain task vector)
-            ParameterSpec("allow_missing_covariance", bool, ParameterScope.SHARED, default=False),
+            *setting_specs(PaveSettings),
         ),
     )
 
@@ -160,21 +146,13 @@ class PaveMerge(GroupMergeMethod):
         assert base_entry is not None  # InputContract(base=REQUIRED)
         name = group.metadata.name or "tensor"
         inner = resolve_inner(params["inner"])
-        settings = PaveSettings(
-            rho=params["rho"],
-            gamma=params["gamma"],
-            rank_allocation=params["rank_allocation"],
-            target=params["target"],
-            compute_dtype=params["compute_dtype"],
-            allow_missing_covariance=bool(params.get("allow_missing_covariance", False)),
-            on_fingerprint_mismatch="warn",  # mergekit may hand a LoRA-merged or re-saved copy of the model
-        )
+        settings = _settings(tuple(params[row.name_for("mergekit")] for row in table(PaveSettings)))
         report = current_report()
         if report.on_close_once(self.store.clear):
             self.store.clear()  # a new merge: drop the caches of the previous one
 
         purified_group, record = self._purify(group, name, settings, params["covariance"])
-        report_settings = {k: params[k] for k in ("inner", "rho", "gamma", "rank_allocation", "target", "compute_dtype")}
+        report_settings = {"inner": params["inner"], **settings.to_dict()}
         report.add_tensor(name, record, report_settings)
         if record["purified"]:
             ranks = {m: r.get("rank") for m, r in record["models"].items() if r.get("purified")}

@@ -34,15 +34,15 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 from pydantic import AfterValidator
-from typing_extensions import Annotated, Literal
+from typing_extensions import Annotated
 
 from pave_plugins._mergekit_bootstrap import register_late, when_imported
-from pave_plugins.core.regmean import check_non_diagonal_ratio
 from pave_plugins.engine.regmean import REGMEAN_URL, RegMeanEngine, RegMeanSettings
+from pave_plugins.engine.settings import table
 
 from .covariances import CovarianceStore, check_covariance_path
 from .report import current_report, install_output_hooks
-from .types import FiniteFloat
+from .types import setting_specs
 
 logger = logging.getLogger("pave_plugins.mergekit")
 
@@ -62,16 +62,7 @@ class RegMeanMerge(GroupMergeMethod):
                 ParameterScope.NON_BASE,
                 default=None,
             ),
-            ParameterSpec(
-                "reduce_non_diagonal_ratio",
-                Annotated[float, AfterValidator(check_non_diagonal_ratio)],
-                ParameterScope.SHARED,
-                default=1.0,
-            ),
-            ParameterSpec("gram_weighting", Literal["sum", "mean"], ParameterScope.SHARED, default="sum"),
-            ParameterSpec("non_linear", Literal["mean", "task_arithmetic"], ParameterScope.SHARED, default="mean"),
-            ParameterSpec("lambda", FiniteFloat, ParameterScope.SHARED, default=1.0),
-            ParameterSpec("compute_dtype", Literal["float64", "float32"], ParameterScope.SHARED, default="float64"),
+            *setting_specs(RegMeanSettings),
         ),
     )
 
@@ -88,13 +79,7 @@ class RegMeanMerge(GroupMergeMethod):
     def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
         name = group.metadata.name or "tensor"
         entries = group.non_base
-        settings = RegMeanSettings(
-            reduce_non_diagonal_ratio=params["reduce_non_diagonal_ratio"],
-            gram_weighting=params["gram_weighting"],
-            non_linear=params["non_linear"],
-            scaling_factor=params["lambda"],
-            compute_dtype=params["compute_dtype"],
-        )
+        settings = RegMeanSettings(**{row.name: params[row.name_for("mergekit")] for row in table(RegMeanSettings)})
         if settings.non_linear == "task_arithmetic" and group.base is None:
             raise ValueError("regmean: non_linear 'task_arithmetic' needs a base_model in the recipe")
         report = current_report("regmean")

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 from pydantic import AfterValidator, BeforeValidator
 
@@ -24,3 +24,34 @@ def _finite(value: Optional[float]) -> Optional[float]:
 
 FiniteFloat = Annotated[float, BeforeValidator(not_bool), AfterValidator(_finite)]
 OptionalFiniteFloat = Annotated[Optional[float], BeforeValidator(not_bool), AfterValidator(_finite)]
+
+
+def _then(check: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
+    def validate(value: Any) -> Any:
+        if value is not None and check is not None:
+            check(value)
+        return value
+
+    return validate
+
+
+def setting_specs(settings_cls: type) -> tuple:
+    """mergekit ``ParameterSpec``s (shared scope) from a settings table
+    (:func:`pave_plugins.engine.settings.table`): the declaration lives in the table, mergekit's
+    defaults are the table's ``mergekit`` ones; numbers are finite, never ``true``/``false``."""
+    from mergekit.merge_methods.base import ParameterScope, ParameterSpec
+
+    from pave_plugins.engine.settings import table
+
+    specs = []
+    for row in table(settings_cls):
+        if row.choices is not None:
+            kind: Any = Literal[row.choices]  # type: ignore[valid-type]
+        elif row.type is bool:
+            kind = bool
+        else:
+            base = Optional[row.type] if row.optional else row.type
+            kind = Annotated[base, BeforeValidator(not_bool), AfterValidator(_finite), AfterValidator(_then(row.check))]
+        specs.append(ParameterSpec(row.name_for("mergekit"), kind, ParameterScope.SHARED,
+                                   default=row.default_for("mergekit")))
+    return tuple(specs)

@@ -1,0 +1,103 @@
+"""Each PAVE and RegMean setting is declared once (a row of its settings table) and every face
+agrees with that row: mergekit's ParameterSpecs, the ``pave purify`` flags, the FusionBench
+signature and shipped config. Adding a setting means one row; these tests name a face that lags."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pave_plugins.engine.regmean import RegMeanSettings
+from pave_plugins.engine.settings import PaveSettings, table
+
+CONFIGS = Path(__file__).resolve().parents[2] / "pave_plugins" / "configs" / "method" / "pave"
+
+
+def _specs(method) -> dict:
+    return {p.name: p for p in method.spec.parameters}
+
+
+@pytest.mark.parametrize("cls, method", [(PaveSettings, "pave"), (RegMeanSettings, "regmean")])
+def test_mergekit_parameters_come_from_the_table(cls, method):
+    from pave_plugins.mergekit import pave_merge_method, regmean_merge_method
+
+    specs = _specs({"pave": pave_merge_method, "regmean": regmean_merge_method}[method])
+    for row in table(cls):
+        spec = specs.get(row.name_for("mergekit"))
+        assert spec is not None, f"mergekit {method} has no parameter for {row.name}"
+        assert spec.default == row.default_for("mergekit"), row.name
+
+
+@pytest.mark.parametrize("cls, algorithm, config", [(PaveSettings, "PAVEAlgorithm", "pave.yaml"),
+                                                    (RegMeanSettings, "RegMeanAlgorithm", "regmean.yaml")])
+def test_fusion_bench_signature_and_config_agree_with_the_table(cls, algorithm, config):
+    import pave_plugins.fusion_bench as fb
+
+    params = inspect.signature(getattr(fb, algorithm).__init__).parameters
+    shipped = yaml.safe_load((CONFIGS / config).read_text())
+    for row in table(cls):
+        name = row.name_for("fusion_bench")
+        assert name in params, f"{algorithm} has no keyword {name}"
+        assert params[name].default == row.default_for("fusion_bench"), name
+        assert shipped.get(name, "absent") == row.default_for("fusion_bench"), f"{config}: {name}"
+
+
+def test_pave_purify_has_a_flag_per_setting():
+    import argparse
+
+    from pave_plugins.cli import purify
+
+    parser = argparse.ArgumentParser()
+    purify.add_parser(parser.add_subparsers())
+    sub = parser._subparsers._group_actions[0].choices["purify"]  # noqa: SLF001
+    flags = {a.dest: a for a in sub._actions}  # noqa: SLF001
+    for row in table(PaveSettings):
+        if row.name == "on_fingerprint_mismatch":  # --allow-fingerprint-mismatch (warn) or the default (error)
+            assert "allow_fingerprint_mismatch" in flags
+            continue
+        assert row.name in flags, row.name
+        assert flags[row.name].default == row.default, row.name
+        assert (tuple(flags[row.name].choices) if flags[row.name].choices else None) == row.choices, row.name
+
+
+def _valid(row, value) -> bool:
+    """The table's rule for one value, written out independently of check_table."""
+    if value is None:
+        return row.optional
+    if row.choices is not None:
+        return value in row.choices
+    if row.type is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    bounds = {"rho": lambda v: 0 < v <= 1, "gamma": lambda v: 0 <= v <= 1,
+              "reduce_non_diagonal_ratio": lambda v: 0 <= v <= 1}
+    return bounds.get(row.name, lambda v: True)(value)
+
+
+VALUES = st.one_of(st.none(), st.booleans(), st.floats(allow_nan=True, allow_infinity=True),
+                   st.integers(-3, 3), st.sampled_from(["spectral", "uniform", "weight", "delta", "float64", "float32",
+                                                        "sum", "mean", "task_arithmetic", "warn", "error", "x"]))
+
+
+@pytest.mark.parametrize("cls", [PaveSettings, RegMeanSettings])
+@given(data=st.data())
+def test_every_setting_is_checked_once_by_its_row(cls, data):
+    row = data.draw(st.sampled_from(table(cls)))
+    value = data.draw(VALUES)
+    kwargs = {row.name: value}
+    if row.name == "gamma":
+        kwargs["rho"] = 1.0  # gamma on its own; gamma < rho is PaveSettings' cross-check
+    try:
+        built = cls(**kwargs)
+    except ValueError:
+        assert not _valid(row, value) or (row.name == "gamma" and value == 1.0), (row.name, value)
+        return
+    assert _valid(row, value), f"{cls.__name__}({row.name}={value!r}) was accepted"
+    assert built.to_dict()[row.name] == value
