@@ -90,7 +90,7 @@ def test_regmean_matches_closed_form():
 
 
 def test_grid_extension():
-    from pave_plugins.bench.harness import grid_extension
+    from pave_plugins.bench.choice import grid_extension
 
     grid = [{"lambda": v} for v in (0.6, 1.0, 1.5)]
     assert grid_extension(grid, {"lambda": 0.6}) == [{"lambda": 0.3}]

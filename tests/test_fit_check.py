@@ -79,7 +79,7 @@ def test_fusion_bench_refuses(tmp_path):
 
 
 def test_benchmark_refuses(tmp_path):
-    from pave_plugins.bench.harness import pave_purify_pool
+    from pave_plugins.bench.methods import pave_purify_pool
     from pave_plugins.engine.step import CoSVDStore
 
     base, fts = fh.tiny_models(2)

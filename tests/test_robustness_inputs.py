@@ -641,7 +641,7 @@ def test_allow_missing_covariance_fusion_bench(tmp_path):
     del partial["fc2"]
     files["task1"] = save_covariance_file(tmp_path / "t1.safetensors", partial)
     ta = {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 1.0}
-    with pytest.raises(ValueError, match=r"fc2: missing covariance for model\(s\) \['task1 .*allow_missing_covariance"):
+    with pytest.raises(ValueError, match=r"fc2.weight: missing covariance for model\(s\) \['task1 .*allow_missing_covariance"):
         PAVEAlgorithm(inner=ta, rho=0.75, covariances=files).run(BaseModelPool(pool_dict(base, fts)))
     merged = PAVEAlgorithm(inner=ta, rho=0.75, covariances=files, allow_missing_covariance=True).run(
         BaseModelPool(pool_dict(base, fts)))

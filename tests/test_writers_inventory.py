@@ -36,16 +36,16 @@ WRITERS: dict[str, str] = {
     "rethink/output.py:save_lambdas": "transaction",
     "io/covariance.py:save_covariances": "transaction",
     "engine/report.py:MergeReport.write": "transaction",
-    "fusion_bench/common.py:write_model_card": "transaction",
-    "fusion_bench/common.py:write_json": "transaction",
+    "fusion_bench/outputs.py:write_model_card": "transaction",
+    "fusion_bench/outputs.py:write_json": "transaction",
     "fusion_bench/pave.py:PAVEAlgorithm.save_modulated": "host: FusionBench's merged_model_save_path (checked apart "
                                                          "from the pool's inputs first) and FusionBench's own "
                                                          "save_model per task; a file save goes through output_file",
     "bench/harness.py:write_results": "transaction",
     "bench/harness.py:plot": "transaction",
     "bench/training.py:finetune": "transaction",
-    "bench/hosts.py:save_hf_folder": "transaction",
-    "bench/hosts.py:finetune_lora": "transaction",
+    "bench/lora_experts.py:save_hf_folder": "transaction",
+    "bench/lora_experts.py:finetune_lora": "transaction",
     # helpers that write under the stage they are given
     "demo.py:relocate_text": "staging: called by run_demo on the output_folder stage",
     "demo.py:_fine_tunes": "staging: called by _run_demo (under run_demo's stage, or a temporary folder)",
@@ -57,11 +57,11 @@ WRITERS: dict[str, str] = {
     "io/checkpoints.py:ShardedWriter.__init__": "staging: pave purify creates it on its output_folder stage",
     "io/checkpoints.py:ShardedWriter._flush": "staging: as ShardedWriter.__init__",
     "io/checkpoints.py:ShardedWriter.finalize": "staging: as ShardedWriter.__init__",
-    "cli/purify.py:_write_purified#save_tensor": "staging: ShardedWriter on the stage",
+    "cli/purify.py:_write_purified.write#save_tensor": "staging: ShardedWriter on the stage (the engine run calls it)",
     # explained exceptions
     "mergekit/report.py:_remove": "mergekit's own output folder: a stale report of ours (format checked) is retired "
                                   "when a stock merge replaces the model it described",
-    "bench/hosts.py:run_mergekit": "a private mkdtemp scratch folder of the benchmark, removed after reading",
+    "bench/lora_experts.py:run_mergekit": "a private mkdtemp scratch folder of the benchmark, removed after reading",
 }
 
 
@@ -139,5 +139,5 @@ def test_writers_said_to_use_the_transaction_do_so_where_they_write():
 
 def test_every_command_that_writes_imports_the_transaction():
     for rel in ("cli/purify.py", "rethink/hf.py", "collect/pipeline.py", "demo.py", "cli/bench.py",
-                "fusion_bench/common.py", "engine/report.py", "io/covariance.py"):
+                "fusion_bench/outputs.py", "engine/report.py", "io/covariance.py"):
         assert "pave_plugins.io.output" in (PACKAGE / rel).read_text() or ".io.output" in (PACKAGE / rel).read_text(), rel

@@ -1,6 +1,6 @@
 """Tasks, configuration, the frozen zero-shot encoder heads and (cached) fine-tuning of the benchmark.
 
-Shared by :mod:`pave_plugins.bench.harness` (the run) and :mod:`pave_plugins.bench.hosts` (LoRA
+Shared by :mod:`pave_plugins.bench.harness` (the run) and :mod:`pave_plugins.bench.lora_experts` (LoRA
 experts and mergekit folders); imports neither.
 """
 

@@ -23,9 +23,6 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-PAPER_RHOS: tuple[float, ...] = (7 / 8, 15 / 16, 31 / 32, 63 / 64)
-
-
 #: rank allocations: Algorithm 1, or the uniform baseline of Table 4
 ALLOCATIONS: tuple[str, ...] = ("spectral", "uniform")
 

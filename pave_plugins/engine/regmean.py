@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from pave_plugins import papers
 from pave_plugins.core.purify import validated_covariance
 from pave_plugins.core.regmean import (
     GRAM_WEIGHTINGS,
@@ -48,7 +49,7 @@ from .step import check_finite_weights
 
 logger = logging.getLogger("pave_plugins")
 
-REGMEAN_URL = "https://arxiv.org/abs/2212.09849"
+REGMEAN_URL = papers.REGMEAN.url
 
 
 @dataclass(frozen=True)

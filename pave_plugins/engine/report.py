@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from pave_plugins import papers
 from pave_plugins.io import strict_json
 from pave_plugins.io.output import output_file
 
@@ -29,8 +30,6 @@ logger = logging.getLogger("pave_plugins")
 
 REPORT_NAME = "pave_rank_report.json"
 REGMEAN_REPORT_NAME = "regmean_report.json"
-#: the report of a merge still running (mergekit), beside the model; removed at the end
-PARTIAL_NAME = ".pave_rank_report.partial.json"
 REPORT_FORMAT = "pave-rank-report"
 REGMEAN_REPORT_FORMAT = "regmean-report"
 _WRITE_INTERVAL_S = 5.0
@@ -152,7 +151,7 @@ class RankReport(MergeReport):
                 "format": REPORT_FORMAT,
                 "format_version": 1,
                 "method": "pave",
-                "paper": "https://arxiv.org/abs/2510.14697",
+                "paper": papers.PAVE.url,
                 "settings": self.settings,
                 "complete": self.finished,
                 "models": self.models,
@@ -228,7 +227,7 @@ class RegMeanReport(MergeReport):
                 "format": REGMEAN_REPORT_FORMAT,
                 "format_version": 1,
                 "method": "regmean",
-                "paper": "https://arxiv.org/abs/2212.09849",
+                "paper": papers.REGMEAN.url,
                 "settings": self.settings,
                 "complete": self.finished,
                 "models": self.models,

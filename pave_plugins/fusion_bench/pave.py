@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import time
 from typing import Any, Mapping
@@ -36,6 +35,7 @@ from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from pave_plugins import papers
 from pave_plugins.engine import DEFAULT_RHO, PaveEngine, PaveSettings, RankReport, purified_weight_from_tail
 from pave_plugins.engine.report import REPORT_NAME
 from pave_plugins.engine.settings import table
@@ -43,41 +43,30 @@ from pave_plugins.io.output import check_apart, output_file
 from pave_plugins.io.sources import CovarianceSource, PreparedCache
 
 from .boundary import one_line_errors
-from .common import (
-    PAVE_PAPER,
-    TSV_PAPER,
+from .methods import inner_method_config, run_inner_method
+from .outputs import (
     algorithm_log_dir,
     check_run_outputs,
+    program_config_yaml,
+    program_save_path,
+    write_json,
+    write_model_card,
+)
+from .pave_search import PAVEConfigError, ProgressiveSearch, is_modulated
+from .pool import (
+    POOL_SPLITS,
     checked_pool,
     covariance_paths,
     covariance_source,
-    inner_method_config,
     padding_collate,
     pool_inputs,
     pool_split,
-    program_config_yaml,
-    program_save_path,
-    run_inner_method,
-    write_json,
-    write_model_card,
 )
 
 log = logging.getLogger(__name__)
 
-class PAVEConfigError(ValueError):
-    """A PAVE parameter or covariance source does not fit the model pool."""
-
-
-def _is_modulated(obj: Any) -> bool:
-    try:
-        from fusion_bench.models.modulator.base import ModulatedModel
-    except Exception:  # pragma: no cover
-        return False
-    return isinstance(obj, ModulatedModel)
-
-
 @auto_register_config
-class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
+class PAVEAlgorithm(ProgressiveSearch, SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     """PAVE purification + spectral rank allocation around any FusionBench task-vector method.
 
     Args:
@@ -142,7 +131,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             raise PAVEConfigError(f"PAVE: n_samples must be a positive integer, got {n_samples!r}")
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or int(batch_size) < 1:
             raise PAVEConfigError(f"PAVE: batch_size must be a positive integer, got {batch_size!r}")
-        if covariance_split not in ("train", "val", "test"):
+        if covariance_split not in POOL_SPLITS:
             raise PAVEConfigError(f"PAVE: covariance_split must be train, val or test, got {covariance_split!r}")
         if covariances is not None and not isinstance(covariances, (str, os.PathLike, Mapping, DictConfig)):
             raise PAVEConfigError(
@@ -225,16 +214,10 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         if self.covariances is None:
             sources = {n: self._collect(modelpool, n, working[n]) for n in names}
         else:
-            sources = {n: self._source(n, path) for n, path in self._covariance_paths(names).items()}
+            paths = covariance_paths(self.covariances, names, "PAVE", PAVEConfigError)
+            sources = {n: covariance_source(n, path, "PAVE", PAVEConfigError) for n, path in paths.items()}
         policy = self._settings.on_fingerprint_mismatch
         return {n: fitted_source(src, working[n], label=n, on_fingerprint_mismatch=policy) for n, src in sources.items()}
-
-    def _covariance_paths(self, names) -> dict[str, Any]:
-        return covariance_paths(self.covariances, names, "PAVE", PAVEConfigError)
-
-    @staticmethod
-    def _source(name: str, path: Any) -> CovarianceSource:
-        return covariance_source(name, path, "PAVE", PAVEConfigError)
 
     def _collect(self, modelpool: BaseModelPool, name: str, model: nn.Module) -> CovarianceSource:
         """In-run collection: ``n_samples`` examples of task ``name`` fed to fine-tuned model ``name``."""
@@ -257,7 +240,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         dataset = loader(name)
         n = min(int(self.n_samples), len(dataset))
         subset = torch.utils.data.Subset(dataset, list(range(n)))
-        collate = self._collate_fn(modelpool)
+        collate = padding_collate(modelpool)
         batches = torch.utils.data.DataLoader(subset, batch_size=int(self.batch_size), shuffle=False, collate_fn=collate)
         device = self.fabric.device
         before = next(model.parameters()).device
@@ -268,10 +251,6 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         model.to(before)
         covs.origin = f"covariances of {name!r} collected from the {split} dataset, {n} samples"
         return covs
-
-    @staticmethod
-    def _collate_fn(modelpool):
-        return padding_collate(modelpool)
 
     # ------------------------------------------------------------- purify
     def _purify(self, base, working, sources, names, tails) -> RankReport:
@@ -317,112 +296,6 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             return run_inner_method(self._inner_cfg, pool, fabric=self._fabric_instance,
                                     covariance_sources=getattr(self, "_inner_sources", None))
 
-    # ----------------------------------------------------- progressive search
-    def _taskpool(self):
-        tp = self.taskpool
-        if tp is None and self._program is not None:
-            tp = getattr(self._program, "taskpool", None)
-        if tp is None:
-            raise PAVEConfigError(
-                "PAVE: progressive_search needs a task pool to evaluate the merges (run with taskpool=... or "
-                "pass method.taskpool)"
-            )
-        if isinstance(tp, (dict, DictConfig)):
-            from fusion_bench import instantiate
-
-            tp = instantiate(tp, _recursive_=tp.get("_recursive_", False))
-            if hasattr(tp, "_program"):
-                tp._program = self._program
-            if hasattr(tp, "_fabric_instance") and self._fabric_instance is not None:
-                tp._fabric_instance = self._fabric_instance
-            self.taskpool = tp
-        return tp
-
-    def _score(self, report: Any, task: str) -> float:
-        entry = report.get(task, report) if isinstance(report, Mapping) else report
-        if isinstance(entry, (int, float)) and not isinstance(entry, bool):
-            return float(entry)
-        if isinstance(entry, Mapping):
-            if self.search_metric in entry:
-                return float(entry[self.search_metric])
-            numbers = [v for v in entry.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-            if len(numbers) == 1:
-                return float(numbers[0])
-        raise PAVEConfigError(
-            f"PAVE: cannot read metric {self.search_metric!r} of task {task!r} from the task pool report "
-            f"{str(report)[:300]} (set method.search_metric)"
-        )
-
-    def evaluate_per_task(self, taskpool, model, names) -> tuple[dict[str, float], dict[str, Any]]:
-        """Score of every task; a modulated model (EMR) is switched to each task before its evaluation."""
-        scores, raw = {}, {}
-        if _is_modulated(model):
-            for n in names:
-                model.set_task(n)
-                rep = taskpool.evaluate(model.backbone)
-                raw[n] = rep.get(n, rep) if isinstance(rep, Mapping) else rep
-                scores[n] = self._score(rep, n)
-        else:
-            rep = taskpool.evaluate(model)
-            for n in names:
-                raw[n] = rep.get(n, rep) if isinstance(rep, Mapping) else rep
-                scores[n] = self._score(rep, n)
-        return scores, raw
-
-    def _progressive_search(self, modelpool, base, originals, working, tails, names, instance):
-        """PAVE Appendix A.1: K candidates, each giving full rank to one more task (the one furthest
-        below its individual model); the candidate with the best average score is returned."""
-        taskpool = self._taskpool()
-        sign = 1.0 if self.search_higher_is_better else -1.0
-
-        def fresh(n: str) -> nn.Module:  # the unpurified fine-tuned model, never shared with an inner run
-            return copy.deepcopy(originals[n]) if instance else modelpool.load_model(n)
-
-        pristine = {k: v.detach().clone() for k, v in base.state_dict().items()}
-        working.clear()  # purified weights are rebuilt per candidate from the stored tails
-        if not instance:
-            originals.clear()  # loaded (and purified in place) copies: fresh ones are loaded per candidate
-        individual = {}
-        with self.profile("evaluate"):
-            for n in names:
-                individual[n] = self.evaluate_per_task(taskpool, fresh(n), [n])[0][n]
-        log.info("PAVE search: individual models %s", individual)
-        full: list[str] = []
-        candidates, best, best_avg = [], None, -math.inf
-        for c in range(len(names)):
-            cand_base = copy.deepcopy(base)
-            cand_base.load_state_dict(pristine)
-            models = {}
-            for n in names:
-                m = fresh(n)
-                if n not in full:
-                    sd = m.state_dict()
-                    for key, (left, right) in tails[n].items():
-                        sd[key].copy_(purified_weight_from_tail(sd[key].to(left.device), left, right, sd[key]))
-                models[n] = m
-            merged = self._run_inner(self._pool(cand_base, models))
-            del models
-            with self.profile("evaluate"):
-                scores, raw = self.evaluate_per_task(taskpool, merged, names)
-            avg = sum(scores.values()) / len(scores)
-            candidates.append(
-                {"candidate": c, "full_rank_tasks": list(full), "scores": scores, "average": avg, "report": raw}
-            )
-            log.info("PAVE search candidate %d (full rank: %s): average %.4f %s", c, full, avg, scores)
-            if sign * avg > best_avg:
-                best_avg, best = sign * avg, merged
-            else:
-                del merged
-            if c == len(names) - 1:
-                break
-            gaps = {n: sign * (individual[n] - scores[n]) for n in names if n not in full}
-            full.append(max(gaps, key=gaps.get))
-        best_index = max(range(len(candidates)), key=lambda i: sign * candidates[i]["average"])
-        for i, cand in enumerate(candidates):
-            cand["selected"] = i == best_index
-        log.info("PAVE search: kept candidate %d (average %.4f)", best_index, candidates[best_index]["average"])
-        return best, {"individual": individual, "candidates": candidates, "selected": best_index}
-
     # ---------------------------------------------------------- reporting
     def _report(self, rank_report: RankReport, timings, candidates) -> dict:
         """The engine's rank report, with the inner method, timings and the search's candidates."""
@@ -452,9 +325,9 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         if not self.write_model_card:
             return
         s = self._settings
-        papers = [PAVE_PAPER]
+        cited = [papers.PAVE]
         if "TSV" in str(self._inner_cfg._target_) or "task_singular" in str(self._inner_cfg._target_):
-            papers.append(TSV_PAPER)
+            cited.append(papers.TSV)
         write_model_card(
             save_path,
             method=f"PAVE + {str(self._inner_cfg._target_).rsplit('.', 1)[-1]} (pave_plugins `pave/pave`)",
@@ -464,7 +337,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
                 f"gamma={s.resolved_gamma:.4g}, target={s.target}) and merged with the inner method "
                 f"`{self._inner_cfg._target_}`."
             ),
-            papers=papers,
+            papers=cited,
             config_yaml=program_config_yaml(self),
             details={n: f"rho_i={v:.4f}" for n, v in report["model_ratios"].items() if v is not None},
             is_file=file_save,
@@ -474,7 +347,7 @@ class PAVEAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     def _finish(self, result, report, names):
         program = self._program
         save_path = program_save_path(self)
-        if _is_modulated(result):
+        if is_modulated(result):
             if save_path is not None:
                 self.save_modulated(result, save_path, names, program.modelpool, inputs=self._run_inputs)
                 self._model_card(save_path, names, report, file_save=False)

@@ -25,25 +25,22 @@ from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_
 from omegaconf import DictConfig
 from torch import nn
 
+from pave_plugins import papers
 from pave_plugins.engine.regmean import RegMeanEngine, RegMeanSettings
 from pave_plugins.engine.report import RegMeanReport
 from pave_plugins.engine.settings import table
 from pave_plugins.io.sources import CovarianceSource
 
 from .boundary import one_line_errors
-from .common import (
-    REGMEAN_PAPER,
+from .outputs import (
     algorithm_log_dir,
     check_run_outputs,
-    checked_pool,
-    covariance_paths,
-    covariance_source,
-    pool_inputs,
     program_config_yaml,
     program_save_path,
     write_json,
     write_model_card,
 )
+from .pool import checked_pool, covariance_paths, covariance_source, pool_inputs
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +178,7 @@ class RegMeanAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
                 f"`pave collect` (reduce_non_diagonal_ratio={s.reduce_non_diagonal_ratio}, "
                 f"gram_weighting={s.gram_weighting}, non_linear={s.non_linear})."
             ),
-            papers=[REGMEAN_PAPER],
+            papers=[papers.REGMEAN],
             config_yaml=program_config_yaml(self),
             is_file=type(modelpool).save_model is BaseModelPool.save_model,
             inputs=self._run_inputs,

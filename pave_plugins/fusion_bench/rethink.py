@@ -27,6 +27,7 @@ from fusion_bench import BaseAlgorithm, BaseModelPool
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
 from torch import Tensor, nn
 
+from pave_plugins import papers
 from pave_plugins.collect.data import seeded_subset
 from pave_plugins.core import rethink as core
 from pave_plugins.rethink.losses import NEEDS_LABELS, batch_loss
@@ -34,29 +35,20 @@ from pave_plugins.rethink.output import save_lambdas
 from pave_plugins.rethink.progress import tqdm_bar
 
 from .boundary import one_line_errors
-from .common import (
-    SPLITS,
+from .methods import inner_method_config, run_inner_method
+from .outputs import (
     algorithm_log_dir,
     check_run_outputs,
-    checked_pool,
-    inner_method_config,
-    padding_collate,
-    pool_inputs,
-    pool_split,
     program_config_yaml,
     program_save_path,
-    run_inner_method,
     write_json,
     write_model_card,
 )
+from .pool import POOL_SPLITS, checked_pool, padding_collate, pool_inputs, pool_split
 
 log = logging.getLogger(__name__)
 _D = core.RethinkConfig()
 
-LORA_DV_PAPER = (
-    "LoRA-DV: Spectral Rethinking for Reducing Task Interference via Difference Vector in Model Merging",
-    "anonymous ACL submission (no public URL known)",
-)
 
 
 class RethinkConfigError(ValueError):
@@ -110,8 +102,8 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if calibration_split not in SPLITS:
-            raise RethinkConfigError(f"rethink: calibration_split must be one of {SPLITS}, got {calibration_split!r}")
+        if calibration_split not in POOL_SPLITS:
+            raise RethinkConfigError(f"rethink: calibration_split must be one of {POOL_SPLITS}, got {calibration_split!r}")
         try:
             self._core_cfg = core.RethinkConfig(
                 iterations=iterations, epochs=epochs, lr=float(lr), mode=mode, top_k=top_k, keep_tail=keep_tail,
@@ -182,7 +174,7 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
         missing = [n for n in names if n not in available]
         if missing:
             log.warning("rethink: no %s dataset for model(s) %s; calibrating on %s", split, missing, tasks)
-        collate = self._collate_fn(modelpool)
+        collate = padding_collate(modelpool)
         g = torch.Generator().manual_seed(int(self.seed))
         batches = []
         for task in tasks:
@@ -194,10 +186,6 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
                 batches.append((task, batch))
             log.info("rethink: %d calibration samples of task %s (%s split)", n, task, split)
         return batches
-
-    @staticmethod
-    def _collate_fn(modelpool):
-        return padding_collate(modelpool)
 
     def _layers(self, model: nn.Module, base_state: Mapping[str, Tensor]) -> list[str]:
         exclude = set()
@@ -280,7 +268,7 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
                     f"learned with loss={self.loss}, T={self.iterations}, {self.epochs} epochs, lr={self.lr}, "
                     f"{self.n_samples} {self.calibration_split} samples per task, mode={self.mode})."
                 ),
-                papers=[LORA_DV_PAPER],
+                papers=[papers.LORA_DV],
                 config_yaml=program_config_yaml(self),
                 details={"layers rethought": len(result.layers), "calibration loss per iteration": losses},
                 is_file=file_save,

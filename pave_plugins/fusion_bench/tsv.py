@@ -27,6 +27,7 @@ from fusion_bench import BaseAlgorithm, BaseModelPool
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
 from torch import Tensor, nn
 
+from pave_plugins import papers
 from pave_plugins.core.tsv import (
     TSVFactors,
     components_per_task,
@@ -35,19 +36,12 @@ from pave_plugins.core.tsv import (
     top_singular_triplets,
     tsv_merge,
 )
+from pave_plugins.engine.settings import COMPUTE_DTYPES, compute_dtype_name
 from pave_plugins.engine.step import check_finite_weights
 
 from .boundary import one_line_errors
-from .common import (
-    TSV_PAPER,
-    check_run_outputs,
-    checked_pool,
-    pool_inputs,
-    program_config_yaml,
-    program_save_path,
-    resolve_dtype,
-    write_model_card,
-)
+from .outputs import check_run_outputs, program_config_yaml, program_save_path, write_model_card
+from .pool import checked_pool, pool_inputs
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +101,7 @@ class TSVMerging(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         names = list(modelpool.model_names)
         alpha, alpha_list = _alphas(self.alpha, names)
         exclude = set(self.exclude_keys or [])
-        dtype = resolve_dtype(self.compute_dtype)
+        dtype = COMPUTE_DTYPES[compute_dtype_name(self.compute_dtype)]
         device = self.fabric.device
         t0 = time.perf_counter()
         with self.profile("load pretrained model"):
@@ -212,7 +206,7 @@ class TSVMerging(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
                 "components of each task matrix are concatenated, orthogonalised by Procrustes and "
                 f"summed; alpha = {self.alpha}."
             ),
-            papers=[TSV_PAPER],
+            papers=[papers.TSV],
             config_yaml=program_config_yaml(self),
             inputs=self._run_inputs,
         )
@@ -250,7 +244,7 @@ class TSVCompression(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             raise ValueError(f"rank_ratio must be in (0, 1], got {self.rank_ratio}")
         names = list(modelpool.model_names)
         exclude = set(self.exclude_keys or [])
-        dtype = resolve_dtype(self.compute_dtype)
+        dtype = COMPUTE_DTYPES[compute_dtype_name(self.compute_dtype)]
         device = self.fabric.device
         pretrained = modelpool.load_pretrained_model()
         base_sd = pretrained.state_dict()

@@ -42,6 +42,7 @@ from mergekit.merge_methods.base import (
 from pydantic import AfterValidator
 from typing_extensions import Annotated, Literal
 
+from pave_plugins import papers
 from pave_plugins._mergekit_bootstrap import register_late, when_imported
 from pave_plugins.engine import PaveEngine, PaveSettings, purified_weight
 from pave_plugins.engine.settings import table
@@ -54,7 +55,7 @@ from .types import OptionalFiniteFloat, setting_specs
 
 logger = logging.getLogger("pave_plugins.mergekit")
 
-PAVE_URL = "https://arxiv.org/abs/2510.14697"
+PAVE_URL = papers.PAVE.url
 # parameters handed to the inner method when it declares them (unset ones: its own default)
 # (``covariance``, ``compute_dtype`` and the RegMean parameters serve ``inner: regmean``, which reads the
 # same covariance files)

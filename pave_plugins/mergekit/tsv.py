@@ -20,13 +20,14 @@ import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, TensorGroup
 from mergekit.merge_methods.easy_define import merge_method
 
+from pave_plugins import papers
 from pave_plugins._mergekit_bootstrap import register_late
 from pave_plugins.core import mean_task_vector, tsv_merge
 from pave_plugins.engine.step import check_finite_weights
 
 from .types import FiniteFloat
 
-TSV_URL = "https://arxiv.org/abs/2412.00081"
+TSV_URL = papers.TSV.url
 
 
 @merge_method(

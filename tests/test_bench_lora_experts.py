@@ -33,7 +33,7 @@ def _ties_reference(base: torch.Tensor, fts: list[torch.Tensor], density: float,
 
 def test_bench_lora_experts_and_mergekit(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from pave_plugins.bench import hosts
+    from pave_plugins.bench import lora_experts as hosts
     from pave_plugins.bench.harness import BenchConfig, load_base, run
 
     cfg = BenchConfig(data_dir=str(DATA), tasks=TASKS, model_path=_tiny_bert(tmp_path / "model"),
