@@ -145,3 +145,18 @@ def _json_default(obj: Any):
     if isinstance(obj, (DictConfig,)):
         return OmegaConf.to_container(obj, resolve=True)
     return str(obj)
+
+
+def start_run(algo: Any, modelpool: Any, who: str, error: type[Exception]) -> Any:
+    """The start of a covariance method's run (``pave/pave``, ``pave/regmean``): the pool checked, its
+    inputs recorded on ``algo`` (``_run_inputs``) and every output checked apart from them before any
+    work; returns the pool."""
+    from .pool import checked_pool, pool_inputs
+
+    modelpool = checked_pool(modelpool, who, error)
+    algo._run_inputs = pool_inputs(modelpool, covariances=algo.covariances)
+    try:
+        check_run_outputs(algo, algo._run_inputs, report_path=algo.report_path)
+    except OSError as exc:
+        raise error(f"{who}: {exc}") from exc
+    return modelpool

@@ -46,20 +46,18 @@ from .boundary import one_line_errors
 from .methods import inner_method_config, run_inner_method
 from .outputs import (
     algorithm_log_dir,
-    check_run_outputs,
     program_config_yaml,
     program_save_path,
+    start_run,
     write_json,
     write_model_card,
 )
 from .pave_search import PAVEConfigError, ProgressiveSearch, is_modulated
 from .pool import (
     POOL_SPLITS,
-    checked_pool,
     covariance_paths,
     covariance_source,
     padding_collate,
-    pool_inputs,
     pool_split,
 )
 
@@ -147,12 +145,7 @@ class PAVEAlgorithm(ProgressiveSearch, SimpleProfilerMixin, LightningFabricMixin
     @one_line_errors
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | dict[str, nn.Module]):
-        modelpool = checked_pool(modelpool, "PAVE", PAVEConfigError)
-        self._run_inputs = pool_inputs(modelpool, covariances=self.covariances)
-        try:
-            check_run_outputs(self, self._run_inputs, report_path=self.report_path)
-        except OSError as exc:
-            raise PAVEConfigError(f"PAVE: {exc}") from exc
+        modelpool = start_run(self, modelpool, "PAVE", PAVEConfigError)
         names = list(modelpool.model_names)
         t_start = time.perf_counter()
         timings: dict[str, float] = {}

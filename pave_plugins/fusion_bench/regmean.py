@@ -34,13 +34,13 @@ from pave_plugins.io.sources import CovarianceSource
 from .boundary import one_line_errors
 from .outputs import (
     algorithm_log_dir,
-    check_run_outputs,
     program_config_yaml,
     program_save_path,
+    start_run,
     write_json,
     write_model_card,
 )
-from .pool import checked_pool, covariance_paths, covariance_source, pool_inputs
+from .pool import covariance_paths, covariance_source
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +96,7 @@ class RegMeanAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
     @one_line_errors
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | dict[str, nn.Module]):
-        modelpool = checked_pool(modelpool, "RegMean", RegMeanConfigError)
-        self._run_inputs = pool_inputs(modelpool, covariances=self.covariances)
-        try:
-            check_run_outputs(self, self._run_inputs, report_path=self.report_path)
-        except OSError as exc:
-            raise RegMeanConfigError(f"RegMean: {exc}") from exc
+        modelpool = start_run(self, modelpool, "RegMean", RegMeanConfigError)
         names = list(modelpool.model_names)
         t0 = time.perf_counter()
         with self.profile("load models"):
