@@ -36,6 +36,7 @@ from .demo_folder import (
     write_calibration,
     write_fusion_bench_configs,
 )
+from .engine.settings import DEFAULT_RHO
 from .io.output import output_folder, resolve
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def run_demo(
     *,
     num_tasks: int = 3,
     steps: int = 60,
-    rho: float = 15 / 16,
+    rho: float = DEFAULT_RHO,
     lam: float = 1.0,
     seed: int = 0,
     overwrite: bool = False,

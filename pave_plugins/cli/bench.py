@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pave_plugins.engine.settings import PaveSettings
+
 from . import checks
 
 
@@ -55,7 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="*", default=None,
                    help="method keys or prefixes (zero_shot and individual always run), e.g. ta ties pave_delta loradv lora_experts mergekit (default: all)")
     grids = _default_grids()
-    p.add_argument("--rho", nargs="+", type=checks.rank_ratio, default=None, help=f"PAVE rho grid (default: {grids['rho_grid']})")
+    p.add_argument("--rho", nargs="+", type=checks.setting(PaveSettings, "rho"), default=None, help=f"PAVE rho grid (default: {grids['rho_grid']})")
     p.add_argument("--ta-grid", nargs="+", type=checks.finite_float, default=None, help=f"TA lambda grid (default: {grids['ta_grid']})")
     p.add_argument("--ties-grid", nargs="+", type=checks.finite_float, default=None,
                    help=f"TIES lambda grid (default: {grids['ties_grid']})")

@@ -70,7 +70,6 @@ def _in_interval(low: float, high: float, *, closed_low: bool, closed_high: bool
 
 
 positive_float = _in_interval(0.0, math.inf, closed_low=False, closed_high=False)
-rank_ratio = _in_interval(0.0, 1.0, closed_low=False, closed_high=True)  # PAVE's rho
 proper_fraction = _in_interval(0.0, 1.0, closed_low=True, closed_high=False)  # a share that leaves some
 unit_interval = _in_interval(0.0, 1.0, closed_low=True, closed_high=True)
 
@@ -127,3 +126,22 @@ def setting_values(args: argparse.Namespace, settings_cls: type) -> dict[str, An
     from pave_plugins.engine.settings import table
 
     return {row.name: getattr(args, row.name) for row in table(settings_cls) if hasattr(args, row.name)}
+
+
+def setting(settings_cls: type, name: str) -> Callable[[str], Any]:
+    """The argparse type of one setting of a settings table: a finite number checked by the row's
+    own rule (one rule for ``pave purify``, ``pave bench`` grids and ``pave demo``)."""
+    from pave_plugins.engine.settings import table
+
+    (row,) = [r for r in table(settings_cls) if r.name == name]
+
+    def check(text: str) -> Any:
+        value = finite_float(text)
+        try:
+            if row.check is not None:
+                row.check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    return check

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pave_plugins.cli import checks
+from pave_plugins.engine.settings import DEFAULT_RHO, PaveSettings
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -17,7 +18,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--tasks", type=int, default=3, help="number of fine-tuned models (default 3)")
     p.add_argument("--steps", type=int, default=60, help="fine-tuning steps per task (default 60)")
-    p.add_argument("--rho", type=float, default=15 / 16, help="preserved rank ratio (default 15/16)")
+    p.add_argument("--rho", type=checks.setting(PaveSettings, "rho"), default=DEFAULT_RHO,
+                   help=f"preserved rank ratio of Algorithm 1 (default {DEFAULT_RHO})")
     p.add_argument("--seed", type=checks.seed, default=0, help="seed of the base model, the fine-tunes and the data (default 0)")
     p.add_argument("--out", default=None, help="optional folder to keep everything in (built beside it, moved in "
                    "when complete)")
