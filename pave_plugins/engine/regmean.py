@@ -74,8 +74,7 @@ class RegMeanSettings:
         "hold a re-saved or LoRA-merged copy of the model) or ignore", choices=FINGERPRINT_POLICIES)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.compute_dtype, str) or self.compute_dtype not in COMPUTE_DTYPES:
-            object.__setattr__(self, "compute_dtype", compute_dtype_name(self.compute_dtype))
+        object.__setattr__(self, "compute_dtype", compute_dtype_name(self.compute_dtype))
         check_table(self)
 
     @property

@@ -86,6 +86,7 @@ class Setting:
 _TYPES = {"float": float, "float | None": float, "str": str, "bool": bool, "int": int}
 
 
+@functools.lru_cache(maxsize=None)
 def table(cls: type) -> tuple[Setting, ...]:
     """The settings table of a settings dataclass (its fields declared with :func:`setting`)."""
     return tuple(
@@ -93,6 +94,12 @@ def table(cls: type) -> tuple[Setting, ...]:
                 f.metadata["check"], f.metadata["optional"], f.metadata["face_defaults"], f.metadata["face_names"])
         for f in fields(cls) if "help" in f.metadata
     )
+
+
+def settings_for(cls: type, value_of: Callable[[str], Any], face: str) -> Any:
+    """``cls`` built from a face's values, each read by its name in that face (``value_of(name)``:
+    mergekit's parameters, a FusionBench algorithm's attributes)."""
+    return cls(**{row.name: value_of(row.name_for(face)) for row in table(cls)})
 
 
 def check_table(obj: Any) -> None:
@@ -146,8 +153,7 @@ class PaveSettings:
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.compute_dtype, str) or self.compute_dtype not in COMPUTE_DTYPES:
-            object.__setattr__(self, "compute_dtype", compute_dtype_name(self.compute_dtype))
+        object.__setattr__(self, "compute_dtype", compute_dtype_name(self.compute_dtype))
         check_table(self)
         object.__setattr__(self, "_gamma", check_rho_gamma(self.rho, self.gamma))
         if self.compute_dtype == "float32" and self.target == "weight":

@@ -274,6 +274,9 @@ class PaveEngine:
         model i's prepared covariances right after its decomposition (the next layer reads another input)."""
         if self.store is not None:
             return self._stored_decompositions(name, w_base, w_fts, keys, release)
+        return self._fresh_decompositions(name, w_base, w_fts, keys, release)
+
+    def _fresh_decompositions(self, name, w_base, w_fts, keys, release) -> list[CoSVD | None]:
         dtype = self.settings.dtype
         out: list[CoSVD | None] = []
         for i, (w_ft, key) in enumerate(zip(w_fts, keys)):
@@ -299,11 +302,7 @@ class PaveEngine:
         assert self.store is not None
         stored, target = self.store.decompositions, self.settings.target
         todo = [key if (i, name, target) not in stored else None for i, key in enumerate(keys)]
-        keeper, self.store = self.store, None
-        try:
-            fresh = self.decompose(name, w_base, w_fts, todo, release=release)
-        finally:
-            self.store = keeper
+        fresh = self._fresh_decompositions(name, w_base, w_fts, todo, release)
         for i, d in enumerate(fresh):
             if d is not None:
                 stored[(i, name, target)] = replace(d, delta=None, w_ft=None)

@@ -24,6 +24,7 @@ candidates.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import time
@@ -38,7 +39,7 @@ from torch import nn
 from pave_plugins import papers
 from pave_plugins.engine import DEFAULT_RHO, PaveEngine, PaveSettings, RankReport, purified_weight_from_tail
 from pave_plugins.engine.report import REPORT_NAME
-from pave_plugins.engine.settings import table
+from pave_plugins.engine.settings import settings_for
 from pave_plugins.io.output import check_apart, output_file
 from pave_plugins.io.sources import CovarianceSource, PreparedCache
 
@@ -122,7 +123,7 @@ class PAVEAlgorithm(ProgressiveSearch, SimpleProfilerMixin, LightningFabricMixin
     ):
         super().__init__(**kwargs)
         try:  # the PAVE settings by their one declaration (auto_register_config set them as attributes)
-            self._settings = PaveSettings(**{row.name: getattr(self, row.name) for row in table(PaveSettings)})
+            self._settings = settings_for(PaveSettings, functools.partial(getattr, self), "fusion_bench")
         except ValueError as exc:
             raise PAVEConfigError(f"PAVE: {exc}") from exc
         if isinstance(n_samples, bool) or int(n_samples) != n_samples or int(n_samples) < 1:
@@ -270,9 +271,10 @@ class PAVEAlgorithm(ProgressiveSearch, SimpleProfilerMixin, LightningFabricMixin
             step.purifications.clear()
 
         with self.profile("purify"):
-            report = engine.run(list(base_sd), read, write, record={**self._settings.to_dict(), "inner": str(self._inner_cfg._target_)},
+            record = {**self._settings.to_dict(), "inner": str(self._inner_cfg._target_)}
+            report = engine.run(list(base_sd), read, write, record=record,
                                 progress="PAVE purify" if len(base_sd) >= 8 else None)
-        if not report.to_dict()["n_purified"]:
+        if not any(r.get("purified") for r in report.tensors.values()):
             raise PAVEConfigError(
                 "PAVE: no linear layer of the model has a covariance (layer names do not match the covariance "
                 f"files?); first tensors of the model: {list(base_sd)[:5]}"

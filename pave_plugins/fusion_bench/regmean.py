@@ -14,6 +14,7 @@ Inside ``pave/pave`` (``inner: pave/regmean``) the covariances default to PAVE's
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ from torch import nn
 from pave_plugins import papers
 from pave_plugins.engine.regmean import RegMeanEngine, RegMeanSettings
 from pave_plugins.engine.report import RegMeanReport
-from pave_plugins.engine.settings import table
+from pave_plugins.engine.settings import settings_for
 from pave_plugins.io.sources import CovarianceSource
 
 from .boundary import one_line_errors
@@ -82,7 +83,7 @@ class RegMeanAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
     ):
         super().__init__(**kwargs)
         try:
-            self._settings = RegMeanSettings(**{row.name: getattr(self, row.name) for row in table(RegMeanSettings)})
+            self._settings = settings_for(RegMeanSettings, functools.partial(getattr, self), "fusion_bench")
         except ValueError as exc:
             raise RegMeanConfigError(f"RegMean: {exc}") from exc
         if covariances is not None and not isinstance(covariances, (str, os.PathLike, Mapping, DictConfig)):

@@ -4,7 +4,8 @@ mergekit streams a merge tensor by tensor; so does this: a covariance is read fr
 when the tensor that needs it is merged, and prepared (damping check) once per shared input by the
 engine's :class:`~pave_plugins.io.sources.PreparedCache`. Every file goes through the same fit check
 as in the other faces (:func:`pave_plugins.io.fit.fitted_source`) against the model folder
-mergekit loads; a fingerprint mismatch is a warning by default here (the settings' ``on_fingerprint_mismatch``) (mergekit cannot say whether a folder is
+mergekit loads; a fingerprint mismatch is a warning by default here (the setting
+``on_fingerprint_mismatch``: mergekit cannot say whether a folder is
 the model a covariance was collected on or a LoRA-merged / re-wrapped copy of it).
 """
 

@@ -45,7 +45,7 @@ from typing_extensions import Annotated, Literal
 from pave_plugins import papers
 from pave_plugins._mergekit_bootstrap import register_late, when_imported
 from pave_plugins.engine import PaveEngine, PaveSettings, purified_weight
-from pave_plugins.engine.settings import table
+from pave_plugins.engine.settings import settings_for, table
 
 from .covariances import CovarianceStore, check_covariance_path
 from .recipe import install_recipe_check
@@ -84,8 +84,8 @@ def _check_inner(name: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _settings(values: tuple) -> PaveSettings:
-    """The run's settings, built (and validated) once, not per tensor."""
-    return PaveSettings(*values)
+    """The run's settings from mergekit's ``(name, value)`` pairs, built (and validated) once, not per tensor."""
+    return settings_for(PaveSettings, dict(values).__getitem__, "mergekit")
 
 
 def resolve_inner(name: str) -> MergeMethod:
@@ -147,7 +147,8 @@ class PaveMerge(GroupMergeMethod):
         assert base_entry is not None  # InputContract(base=REQUIRED)
         name = group.metadata.name or "tensor"
         inner = resolve_inner(params["inner"])
-        settings = _settings(tuple(params[row.name_for("mergekit")] for row in table(PaveSettings)))
+        settings = _settings(tuple((row.name_for("mergekit"), params[row.name_for("mergekit")])
+                                   for row in table(PaveSettings)))
         report = current_report()
         if report.on_close_once(self.store.clear):
             self.store.clear()  # a new merge: drop the caches of the previous one
@@ -172,7 +173,8 @@ class PaveMerge(GroupMergeMethod):
         entries = group.non_base
         wanted = base.ndim == 2 and base.is_floating_point()
         sources = [
-            self.store.file(e.id, cov_paths.get(e.id), on_fingerprint_mismatch=settings.on_fingerprint_mismatch) if wanted and cov_paths.get(e.id) is not None else None
+            self.store.file(e.id, cov_paths.get(e.id), on_fingerprint_mismatch=settings.on_fingerprint_mismatch)
+            if wanted and cov_paths.get(e.id) is not None else None
             for e in entries
         ]
         engine = PaveEngine(settings, sources, [str(e.id) for e in entries], cache=self.store.cache)

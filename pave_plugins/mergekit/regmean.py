@@ -38,7 +38,7 @@ from typing_extensions import Annotated
 
 from pave_plugins._mergekit_bootstrap import register_late, when_imported
 from pave_plugins.engine.regmean import REGMEAN_URL, RegMeanEngine, RegMeanSettings
-from pave_plugins.engine.settings import table
+from pave_plugins.engine.settings import settings_for
 
 from .covariances import CovarianceStore, check_covariance_path
 from .report import current_report, install_output_hooks
@@ -79,7 +79,7 @@ class RegMeanMerge(GroupMergeMethod):
     def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
         name = group.metadata.name or "tensor"
         entries = group.non_base
-        settings = RegMeanSettings(**{row.name: params[row.name_for("mergekit")] for row in table(RegMeanSettings)})
+        settings = settings_for(RegMeanSettings, params.__getitem__, "mergekit")
         if settings.non_linear == "task_arithmetic" and group.base is None:
             raise ValueError("regmean: non_linear 'task_arithmetic' needs a base_model in the recipe")
         report = current_report("regmean")
@@ -109,7 +109,9 @@ class RegMeanMerge(GroupMergeMethod):
                 if missing:  # as pave does: without any covariance, the plain rule, said once per merge
                     logger.warning("regmean: no model has a covariance file (per-model parameter 'covariance'): every "
                                    "tensor is merged by the plain rule non_linear=%s", settings.non_linear)
-                sources = [self.store.file(e.id, p, on_fingerprint_mismatch=settings.on_fingerprint_mismatch) if p is not None else None for e, p in zip(entries, paths)]
+                policy = settings.on_fingerprint_mismatch
+                sources = [self.store.file(e.id, p, on_fingerprint_mismatch=policy) if p is not None else None
+                           for e, p in zip(entries, paths)]
                 engine = RegMeanEngine(settings, sources, [str(e.id) for e in entries], cache=self.store.cache)
                 self._engines[key] = engine
             return engine
