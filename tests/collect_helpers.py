@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import tiny_models
 import torch
 
 WORDS = (
@@ -33,34 +34,28 @@ def vocab_size() -> int:
 
 
 def tiny_llama(seed: int = 0, layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size(), hidden_size=16, intermediate_size=24, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    return tiny_models.tiny_llama(
+        seed, vocab_size=vocab_size(), hidden_size=16, intermediate_size=24, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, bos_token_id=2, eos_token_id=3,
     )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_bert(seed: int = 0):
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = BertConfig(
+    cfg = tiny_models.tiny_bert_config(
         vocab_size=vocab_size(), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=24, max_position_embeddings=64, pad_token_id=0,
+        intermediate_size=24, pad_token_id=0,
     )
     return BertForSequenceClassification(cfg).eval()
 
 
 def tiny_gpt2(seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab_size(), n_embd=16, n_layer=1, n_head=2, n_positions=64,
-                     bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    cfg = tiny_models.tiny_gpt2_config(vocab_size=vocab_size(), bos_token_id=2, eos_token_id=3, pad_token_id=0)
     return GPT2LMHeadModel(cfg).eval()
 
 

@@ -5,6 +5,9 @@ import os
 import pytest
 import torch
 
+# fixtures shared across test folders (tiny model families, the bad-input set-up), found by every test
+pytest_plugins = ["inputs_helpers", "outputs_helpers"]
+
 # Tests build tiny models locally; any attempt to reach the Hugging Face hub must fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -111,3 +111,20 @@ class OutputMatchTaskPool:
                 x = inputs_for(n, 32, seed=7)
                 rep[n] = {"accuracy": -float(((model(x) - ft(x)) ** 2).mean())}
         return rep
+
+
+def hand_purified_pool(base, fts, covs, rho, target="weight", method="spectral"):
+    """Purified pool built independently: eq. 5 with an explicit inverse, literal Algorithm 1."""
+    from fusion_bench import BaseModelPool
+
+    from independent_reference import purified_weights
+
+    names = list(fts)
+    out = {n: copy.deepcopy(m) for n, m in fts.items()}
+    for layer in ("fc1", "fc2"):
+        w0 = getattr(base, layer).weight.detach()
+        w_fts = [getattr(fts[n], layer).weight.detach() for n in names]
+        purified = purified_weights(w0, w_fts, [covs[n][layer] for n in names], rho, target, method)
+        for n, w in zip(names, purified):
+            getattr(out[n], layer).weight.data.copy_(w.to(w0.dtype))
+    return BaseModelPool(pool_dict(base, out))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import torch
-from test_core_rank_allocation import literal_algorithm_1
 
 
 def eq5(w: torch.Tensor, c: torch.Tensor, rank: int) -> torch.Tensor:
@@ -46,3 +45,17 @@ def purified_weights(
         eq5(m, c, r) + (b if target == "delta" else 0)
         for m, c, r in zip(mats, covs, rs)
     ]
+
+
+def literal_algorithm_1(svals: list[list[float]], rho: float, gamma: float) -> list[int]:
+    """Lines 4-13 of Algorithm 1, transcribed line by line (first index wins a tie)."""
+    K, R = len(svals), len(svals[0])
+    s = [[v / row[0] for v in row] for row in svals]  # line 4
+    r = [R] * K  # line 5
+    index_set = list(range(K))  # line 6
+    while sum(r) / (K * R) > rho and index_set:  # line 7 (stops if the set empties)
+        t = min(index_set, key=lambda i: (s[i][r[i] - 1], i))  # line 8 (s_{i, r_i}, 1-based)
+        r[t] -= 1  # line 9
+        if r[t] <= gamma * R or r[t] <= 1:  # lines 10-11 (+ rank >= 1)
+            index_set.remove(t)
+    return r

@@ -7,39 +7,12 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
+from tiny_models import tiny_bert_config, tiny_llama_config  # noqa: F401  (re-exported to the tests)
 
 from pave_plugins.io.covariance import CovarianceMetadata, save_covariances
 
 MERGEKIT_YAML = str(Path(sys.executable).with_name("mergekit-yaml"))
-
-
-def tiny_llama_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-
-
-def tiny_bert_config():
-    from transformers import BertConfig
-
-    return BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        type_vocab_size=2,
-    )
 
 
 def build_family(kind: str, root: Path, n_models: int = 2, scale: float = 0.02, seed: int = 0) -> tuple[Path, list[Path]]:
@@ -153,3 +126,15 @@ def clashing_method():
 
     kernel.__annotations__ = {"group": TensorGroup, "return": torch.Tensor}
     return merge_method(kernel, name="linear")
+
+
+def run_inprocess(config: str, out: Path, seed: int | None = None) -> Path:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    cfg = MergeConfiguration.model_validate(yaml.safe_load(config))
+    run_merge(
+        cfg, str(out), options=MergeOptions(copy_tokenizer=False, quiet=True, random_seed=seed), config_source=config
+    )
+    return out

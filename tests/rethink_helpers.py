@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from tiny_models import tiny_bert_config, tiny_llama_config
 
 WORDS = "the a movie film good bad great awful plot actor cat dog sat on mat yes no red blue one two three".split()
 
@@ -52,21 +53,16 @@ def perturb_(model, scale: float, seed: int, skip=()) -> None:
 
 
 def bert_config(num_labels: int):
-    from transformers import BertConfig
-
-    return BertConfig(
-        vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+    return tiny_bert_config(
+        vocab_size=len(WORDS) + 5, hidden_size=16, num_attention_heads=2, intermediate_size=32,
         max_position_embeddings=32, num_labels=num_labels, pad_token_id=0,
     )
 
 
 def llama_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=len(WORDS) + 5, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=4, bos_token_id=2,
-        tie_word_embeddings=False,
+    return tiny_llama_config(
+        vocab_size=len(WORDS) + 5, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+        pad_token_id=0, eos_token_id=4, bos_token_id=2,
     )
 
 
