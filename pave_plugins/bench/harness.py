@@ -103,6 +103,25 @@ def markdown_table(summary: dict[str, Any], names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def selection_table(per_seed: list[dict[str, Any]]) -> str:
+    """PAVE+X chosen on validation (the verdicts) next to the grid point best on test (never a verdict:
+    the difference is the size of the selection effect), mean over seeds."""
+    keys = [k for k in per_seed[0]["methods"] if "test_selected" in per_seed[0]["methods"][k]]
+    if not keys:
+        return ""
+    lines = ["| PAVE+X | validation-selected test avg | test-selected test avg (not a verdict) | selection effect "
+             "| test-selected points (per seed) |", "|---|---|---|---|---|"]
+    for k in keys:
+        rows = [s["methods"][k] for s in per_seed if k in s["methods"]]
+        val_sel = sum(r["test_avg"] for r in rows) / len(rows)
+        test_sel = sum(r["test_selected"]["test_avg"] for r in rows) / len(rows)
+        points = "; ".join(f"rho={r['test_selected']['rho']:.4g},damping={r['test_selected']['damping']:g},"
+                           f"{r['test_selected']['rank_granularity']}" for r in rows)
+        lines.append(f"| {rows[0]['label']} | {val_sel:.2f} | {test_sel:.2f} | {test_sel - val_sel:+.2f} | {points} |")
+    return ("\nSelection effect: the PAVE grid point best on **test** (rho x damping x rank granularity), beside "
+            "the one chosen on validation.\n\n" + "\n".join(lines) + "\n")
+
+
 def plot(summary: dict[str, Any], folder: OwnedFolder, title: str) -> None:
     """``results.png`` in ``folder``: normalised accuracy of every method, mean ± sd over seeds."""
     import matplotlib
@@ -186,7 +205,7 @@ def write_results(cfg: BenchConfig, tasks: list[Task], per_seed: list[dict], t0:
                               "processor": platform.processor() or platform.machine(), "device": cfg.device,
                               "device_name": device_name(cfg.device)},
               "per_seed": per_seed, "summary": summary, "total_s": time.perf_counter() - t0}
-    extra_md = add_protocol_results(result, per_seed, names)
+    extra_md = add_protocol_results(result, per_seed, names) + selection_table(per_seed)
     out = OwnedFolder(cfg.out_dir, who=BENCH_WHO)
     with out.file("results.json") as tmp:  # no machine paths: model as package==version, folders as <labels>
         Path(tmp).write_text(strict_json.dumps(portable(json.loads(strict_json.dumps(result)), cfg), indent=1))

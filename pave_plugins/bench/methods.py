@@ -44,11 +44,11 @@ def task_covariances(model: nn.Module, tok, task: Task, cfg: BenchConfig):
 
 
 def pave_purify_pool(base_sd: dict[str, Tensor], ft_sds: Sequence[dict[str, Tensor]], covs: Sequence[Any],
-                     *, target: str, allocation: str, rho: float,
-                     store: CoSVDStore) -> tuple[list[dict[str, Tensor]], dict[str, float]]:
+                     *, target: str, allocation: str, store: CoSVDStore,
+                     **pave: Any) -> tuple[list[dict[str, Tensor]], dict[str, float]]:
     """Purified fine-tunes ``theta_pre + dW_PAVE`` (eq. 6) with ranks from Algorithm 1 / uniform,
-    through the engine's whole-model run (:meth:`pave_plugins.engine.PaveEngine.run`); ``store``
-    keeps each CO-SVD across the ``rho`` grid.
+    through the engine's whole-model run (:meth:`pave_plugins.engine.PaveEngine.run`); ``pave``: the
+    grid point's settings (``rho``, ``damping``, ...); ``store`` keeps each CO-SVD across the grid.
 
     Returns the purified state dicts and statistics from the rank report (mean and max
     ``||dW_PAVE - dW|| / ||dW||`` over layers and models, rank ratios, budget).
@@ -56,7 +56,7 @@ def pave_purify_pool(base_sd: dict[str, Tensor], ft_sds: Sequence[dict[str, Tens
     from pave_plugins.engine import PaveEngine, PaveSettings, purified_weight
     from pave_plugins.io.fit import fitted_source
 
-    settings = PaveSettings(rho=rho, rank_allocation=allocation, target=target, on_fingerprint_mismatch="warn")
+    settings = PaveSettings(rank_allocation=allocation, target=target, on_fingerprint_mismatch="warn", **pave)
     labels = [str(k) for k in range(len(covs))]
     covs = [fitted_source(c, sd, label=lab, on_fingerprint_mismatch=settings.on_fingerprint_mismatch)
             for c, sd, lab in zip(covs, ft_sds, labels)]
@@ -191,9 +191,10 @@ def run_method(kind: str, hp: dict[str, Any], base: nn.Module, base_sd, sds, nam
     return lambda task: merged
 
 
-def run_pave_host(kind: str, hp: dict[str, Any], target: str, allocation: str, rho: float, base: nn.Module,
+def run_pave_host(kind: str, hp: dict[str, Any], target: str, allocation: str, pave: dict[str, Any], base: nn.Module,
                   base_sd, sds, covs: str, names, cfg: BenchConfig, seed: int) -> Provider:
-    """PAVE + ``kind`` through FusionBench's ``pave/pave`` algorithm of this package.
+    """PAVE + ``kind`` through FusionBench's ``pave/pave`` algorithm of this package (``pave``: its
+    settings, ``rho``, ``damping``, ...).
 
     ``covs``: folder of covariance files ``<task>.safetensors`` (as written by ``pave collect``)."""
     from pave_plugins.fusion_bench.pave import PAVEAlgorithm
@@ -208,8 +209,8 @@ def run_pave_host(kind: str, hp: dict[str, Any], target: str, allocation: str, r
              # PAVE hands its covariance files to the inner RegMean
              "regmean_ours": {"name": "pave/regmean", "reduce_non_diagonal_ratio": hp.get("ratio"),
                               "gram_weighting": "sum"}}[kind]
-    algo = on_device(PAVEAlgorithm(inner=inner, rho=rho, rank_allocation=allocation, target=target,
-                                   covariances=covs, write_model_card=False), cfg)
+    algo = on_device(PAVEAlgorithm(inner=inner, rank_allocation=allocation, target=target,
+                                   covariances=covs, write_model_card=False, **pave), cfg)
     torch.manual_seed(seed)
     merged = algo.run(_pool(base, base_sd, sds, names))
     if hasattr(merged, "set_task"):

@@ -224,13 +224,21 @@ class SeedRun:
                     self.pave_final(b, choice, covs, target, allocation, store)
         del store
 
+    def pave_grid(self) -> list[dict[str, Any]]:
+        """PAVE's grid points: ``rho`` x ``damping`` x ``rank_granularity`` (one value each by default)."""
+        cfg = self.cfg
+        return [{"rho": rho, "damping": damping, "rank_granularity": granularity}
+                for granularity in cfg.granularity_grid for damping in cfg.damping_grid for rho in cfg.rho_grid]
+
     def choose_rho(self, bases, covs, target, allocation, store) -> dict[str, Choice]:
-        """For every base method X: the rho of ``cfg.rho_grid`` whose PAVE + X is best on validation."""
+        """For every base method X: the point of :meth:`pave_grid` whose PAVE + X is best on validation.
+        Each point is also scored on test (``test_selected``: shows the size of the selection effect;
+        never used for a choice or a verdict)."""
         best: dict[str, Choice] = {}
-        for rho in self.cfg.rho_grid:
+        for point in self.pave_grid():
             t2 = time.perf_counter()
-            psds, stats = pave_purify_pool(self.base_sd, self.ft_sds, covs, target=target,
-                                           allocation=allocation, rho=rho, store=store)
+            psds, stats = pave_purify_pool(self.base_sd, self.ft_sds, covs, target=target, allocation=allocation,
+                                           store=store, damping_rule=self.cfg.damping_rule, **point)
             purify_s = time.perf_counter() - t2
             for b in bases:
                 t3 = time.perf_counter()
@@ -238,37 +246,41 @@ class SeedRun:
                 merge_s = time.perf_counter() - t3
                 va = self.evaluate(prov, self.val)
                 mean = sum(va.values()) / len(va)
-                point = Choice({"rho": rho}, va, mean, purify_s + merge_s, [{"rho": rho, "val_avg": mean}], stats)
-                best[b] = best.get(b, NO_CHOICE).offer(point)
+                te = self.evaluate(prov, self.test)
+                trace = {**point, "val_avg": mean, "test_avg": sum(te.values()) / len(te),
+                         "mean_rel_change": stats["mean_rel_change"]}
+                best[b] = best.get(b, NO_CHOICE).offer(Choice(dict(point), va, mean, purify_s + merge_s, [trace], stats))
             del psds
         return best
 
     def pave_final(self, b: str, choice: Choice, covs, target, allocation, store) -> None:
         """The chosen PAVE + X through the host plugin (FusionBench ``pave/pave``), or the harness's
         core path when asked (``--pave-host-final``) or when the host path fails (said in the JSON)."""
-        cfg, rho = self.cfg, choice.hp["rho"]
+        cfg, pave = self.cfg, {**choice.hp, "damping_rule": self.cfg.damping_rule}
         t3 = time.perf_counter()
         reason = None if cfg.pave_host_final is None or b in cfg.pave_host_final else \
             "harness core path chosen (--pave-host-final)"
         prov = None
         if reason is None:
             try:
-                prov = run_pave_host(b, self.selected[b], target, allocation, rho, self.base, self.base_sd,
+                prov = run_pave_host(b, self.selected[b], target, allocation, pave, self.base, self.base_sd,
                                      self.ft_sds, str(self.covariances()[1]), self.names, cfg, self.seed)
                 stats = {**choice.stats, "final_path": "pave_plugins.fusion_bench.PAVEAlgorithm"}
             except Exception as exc:  # keep the run going; say so in the JSON
                 log.warning("PAVE host path failed (%s); using the harness's core path", exc)
                 reason = str(exc)
         if prov is None:
-            psds, _ = pave_purify_pool(self.base_sd, self.ft_sds, covs, target=target,
-                                       allocation=allocation, rho=rho, store=store)
+            psds, _ = pave_purify_pool(self.base_sd, self.ft_sds, covs, target=target, allocation=allocation,
+                                       store=store, **pave)
             prov = self.merge(b, self.selected[b], psds)
             stats = {**choice.stats, "final_path": f"core ({reason})"}
             del psds
         merge_s = time.perf_counter() - t3
         label = f"PAVE({'eq.6' if target == 'weight' else 'task vec'}, {allocation}) + {BASE_METHODS[b]}"
-        self.record(f"pave_{target}_{allocation}_{b}", label, prov, {**self.selected[b], "rho": rho}, choice.val,
-                    merge_s, {"pave": stats, "val_trace": choice.trace})
+        test_best = max(choice.trace, key=lambda t: t["test_avg"])  # first of equals, as on validation
+        selected = {k: test_best[k] for k in ("rho", "damping", "rank_granularity", "test_avg", "val_avg")}
+        self.record(f"pave_{target}_{allocation}_{b}", label, prov, {**self.selected[b], **choice.hp}, choice.val,
+                    merge_s, {"pave": stats, "val_trace": choice.trace, "test_selected": selected})
 
     # ------------------------------------------------------------------ LoRA experts
     def run_lora_experts(self) -> dict[str, tuple[dict, list[Path]]]:

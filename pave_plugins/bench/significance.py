@@ -58,6 +58,17 @@ def verdict(ci: dict[str, float]) -> str:
     return "gain" if ci["lo"] > 0 else "loss" if ci["hi"] < 0 else "no difference"
 
 
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjustment of ``p_values`` (family-wise error over all of them): the j-th
+    smallest p times ``m - j + 1``, made non-decreasing, capped at 1."""
+    order = sorted(p_values, key=lambda k: p_values[k])
+    adjusted, running = {}, 0.0
+    for j, k in enumerate(order):
+        running = max(running, min(1.0, (len(order) - j) * p_values[k]))
+        adjusted[k] = running
+    return adjusted
+
+
 def comparisons(per_seed: list[dict], names: list[str], *, n_boot: int = 10000) -> dict[str, dict]:
     """Every PAVE+X (harness and mergekit rows) against its X, over the seeds that have both."""
     keys = list(per_seed[0]["methods"])
@@ -76,16 +87,19 @@ def comparisons(per_seed: list[dict], names: list[str], *, n_boot: int = 10000) 
         a = {n: [m[ref]["test_correct"][n] for m in seeds] for n in names}
         b = {n: [m[k]["test_correct"][n] for m in seeds] for n in names}
         out[k] = {"against": ref, "n_seeds": len(seeds), **paired_bootstrap(a, b, n_boot=n_boot)}
+    for k, p in holm({k: c["avg"]["p"] for k, c in out.items()}).items():  # over every comparison of the run
+        out[k]["avg"]["p_holm"] = p
     return out
 
 
 def markdown(comp: dict[str, dict], labels: dict[str, str], names: list[str]) -> str:
     """The table of :func:`comparisons`: difference [95 % interval] and p per task and on the average."""
-    lines = ["| PAVE+X − X (points) | " + " | ".join(names) + " | avg [95 % CI] | p | verdict |",
-             "|" + "---|" * (len(names) + 4)]
+    lines = ["| PAVE+X − X (points) | " + " | ".join(names) + f" | avg [95 % CI] | p | p (Holm, {len(comp)} tests) | "
+             "verdict |", "|" + "---|" * (len(names) + 5)]
     for k, c in comp.items():
         cells = [f"{c[n]['diff']:+.1f} [{c[n]['lo']:+.1f}, {c[n]['hi']:+.1f}]" for n in names]
         a = c["avg"]
         lines.append(f"| {labels.get(k, k)} vs {labels.get(c['against'], c['against'])} | " + " | ".join(cells)
-                     + f" | {a['diff']:+.2f} [{a['lo']:+.2f}, {a['hi']:+.2f}] | {a['p']:.3f} | {verdict(a)} |")
+                     + f" | {a['diff']:+.2f} [{a['lo']:+.2f}, {a['hi']:+.2f}] | {a['p']:.3f} | {a['p_holm']:.3f} | "
+                     f"{verdict(a)}{'' if a['p_holm'] < 0.05 or verdict(a) == 'no difference' else ' (not after Holm)'} |")
     return "\n".join(lines) + "\n"

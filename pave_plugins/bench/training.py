@@ -116,6 +116,9 @@ class BenchConfig:
     pave_targets: list[str] = field(default_factory=lambda: ["weight", "delta"])
     pave_allocations: list[str] = field(default_factory=lambda: ["spectral", "uniform"])
     pave_bases: list[str] = field(default_factory=lambda: ["ta", "ties", "dare", "emr", "tsvm"])
+    damping_grid: list[float] = field(default_factory=lambda: [0.0])  # PAVE damping, chosen on validation with rho
+    damping_rule: str = "relative"  # PAVE damping rule (PaveSettings.damping_rule)
+    granularity_grid: list[str] = field(default_factory=lambda: ["layer"])  # PAVE rank_granularity, chosen likewise
     calib_per_task: int = 32  # LoRA-DV calibration samples per task
     rethink_iterations: int = 3  # LoRA-DV T
     rethink_epochs: int = 10

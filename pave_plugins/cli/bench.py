@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pave_plugins.engine.settings import PaveSettings
+from pave_plugins.core.purify import DAMPING_RULES
+from pave_plugins.engine.settings import RANK_GRANULARITIES, PaveSettings
 
 from . import checks
 
@@ -70,6 +71,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"PAVE purification targets (default: {grids['pave_targets']})")
     p.add_argument("--pave-allocations", nargs="+", default=None, choices=["spectral", "uniform"],
                    help=f"PAVE rank allocations (default: {grids['pave_allocations']})")
+    p.add_argument("--damping", nargs="+", type=checks.setting(PaveSettings, "damping"), default=None,
+                   help=f"PAVE damping grid, chosen on validation with rho (default: {grids['damping_grid']})")
+    p.add_argument("--damping-rule", default="relative", choices=DAMPING_RULES,
+                   help="PAVE damping rule: relative (x mean(diag C)) or authors (eps on C / N, doubled until the "
+                   "authors' inverse test passes; needs damping > 0)")
+    p.add_argument("--rank-granularity", nargs="+", default=None, choices=RANK_GRANULARITIES,
+                   help=f"PAVE rank granularity grid, chosen likewise (default: {grids['granularity_grid']})")
     p.add_argument("--pave-bases", nargs="+", default=None,
                    choices=["ta", "ties", "dare", "emr", "tsvm", "regmean_ours"],
                    help=f"methods PAVE is run around (default: {grids['pave_bases']})")
@@ -94,7 +102,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 DEFAULT_DATA = "benchmarks/real/data"
 GRID_FIELDS = ("rho_grid", "ta_grid", "ties_grid", "dare_grid", "dare_sparsity", "tsv_grid", "pave_targets",
-               "pave_allocations", "pave_bases")
+               "pave_allocations", "pave_bases", "damping_grid", "granularity_grid")
 
 
 def _default_grids() -> dict:
@@ -194,9 +202,16 @@ def run(args: argparse.Namespace) -> int:
                       train_embeddings=args.train_embeddings, head_lr=args.head_lr, extend_grids=args.extend_grids)
     if args.rho:
         cfg.rho_grid = list(args.rho)
+    for damping in args.damping or [0.0]:  # the settings' own cross-check, before any fine-tuning
+        try:
+            PaveSettings(damping=damping, damping_rule=args.damping_rule)
+        except ValueError as exc:
+            raise ValueError(f"--damping-rule {args.damping_rule} --damping {damping}: {exc}") from None
+    cfg.damping_rule = args.damping_rule
     for attr, grid in (("ta_grid", args.ta_grid), ("ties_grid", args.ties_grid), ("dare_grid", args.dare_grid),
                        ("dare_sparsity", args.dare_sparsity), ("tsv_grid", args.tsv_grid),
-                       ("regmean_grid", args.regmean_grid)):
+                       ("regmean_grid", args.regmean_grid), ("damping_grid", args.damping),
+                       ("granularity_grid", args.rank_granularity)):
         if grid:
             setattr(cfg, attr, list(grid))
     cfg.pave_host_final = args.pave_host_final

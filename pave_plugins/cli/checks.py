@@ -116,6 +116,9 @@ def add_setting_flags(parser: argparse.ArgumentParser, settings_cls: type, *, ex
         if row.type is bool:
             parser.add_argument(flag, action="store_true", help=row.help)
             continue
+        if row.type is tuple:
+            parser.add_argument(flag, nargs="+", metavar="NAME", default=row.default, help=row.help)
+            continue
         default = "" if row.default is None else f" (default {row.default})"
         kind = {float: finite_float, int: _int, str: str}[row.type]
         parser.add_argument(flag, type=kind, choices=row.choices, default=row.default, help=row.help + default)

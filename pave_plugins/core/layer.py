@@ -142,26 +142,30 @@ def allocate_and_purify(
     names: Sequence[str],
     name: str,
     release: bool,
+    ranks: Sequence[int] | None = None,
 ) -> LayerPurification:
-    """:func:`purify_layer_from_cosvds` for settings that were already validated (``gamma`` filled in)."""
+    """:func:`purify_layer_from_cosvds` for settings that were already validated (``gamma`` filled in);
+    ``ranks`` given (one per model): those ranks instead of Algorithm 1's (``rank_granularity: model``)."""
     if len(names) != len(cosvds):
         raise ValueError(f"{name}: {len(cosvds)} decompositions but {len(names)} names")
     todo = [i for i, d in enumerate(cosvds) if d is not None]
     if not todo:
         raise ValueError(f"{name}: no model has a covariance for this layer, nothing to purify")
-    svals = [cosvds[i].s for i in todo]  # type: ignore[union-attr]
-    alloc = allocate_ranks({name: svals}, rho, gamma, method=allocation)
-    full = alloc.full_ranks[name]
-    ranks = [full] * len(cosvds)
+    full = cosvds[todo[0]].full_rank  # type: ignore[union-attr]
+    if ranks is None:
+        alloc = allocate_ranks({name: [cosvds[i].s for i in todo]}, rho, gamma, method=allocation)  # type: ignore[union-attr]
+        chosen, budget_met = alloc.ranks[name], alloc.budget_met[name]
+    else:
+        chosen = [ranks[i] for i in todo]
+        budget_met = sum(chosen) <= rho * len(todo) * full
+    out_ranks = [full] * len(cosvds)
     purifications: list[Purification | None] = [None] * len(cosvds)
-    for i, r in zip(todo, alloc.ranks[name]):
-        ranks[i] = r
+    for i, r in zip(todo, chosen):
+        out_ranks[i] = r
         purifications[i] = purify_from_cosvd(cosvds[i], r, name=names[i])  # type: ignore[arg-type]
         if release:
             cosvds[i] = None
-    return LayerPurification(
-        purifications=purifications, ranks=ranks, full_rank=full, budget_met=alloc.budget_met[name]
-    )
+    return LayerPurification(purifications=purifications, ranks=out_ranks, full_rank=full, budget_met=budget_met)
 
 
 def purify_layer(

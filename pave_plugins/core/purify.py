@@ -25,9 +25,13 @@ The default compute dtype is float64; float32 is an option (see README for its m
 
 ``C`` may be singular (fewer tokens than features, dead features). As the paper says, we then
 add a positive value to its diagonal and increase it (doubling, starting from a small fraction of
-``mean(diag C)``) until a Cholesky factorisation succeeds; the damping used is reported in
-:class:`PreparedCovariance` and :class:`Purification`. With damping, full rank still returns
-``W_ft - W_base`` exactly.
+``mean(diag C)``) until a Cholesky factorisation succeeds. :class:`Damping` adds damping always,
+as the authors' code does: ``relative`` (``C + delta mean(diag C) I``) or ``authors`` (an absolute
+``eps`` on the token mean ``C / N``, doubled until ``||(C/N + eps I)^{-1} (C/N + eps I) - I||_F``
+is below 1e-2, the test of the authors' NLG code; Appendix B.2: with few samples "due to the
+regularization, the method degenerates to plain SVD"). The damping used is reported in
+:class:`PreparedCovariance` and :class:`Purification`. With any damping, full rank still returns
+``W_ft - W_base`` exactly (the inverse of the damped ``C`` cancels, see above).
 
 ``target="delta"`` is a variant (not in the paper) that purifies the task vector itself:
 ``SVD_r(dW C) C^{-1} = U_r U_r^T dW`` with ``U`` from ``dW C``; the base weight is untouched.
@@ -71,6 +75,25 @@ class PreparedCovariance:
     damping: float
     relative_damping: float  # damping / mean(diag C)
     factor: Tensor | None = None
+    singular: bool = False  # damped beyond what was asked because C is singular
+
+
+DAMPING_RULES: tuple[str, ...] = ("relative", "authors")
+#: the authors' stopping test for their damping: ||C_d^{-1} C_d - I||_F below this (NLG code; 5e-2 for GLUE/ViT)
+AUTHORS_INVERSE_TOLERANCE = 1e-2
+
+
+@dataclass(frozen=True)
+class Damping:
+    """Diagonal damping added to ``C`` before eq. 5, always (0 with ``relative``: only if singular).
+
+    ``relative``: ``amount * mean(diag C)``. ``authors``: ``amount`` is the authors' starting ``eps``
+    on the token-mean covariance ``C / N`` (0.1 in their GLUE/ViT code, 0.01 or 0.5 for NLG), doubled
+    until their inverse test passes (:func:`authors_damping`); in units of ``C`` that is ``eps N``.
+    """
+
+    amount: float = 0.0
+    rule: str = "relative"
 
 
 #: how far below zero round-off can put the smallest eigenvalue of a covariance ``X X^T`` stored in a
@@ -137,41 +160,68 @@ def prepare_covariance(
     symmetry_tol: float = 1e-6,
     name: str = "covariance",
     keep_factor: bool = False,
+    damping: Damping = Damping(),
+    n_tokens: int | None = None,
 ) -> PreparedCovariance:
-    """Validate ``C`` and damp its diagonal until a Cholesky factorisation succeeds (Sec. 3.2).
+    """Validate ``C``, add ``damping`` (:class:`Damping`; ``n_tokens``: the ``N`` of the
+    ``authors`` rule) and damp further until a Cholesky factorisation succeeds (Sec. 3.2).
 
-    Damping starts at ``initial_relative_damping * mean(diag C)`` and doubles; it never exceeds
-    ``max_relative_damping * mean(diag C)`` (a ``ValueError`` is raised instead: a giant shift would
-    silently change the method). Cache the result when several weights share one covariance.
+    Further damping starts at ``initial_relative_damping * mean(diag C)`` (or doubles the damping
+    asked for); past ``max_relative_damping * mean(diag C)`` a ``ValueError`` is raised instead (a
+    giant shift would silently change the method). Cache the result when several weights share one
+    covariance.
     """
     c, mean_diag = validated_covariance(cov, compute_dtype=compute_dtype, symmetry_tol=symmetry_tol, name=name)
+    if damping.rule not in DAMPING_RULES:
+        raise ValueError(f"{name}: unknown damping rule {damping.rule!r}, expected one of {DAMPING_RULES}")
+    asked = authors_damping(c, damping.amount, n_tokens, name) if damping.rule == "authors" else (
+        damping.amount * mean_diag)
     n = c.shape[0]
     eye = torch.eye(n, dtype=c.dtype, device=c.device)
     # Cholesky "succeeds" when the factor has no tiny pivot relative to the matrix scale: a pivot
     # below this floor means C is numerically singular in the compute dtype.
     pivot_floor = n * torch.finfo(c.dtype).eps * float(torch.diagonal(c).max())
-    damping = 0.0
-    rel = initial_relative_damping
+    ceiling = max(max_relative_damping * mean_diag, asked)
+    amount = asked
     while True:
-        matrix = c if damping == 0.0 else c + damping * eye
+        matrix = c if amount == 0.0 else c + amount * eye
         factor, info = torch.linalg.cholesky_ex(matrix)
         if int(info) == 0 and float(torch.diagonal(factor).min()) ** 2 > pivot_floor:
             break
-        if damping == 0.0:
+        if amount == 0.0:
             check_semidefinite(c, cov.dtype, mean_diag, name)  # only a singular PSD matrix is damped
-        if rel > max_relative_damping:
+        amount = 2.0 * amount if amount > 0.0 else initial_relative_damping * mean_diag
+        if amount > ceiling:
             raise ValueError(
-                f"{name}: not positive definite even with damping {damping:.3g} "
+                f"{name}: not positive definite even with damping {amount / 2:.3g} "
                 f"({max_relative_damping:g} x mean(diag C)); it is not a valid covariance"
             )
-        damping = rel * mean_diag
-        rel *= 2.0
-    relative = damping / mean_diag
-    if damping > 0.0:
-        logger.debug("%s: singular, damped with %.3g (%.3g x mean diag)", name, damping, relative)
+    if amount > asked:
+        logger.debug("%s: singular, damped with %.3g (%.3g x mean diag)", name, amount, amount / mean_diag)
     return PreparedCovariance(
-        matrix=matrix, damping=damping, relative_damping=relative, factor=factor if keep_factor else None
+        matrix=matrix, damping=amount, relative_damping=amount / mean_diag, factor=factor if keep_factor else None,
+        singular=amount > asked,
     )
+
+
+def authors_damping(c: Tensor, eps: float, n_tokens: int | None, name: str = "covariance") -> float:
+    """The damping of the authors' code, in units of ``C``: ``eps N`` for the first ``eps`` (from the
+    one given, doubling) with ``||(C/N + eps I)^{-1} (C/N + eps I) - I||_F`` below
+    :data:`AUTHORS_INVERSE_TOLERANCE`, tested in float32 as their covariances are."""
+    if not n_tokens or n_tokens <= 0:
+        raise ValueError(f"{name}: damping rule 'authors' needs the token count N of the covariance (C / N); "
+                         "the file records none (collect it again with pave collect, or use damping rule 'relative')")
+    if not eps > 0.0:
+        raise ValueError(f"{name}: damping rule 'authors' needs damping > 0 (their code starts at 0.1), got {eps}")
+    mean = (c / n_tokens).to(torch.float32)
+    eye = torch.eye(c.shape[0], dtype=torch.float32, device=c.device)
+    for _ in range(200):
+        damped = mean + eps * eye
+        inverse, info = torch.linalg.inv_ex(damped)
+        if int(info) == 0 and float(torch.linalg.matrix_norm(inverse @ damped - eye)) < AUTHORS_INVERSE_TOLERANCE:
+            return eps * n_tokens
+        eps *= 2.0
+    raise ValueError(f"{name}: the authors' inverse test never passed (damping {eps:.3g} on C / N)")
 
 
 @dataclass
@@ -210,6 +260,38 @@ def co_svd(
 
     ``w_ft`` and ``w_base`` are ``out x in``; ``cov`` is ``in x in`` (or prepared).
     """
+    m, ft, delta, prepared = _co_matrix(w_ft, w_base, cov, target, compute_dtype, name)
+    u, s = _left_singular_pairs(m)
+    return CoSVD(
+        u=u,
+        s=s,
+        delta=delta,
+        w_ft=ft,
+        target=target,
+        damping=prepared.damping,
+        out_dtype=w_ft.dtype,
+        relative_damping=prepared.relative_damping,
+    )
+
+
+def co_singular_values(
+    w_ft: Tensor,
+    w_base: Tensor,
+    cov: Tensor | PreparedCovariance,
+    *,
+    target: Target = "weight",
+    compute_dtype: torch.dtype = torch.float64,
+    name: str = "weight",
+) -> Tensor:
+    """The sigma of Algorithm 1 line 3 alone (singular values of ``W_ft C`` or ``dW C``, descending)."""
+    m, *_ = _co_matrix(w_ft, w_base, cov, target, compute_dtype, name)
+    return torch.linalg.svdvals(m)
+
+
+def _co_matrix(
+    w_ft: Tensor, w_base: Tensor, cov: Tensor | PreparedCovariance, target: str, compute_dtype: torch.dtype, name: str
+) -> tuple[Tensor, Tensor, Tensor, PreparedCovariance]:
+    """``A C`` of eq. 5 (``A = W_ft`` or ``dW``) after the checks, with ``W_ft``, ``dW`` and the prepared ``C``."""
     if target not in TARGETS:
         raise ValueError(f"{name}: unknown purification target {target!r}, expected one of {TARGETS}")
     if w_ft.ndim != 2:
@@ -237,17 +319,7 @@ def co_svd(
             raise ValueError(f"{name}: {what} contains NaN or Inf")
     delta = ft - base
     a = ft if target == "weight" else delta
-    u, s = _left_singular_pairs(a @ c)
-    return CoSVD(
-        u=u,
-        s=s,
-        delta=delta,
-        w_ft=ft,
-        target=target,
-        damping=prepared.damping,
-        out_dtype=w_ft.dtype,
-        relative_damping=prepared.relative_damping,
-    )
+    return a @ c, ft, delta, prepared
 
 
 def _left_singular_pairs(m: Tensor) -> tuple[Tensor, Tensor]:

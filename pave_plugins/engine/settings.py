@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
-from pave_plugins.core.purify import TARGETS
+from pave_plugins.core.purify import DAMPING_RULES, TARGETS, Damping
 from pave_plugins.core.rank_allocation import ALLOCATIONS, check_rho_gamma
 from pave_plugins.io.sources import FINGERPRINT_POLICIES
 
@@ -83,7 +84,9 @@ class Setting:
         return self.face_names.get(face, self.name)
 
 
-_TYPES = {"float": float, "float | None": float, "str": str, "bool": bool, "int": int}
+_TYPES = {"float": float, "float | None": float, "str": str, "bool": bool, "int": int, "tuple[str, ...]": tuple}
+#: Algorithm 1's ranks per layer (the paper's text) or each model's overall ratio on all its layers (authors' code)
+RANK_GRANULARITIES: tuple[str, ...] = ("layer", "model")
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,6 +116,8 @@ def check_table(obj: Any) -> None:
                 raise ValueError(f"{row.name} must be a number, got {value!r}")
         elif row.type is bool and not isinstance(value, bool):
             raise ValueError(f"{row.name} must be true or false, got {value!r}")
+        elif row.type is tuple and not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"{row.name} must be a list of model names, got {value!r}")
         if row.choices is not None and value not in row.choices:
             raise ValueError(f"{row.name} must be one of {row.choices}, got {value!r}")
         if row.check is not None:
@@ -125,6 +130,11 @@ def _check_rho(rho: float) -> None:
 
 def _check_gamma(gamma: float) -> None:
     check_rho_gamma(1.0, gamma)  # on its own; against rho in PaveSettings
+
+
+def _check_damping(damping: float) -> None:
+    if not (math.isfinite(damping) and damping >= 0.0):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping}")
 
 
 @dataclass(frozen=True)
@@ -141,6 +151,20 @@ class PaveSettings:
                                    "(the Table 4 baseline)", choices=ALLOCATIONS)
     target: str = setting("weight", "weight: eq. 6 as published (SVD of W_ft C); delta: SVD of dW C (base weight "
                           "untouched)", choices=TARGETS)
+    damping: float = setting(
+        0.0, "diagonal damping added to every covariance before eq. 5 (damping_rule relative: x mean(diag C); "
+        "authors: the starting eps on C / N); 0 with relative: only a singular covariance is damped",
+        check=_check_damping)
+    damping_rule: str = setting(
+        "relative", "relative: C + damping mean(diag C) I; authors: C / N + eps I with eps doubled from damping "
+        "until ||C_d^-1 C_d - I|| < 1e-2 (the PAVE authors' code; N: the file's token count)", choices=DAMPING_RULES)
+    rank_granularity: str = setting(
+        "layer", "layer: Algorithm 1's ranks per layer (the paper's text); model: each model's overall ratio "
+        "sum_l r_i^l / sum_l R^l applied to all its layers (the authors' code)", choices=RANK_GRANULARITIES)
+    full_rank_models: tuple[str, ...] = setting(
+        (), "models kept unpurified (their plain task vector enters the inner method; Appendix A.1's search "
+        "in the fixed form of the authors' code), by name or folder name",
+        face_names={"mergekit": "full_rank"})  # mergekit: a per-model parameter, as its own weight
     compute_dtype: str = setting("float64", "dtype of the maths (float32 is inaccurate for target weight on "
                                  "ill-conditioned covariances)", choices=tuple(COMPUTE_DTYPES))
     allow_missing_covariance: bool = setting(False, "a layer some models have a covariance for and others lack "
@@ -154,7 +178,14 @@ class PaveSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "compute_dtype", compute_dtype_name(self.compute_dtype))
+        names = self.full_rank_models
+        if isinstance(names, str):  # one name
+            object.__setattr__(self, "full_rank_models", (names,))
+        elif isinstance(names, Sequence) and not isinstance(names, tuple):  # YAML, Hydra, argparse lists
+            object.__setattr__(self, "full_rank_models", tuple(names))
         check_table(self)
+        if self.damping_rule == "authors" and self.damping == 0.0:
+            raise ValueError("damping_rule authors needs damping > 0 (the authors' code starts at 0.1 for GLUE/ViT)")
         object.__setattr__(self, "_gamma", check_rho_gamma(self.rho, self.gamma))
         if self.compute_dtype == "float32" and self.target == "weight":
             warn_float32_weight_target()
@@ -163,6 +194,10 @@ class PaveSettings:
     def resolved_gamma(self) -> float:
         """``gamma``, or the paper's default ``rho - (1 - rho) / 2`` (checked against rho once, when built)."""
         return self._gamma  # type: ignore[attr-defined]
+
+    @property
+    def damping_spec(self) -> Damping:
+        return Damping(self.damping, self.damping_rule)
 
     @property
     def dtype(self) -> torch.dtype:

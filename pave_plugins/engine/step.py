@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, MutableSequence, Sequence
 
 import torch
 from torch import Tensor
 
 from pave_plugins.core.layer import LayerModelError, allocate_and_purify
-from pave_plugins.core.purify import CoSVD, Purification, all_finite, co_svd
+from pave_plugins.core.purify import CoSVD, Purification, all_finite, co_singular_values, co_svd
+from pave_plugins.core.rank_allocation import allocate_ranks
 from pave_plugins.io.covariance import MissingCovarianceError
 from pave_plugins.io.sources import CovarianceSource, PreparedCache, lookup_key, weight_layout
 
@@ -122,10 +124,10 @@ def check_shapes(name: str, w_base: Tensor, w_fts: Sequence[Tensor], labels: Seq
 
 class CoSVDStore:
     """CO-SVDs kept across runs of one set of models (the benchmark runs PAVE at several ``rho``):
-    per (model, tensor, target) only ``U`` and ``S``; ``W_ft`` and ``dW`` are rebuilt when used."""
+    per (model, tensor, target, damping) only ``U`` and ``S``; ``W_ft`` and ``dW`` are rebuilt when used."""
 
     def __init__(self) -> None:
-        self.decompositions: dict[tuple[int, str, str], CoSVD] = {}
+        self.decompositions: dict[tuple, CoSVD] = {}
 
 
 def check_finite_weights(name: str, w_base: Tensor | None, w_fts: Sequence[Tensor], labels: Sequence[str]) -> None:
@@ -134,6 +136,24 @@ def check_finite_weights(name: str, w_base: Tensor | None, w_fts: Sequence[Tenso
     for lab, t in pairs:
         if not all_finite(t):
             raise ValueError(f"{name}: the weight of {lab} contains NaN or Inf")
+
+
+def full_rank_indices(names: Sequence[str], labels: Sequence[str]) -> frozenset[int]:
+    """The models ``full_rank_models`` names, each by its label or folder name; a name that is none
+    of the models is an error (a typo would silently purify the model it meant)."""
+    found: set[int] = set()
+    for wanted in names:
+        hits = [i for i, lab in enumerate(labels) if wanted in (lab, Path(lab).name)]
+        if not hits:
+            raise ValueError(f"full_rank_models: {wanted!r} is none of the models {list(labels)}")
+        found.update(hits)
+    return frozenset(found)
+
+
+def model_granularity_ranks(ratios: Sequence[float], full_rank: int) -> list[int]:
+    """Each model's rank at a layer of ``full_rank`` under ``rank_granularity: model``:
+    ``max(1, round(rho_i R))``, as the authors' code cuts every layer of model i."""
+    return [min(full_rank, max(1, round(ratio * full_rank))) for ratio in ratios]
 
 
 class PaveEngine:
@@ -161,6 +181,9 @@ class PaveEngine:
         self.cache = cache if cache is not None else PreparedCache()
         self.device = device
         self.store = store
+        self.kept = full_rank_indices(settings.full_rank_models, self.labels)
+        #: Algorithm 1 line 15 per model, for ``rank_granularity: model`` (:meth:`rank_ratios`)
+        self.model_ratios: list[float] | None = None
 
     # ------------------------------------------------------------------ the whole step
     def step(
@@ -168,6 +191,19 @@ class PaveEngine:
     ) -> LayerStep:
         """Purify one weight name of the K models (any tensor: only 2-D ones with covariances change);
         ``release(i)`` true drops model i's prepared covariances once used (see :meth:`decompose`)."""
+        keys = self.gate(name, w_base, w_fts)
+        if isinstance(keys, LayerStep):
+            return keys
+        if not self.stored_in_out(name, keys):
+            return self.finish(name, self.decompose(name, w_base, w_fts, keys, release=release), keys)
+        # GPT-2 Conv1D: y = x W with W stored in x out; eq. 5-6 act on the out x in matrix W^T
+        step = self.finish(name, self.decompose(name, w_base.T, [w.T for w in w_fts], keys, release=release), keys)
+        step.purifications = [transposed_purification(p) if p is not None else None for p in step.purifications]
+        return step
+
+    def gate(self, name: str, w_base: Tensor, w_fts: Sequence[Tensor]) -> list[str | None] | LayerStep:
+        """The checks of every tensor (shapes, finiteness, the missing-covariance rule): the covariance
+        key of each model to purify (``None``: not purified), or the step of a tensor left as it is."""
         check_shapes(name, w_base, w_fts, self.labels)
         self.check_finite(name, w_base, w_fts)
         if w_base.ndim != 2:
@@ -176,12 +212,7 @@ class PaveEngine:
         keys = self.keys(name) if w_base.is_floating_point() else [None] * len(self.labels)
         if not self.models_to_purify(name, keys):
             return self.unpurified(name, keys)
-        if not self.stored_in_out(name, keys):
-            return self.finish(name, self.decompose(name, w_base, w_fts, keys, release=release), keys)
-        # GPT-2 Conv1D: y = x W with W stored in x out; eq. 5-6 act on the out x in matrix W^T
-        step = self.finish(name, self.decompose(name, w_base.T, [w.T for w in w_fts], keys, release=release), keys)
-        step.purifications = [transposed_purification(p) if p is not None else None for p in step.purifications]
-        return step
+        return [None if i in self.kept else k for i, k in enumerate(keys)]
 
     def run(
         self,
@@ -203,6 +234,9 @@ class PaveEngine:
         report = report if report is not None else RankReport()
         record = record if record is not None else self.settings.to_dict()
         last_use = self._last_uses(names)
+        if self.settings.rank_granularity == "model":
+            self.model_ratios = self.rank_ratios(names, read, last_use, progress=progress)
+            report.extra["algorithm_1_model_ratios"] = dict(zip(self.labels, self.model_ratios))
         for index, name in enumerate(tqdm(names, desc=progress, unit="tensor", disable=progress is None)):
             w_base, w_fts = read(name)
             step = self.step(name, w_base, w_fts, release=lambda i, at=index: last_use.get(i, {}).get(name) == at)
@@ -211,6 +245,53 @@ class PaveEngine:
             write(name, step, w_base, w_fts)
             del w_base, w_fts, step
         return report
+
+    def rank_ratios(self, names: Sequence[str], read: TensorReader, last_use: dict[int, dict[str, int]] | None = None,
+                    *, progress: str | None = None) -> list[float]:
+        """Algorithm 1 over the whole model, then line 15: ``rho_i = sum_l r_i^l / sum_l R^l`` per model
+        (layers where model i is ranked), from the singular values alone (a first pass over ``names``)."""
+        from tqdm.auto import tqdm
+
+        last_use = last_use if last_use is not None else self._last_uses(names)
+        kept, full = [0] * len(self.labels), [0] * len(self.labels)
+        s = self.settings
+        desc = f"{progress}: ranks" if progress is not None else None
+        for index, name in enumerate(tqdm(names, desc=desc, unit="tensor", disable=progress is None)):
+            w_base, w_fts = read(name)
+            keys = self.gate(name, w_base, w_fts)
+            if isinstance(keys, LayerStep) or not any(k is not None for k in keys):
+                continue
+            release = lambda i, at=index: last_use.get(i, {}).get(name) == at  # noqa: E731
+            svals = self.singular_values(name, w_base, w_fts, keys, release=release)
+            todo = [i for i, v in enumerate(svals) if v is not None]
+            alloc = allocate_ranks({name: [svals[i] for i in todo]}, s.rho, s.resolved_gamma, method=s.rank_allocation)
+            for i, r in zip(todo, alloc.ranks[name]):
+                kept[i] += r
+                full[i] += alloc.full_ranks[name]
+        return [k / f if f else 1.0 for k, f in zip(kept, full)]
+
+    def singular_values(self, name: str, w_base: Tensor, w_fts: Sequence[Tensor], keys: Sequence[str | None], *,
+                        release: Callable[[int], bool] | None = None) -> list[Tensor | None]:
+        """The sigma of Algorithm 1 line 3 per model with a key (eq. 5's SVD without its vectors)."""
+        if self.stored_in_out(name, keys):
+            w_base, w_fts = w_base.T, [w.T for w in w_fts]
+        out: list[Tensor | None] = []
+        for i, (w_ft, key) in enumerate(zip(w_fts, keys)):
+            stored = self.store.decompositions.get(self._store_key(i, name)) if self.store else None
+            if key is None or stored is not None:
+                out.append(stored.s if stored is not None and key is not None else None)
+                continue
+            device = self.device if self.device is not None else w_ft.device
+            prepared, _ = self.cache.get(self.sources[i], name, device=device, compute_dtype=self.settings.dtype,  # type: ignore[arg-type]
+                                         damping=self.settings.damping_spec)
+            try:
+                out.append(co_singular_values(w_ft.to(device), w_base.to(device), prepared, target=self.settings.target,
+                                              compute_dtype=self.settings.dtype, name=f"{name} of model {self.labels[i]}"))
+            except ValueError as exc:
+                raise self._model_error(LayerModelError(str(exc), i), keys) from exc
+            if release is not None and release(i):
+                self.cache.release(self.sources[i])  # type: ignore[arg-type]
+        return out
 
     def _last_uses(self, names: Sequence[str]) -> dict[int, dict[str, int]]:
         """Per model, per tensor name: the index of the last name reading the same covariance."""
@@ -243,8 +324,8 @@ class PaveEngine:
     def models_to_purify(self, name: str, keys: Sequence[str | None]) -> list[int]:
         """Models with a covariance for ``name``; models lacking one while others have one are an
         error unless ``allow_missing_covariance`` (then they keep their plain task vector)."""
-        todo = [i for i, k in enumerate(keys) if k is not None]
-        lacking = [i for i, k in enumerate(keys) if k is None]
+        todo = [i for i, k in enumerate(keys) if k is not None and i not in self.kept]
+        lacking = [i for i, k in enumerate(keys) if k is None and i not in self.kept]
         if todo and lacking:
             what = [f"{self.labels[i]} ({self._origin(i)})" for i in lacking]
             if not self.settings.allow_missing_covariance:
@@ -258,7 +339,10 @@ class PaveEngine:
         return todo
 
     def unpurified(self, name: str, keys: Sequence[str | None]) -> LayerStep:
-        return LayerStep(name, self.labels, [ModelRecord(False, "no covariance for this layer") for _ in keys])
+        return LayerStep(name, self.labels, [ModelRecord(False, self._reason(i)) for i in range(len(keys))])
+
+    def _reason(self, i: int) -> str:
+        return "kept at full rank (full_rank_models)" if i in self.kept else "no covariance for this layer"
 
     # ------------------------------------------------------------------ the two halves
     def decompose(
@@ -284,7 +368,8 @@ class PaveEngine:
                 out.append(None)
                 continue
             device = self.device if self.device is not None else w_ft.device
-            prepared, _ = self.cache.get(self.sources[i], name, device=device, compute_dtype=dtype)  # type: ignore[arg-type]
+            prepared, _ = self.cache.get(self.sources[i], name, device=device, compute_dtype=dtype,  # type: ignore[arg-type]
+                                         damping=self.settings.damping_spec)
             try:
                 out.append(
                     co_svd(w_ft.to(device), w_base.to(device), prepared, target=self.settings.target,  # type: ignore[arg-type]
@@ -300,29 +385,34 @@ class PaveEngine:
     def _stored_decompositions(self, name, w_base, w_fts, keys, release) -> list[CoSVD | None]:
         """:meth:`decompose` through :attr:`store`: models seen before reuse their ``U``, ``S``."""
         assert self.store is not None
-        stored, target = self.store.decompositions, self.settings.target
-        todo = [key if (i, name, target) not in stored else None for i, key in enumerate(keys)]
+        stored = self.store.decompositions
+        todo = [key if self._store_key(i, name) not in stored else None for i, key in enumerate(keys)]
         fresh = self._fresh_decompositions(name, w_base, w_fts, todo, release)
         for i, d in enumerate(fresh):
             if d is not None:
-                stored[(i, name, target)] = replace(d, delta=None, w_ft=None)
+                stored[self._store_key(i, name)] = replace(d, delta=None, w_ft=None)
         base = w_base.to(self.settings.dtype)
         out: list[CoSVD | None] = []
         for i, (w_ft, key) in enumerate(zip(w_fts, keys)):
             ft = w_ft.to(self.settings.dtype)
-            out.append(replace(stored[(i, name, target)], w_ft=ft, delta=ft - base) if key is not None else None)
+            out.append(replace(stored[self._store_key(i, name)], w_ft=ft, delta=ft - base) if key is not None else None)
         return out
+
+    def _store_key(self, i: int, name: str) -> tuple:
+        """A stored CO-SVD depends on the model, the tensor, the target and the damping of ``C``."""
+        return (i, name, self.settings.target, self.settings.damping_spec)
 
     def finish(self, name: str, cosvds: MutableSequence[CoSVD | None], keys: Sequence[str | None]) -> LayerStep:
         """Ranks (Algorithm 1 / uniform) and purified task vectors (eq. 6) from the CO-SVDs; each
         decomposition is released once used."""
         s = self.settings
         layer = allocate_and_purify(cosvds, rho=s.rho, gamma=s.resolved_gamma, allocation=s.rank_allocation,
-                                    names=[f"{name} of model {lab}" for lab in self.labels], name=name, release=True)
+                                    names=[f"{name} of model {lab}" for lab in self.labels], name=name, release=True,
+                                    ranks=self._fixed_ranks(cosvds))
         records = []
         for i, p in enumerate(layer.purifications):
             if p is None:
-                records.append(ModelRecord(False, "no covariance for this layer"))
+                records.append(ModelRecord(False, self._reason(i)))
                 continue
             records.append(ModelRecord(
                 True, rank=p.rank, full_rank=p.full_rank, damping=p.damping,
@@ -330,6 +420,15 @@ class PaveEngine:
                 pruning_error=p.pruning_error, covariance_key=keys[i],
             ))
         return LayerStep(name, self.labels, records, layer.purifications, layer.full_rank, layer.budget_met)
+
+    def _fixed_ranks(self, cosvds: Sequence[CoSVD | None]) -> list[int] | None:
+        """``rank_granularity: model``: the ranks from each model's ratio (``None``: Algorithm 1 per layer)."""
+        if self.settings.rank_granularity != "model":
+            return None
+        if self.model_ratios is None:
+            raise RuntimeError("rank_granularity 'model' needs the models' ratios first (PaveEngine.rank_ratios)")
+        full = next(d.full_rank for d in cosvds if d is not None)
+        return model_granularity_ranks(self.model_ratios, full)
 
     # ------------------------------------------------------------------ helpers
     def _origin(self, i: int) -> str:

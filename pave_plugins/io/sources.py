@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from pave_plugins.core.purify import PreparedCovariance, prepare_covariance
+from pave_plugins.core.purify import Damping, PreparedCovariance, prepare_covariance
 
 from .covariance import CovarianceFileError
 
@@ -86,6 +86,15 @@ def token_count(source: CovarianceSource, key: str) -> int | None:
     return int(value) if value is not None else None
 
 
+def tokens_of(source: CovarianceSource, key: str) -> int | None:
+    """The ``N`` of covariance ``key``: its own token count, else the file's (``None``: not recorded)."""
+    count = token_count(source, key)
+    if count is None:
+        metadata = getattr(source, "metadata", None)
+        count = getattr(metadata, "n_tokens", None) or None
+    return count
+
+
 class PreparedCache:
     """Bounded cache of prepared covariances: at most ``per_source`` per source, least recent out.
 
@@ -109,11 +118,13 @@ class PreparedCache:
         device: torch.device | str,
         compute_dtype: torch.dtype,
         keep_factor: bool = False,
+        damping: Damping = Damping(),
     ) -> tuple[PreparedCovariance, str]:
         """The prepared covariance of ``layer`` and its key (with its Cholesky factor if
-        ``keep_factor``); damping is logged (warning) with the amount."""
+        ``keep_factor``; ``damping`` added, see :class:`~pave_plugins.core.purify.Damping`); damping
+        a singular covariance needed is logged (warning) with the amount."""
         key = source.key_for(layer)
-        ck = (key, str(device), str(compute_dtype), keep_factor)
+        ck = (key, str(device), str(compute_dtype), keep_factor, damping)
         with self._lock:
             hit = self._lookup(source, ck)
             if hit is not None:
@@ -126,7 +137,7 @@ class PreparedCache:
                 return hit, key
             try:
                 prepared = self._prepare(source, layer, key, device=device, compute_dtype=compute_dtype,
-                                         keep_factor=keep_factor)
+                                         keep_factor=keep_factor, damping=damping)
                 with self._lock:
                     cache = self._entries.setdefault(id(source), (source, OrderedDict()))[1]
                     cache[ck] = prepared
@@ -146,16 +157,18 @@ class PreparedCache:
 
     def _prepare(self, source: CovarianceSource, layer: str, key: str, **kw) -> PreparedCovariance:
         try:
+            n_tokens = tokens_of(source, key) if kw["damping"].rule == "authors" else None
             prepared = prepare_covariance(
                 source.get(layer, device=kw.pop("device")),
                 name=f"covariance {key!r} (layer {layer!r}) in {source.origin}",
+                n_tokens=n_tokens,
                 **kw,
             )
         except ValueError as exc:
             raise CovarianceFileError(str(exc)) from exc
         with self._lock:
             self.n_prepared += 1
-        if prepared.damping > 0:
+        if prepared.singular:
             logger.warning("covariance %r (layer %r) in %s is singular: damped with %.3g (%.3g x mean diag C)",
                            key, layer, source.origin, prepared.damping, prepared.relative_damping)
         return prepared

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Hashable, Optional
+from typing import Any, Hashable, Optional, Sequence
 
 from pave_plugins.io.covariance import CovarianceFile
 from pave_plugins.io.fit import fitted_source
@@ -84,6 +84,7 @@ class CovarianceStore:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._files: dict[tuple, StepSource] = {}
+        self._ratios: dict[tuple, list[float]] = {}
         self.cache = PreparedCache()
 
     @property
@@ -93,6 +94,7 @@ class CovarianceStore:
     def clear(self) -> None:
         with self._lock:
             self._files.clear()
+            self._ratios.clear()
             self.cache.clear()
 
     def file(self, model: Hashable, path: str, *, on_fingerprint_mismatch: str) -> StepSource:
@@ -112,3 +114,32 @@ class CovarianceStore:
                     fitted_source(cf, folder, label=str(model), on_fingerprint_mismatch=on_fingerprint_mismatch)
                 cf = self._files[key] = StepSource(model, cf)
             return cf
+
+    def model_ratios(self, settings: Any, base: Hashable, models: Sequence[Hashable],
+                     sources: Sequence[StepSource | None]) -> list[float]:
+        """``rank_granularity: model``: Algorithm 1 over every layer of the models' own folders, once
+        per merge (a first pass before the first tensor is purified; see ``PaveEngine.rank_ratios``)."""
+        key = (settings, base, tuple(models))
+        with self._lock:
+            if key not in self._ratios:
+                self._ratios[key] = _first_pass_ratios(settings, base, models, sources)
+            return self._ratios[key]
+
+
+def _first_pass_ratios(settings: Any, base: Hashable, models: Sequence[Hashable],
+                       sources: Sequence[StepSource | None]) -> list[float]:
+    from pave_plugins.engine.step import PaveEngine
+    from pave_plugins.io.checkpoints import CheckpointReader
+    from pave_plugins.io.sources import lookup_key
+
+    folders = [model_folder(m) for m in (base, *models)]
+    for m, folder in zip((base, *models), folders):
+        if folder is None:
+            raise ValueError(f"pave: rank_granularity model reads every layer before the merge, but {m} has no "
+                             "local safetensors folder mergekit knows of; use rank_granularity layer")
+    readers = [CheckpointReader(f) for f in folders]  # type: ignore[arg-type]
+    files = [s.source if s is not None else None for s in sources]
+    engine = PaveEngine(settings, files, [str(m) for m in models], cache=PreparedCache())
+    names = [n for n in readers[0].names() if any(lookup_key(f, n) for f in files if f is not None)]
+    return engine.rank_ratios(names, lambda n: (readers[0].get(n), [r.get(n) for r in readers[1:]]),
+                              progress="pave")

@@ -119,6 +119,8 @@ class PaveMerge(GroupMergeMethod):
                 ParameterScope.NON_BASE,
                 default=None,
             ),
+            # this model kept unpurified (PaveSettings.full_rank_models; per model, as mergekit's weight)
+            ParameterSpec("full_rank", bool, ParameterScope.NON_BASE, default=False),
             ParameterSpec("density", OptionalFiniteFloat, ParameterScope.NON_BASE, default=None),
             ParameterSpec("epsilon", OptionalFiniteFloat, ParameterScope.NON_BASE, default=None),
             ParameterSpec(
@@ -147,8 +149,7 @@ class PaveMerge(GroupMergeMethod):
         assert base_entry is not None  # InputContract(base=REQUIRED)
         name = group.metadata.name or "tensor"
         inner = resolve_inner(params["inner"])
-        settings = _settings(tuple((row.name_for("mergekit"), params[row.name_for("mergekit")])
-                                   for row in table(PaveSettings)))
+        settings = _settings(self._setting_values(group, params))
         report = current_report()
         if report.on_close_once(self.store.clear):
             self.store.clear()  # a new merge: drop the caches of the previous one
@@ -166,6 +167,13 @@ class PaveMerge(GroupMergeMethod):
         (result,) = inner((purified_group,), parameters=supplied)
         return result.to(base_entry.tensor.dtype)
 
+    @staticmethod
+    def _setting_values(group: TensorGroup, params: dict[str, Any]) -> tuple:
+        """mergekit's values of the settings table; ``full_rank_models`` from the per-model ``full_rank``."""
+        kept = tuple(str(e.id) for e in group.non_base if params["full_rank"].get(e.id))
+        return tuple((row.name_for("mergekit"), kept if row.type is tuple else params[row.name_for("mergekit")])
+                     for row in table(PaveSettings))
+
     def _purify(
         self, group: TensorGroup, name: str, settings: PaveSettings, cov_paths: PerInputValues
     ) -> tuple[TensorGroup, dict]:
@@ -178,6 +186,8 @@ class PaveMerge(GroupMergeMethod):
             for e in entries
         ]
         engine = PaveEngine(settings, sources, [str(e.id) for e in entries], cache=self.store.cache)
+        if settings.rank_granularity == "model" and any(s is not None for s in sources):
+            engine.model_ratios = self.store.model_ratios(settings, group.base.id, [e.id for e in entries], sources)  # type: ignore[union-attr]
         step = engine.step(name, base, [e.tensor for e in entries])
         purified = {}
         for e, p in zip(entries, step.purifications):

@@ -45,6 +45,8 @@ def setting_specs(settings_cls: type) -> tuple:
 
     specs = []
     for row in table(settings_cls):
+        if row.type is tuple:  # a list of models: per-model parameters in mergekit (a list there is a gradient)
+            continue
         if row.choices is not None:
             kind: Any = Literal[row.choices]  # type: ignore[valid-type]
         elif row.type is bool:

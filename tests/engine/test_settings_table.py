@@ -31,6 +31,9 @@ def test_mergekit_parameters_come_from_the_table(cls, method):
     for row in table(cls):
         spec = specs.get(row.name_for("mergekit"))
         assert spec is not None, f"mergekit {method} has no parameter for {row.name}"
+        if row.type is tuple:  # a list of models is a per-model flag in mergekit (a list there is a gradient)
+            assert spec.scope.name == "NON_BASE" and spec.default is False, row.name
+            continue
         assert spec.default == row.default_for("mergekit"), row.name
 
 
@@ -45,7 +48,8 @@ def test_fusion_bench_signature_and_config_agree_with_the_table(cls, algorithm, 
         name = row.name_for("fusion_bench")
         assert name in params, f"{algorithm} has no keyword {name}"
         assert params[name].default == row.default_for("fusion_bench"), name
-        assert shipped.get(name, "absent") == row.default_for("fusion_bench"), f"{config}: {name}"
+        value = shipped.get(name, "absent")
+        assert (tuple(value) if isinstance(value, list) else value) == row.default_for("fusion_bench"), f"{config}: {name}"
 
 
 def test_pave_purify_has_a_flag_per_setting():
@@ -74,16 +78,20 @@ def _valid(row, value) -> bool:
         return value in row.choices
     if row.type is bool:
         return isinstance(value, bool)
+    if row.type is tuple:
+        return isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return False
     bounds = {"rho": lambda v: 0 < v <= 1, "gamma": lambda v: 0 <= v <= 1,
-              "reduce_non_diagonal_ratio": lambda v: 0 <= v <= 1}
+              "reduce_non_diagonal_ratio": lambda v: 0 <= v <= 1, "damping": lambda v: v >= 0}
     return bounds.get(row.name, lambda v: True)(value)
 
 
 VALUES = st.one_of(st.none(), st.booleans(), st.floats(allow_nan=True, allow_infinity=True),
                    st.integers(-3, 3), st.sampled_from(["spectral", "uniform", "weight", "delta", "float64", "float32",
-                                                        "sum", "mean", "task_arithmetic", "warn", "error", "x"]))
+                                                        "sum", "mean", "task_arithmetic", "warn", "error", "x",
+                                                        "layer", "model", "relative", "authors"]),
+                   st.lists(st.sampled_from(["m0", "m1"]), max_size=2), st.lists(st.integers(0, 2), min_size=1, max_size=2))
 
 
 @pytest.mark.parametrize("cls", [PaveSettings, RegMeanSettings])
@@ -94,10 +102,14 @@ def test_every_setting_is_checked_once_by_its_row(cls, data):
     kwargs = {row.name: value}
     if row.name == "gamma":
         kwargs["rho"] = 1.0  # gamma on its own; gamma < rho is PaveSettings' cross-check
+    if row.name == "damping_rule":
+        kwargs["damping"] = 0.1  # the authors' rule needs a starting eps (PaveSettings' cross-check)
     try:
         built = cls(**kwargs)
     except ValueError:
         assert not _valid(row, value) or (row.name == "gamma" and value == 1.0), (row.name, value)
         return
     assert _valid(row, value), f"{cls.__name__}({row.name}={value!r}) was accepted"
+    if row.type is tuple:  # a face's list or one name, kept as a tuple
+        value = (value,) if isinstance(value, str) else tuple(value)
     assert built.to_dict()[row.name] == value
