@@ -59,3 +59,45 @@ def literal_algorithm_1(svals: list[list[float]], rho: float, gamma: float) -> l
         if r[t] <= gamma * R or r[t] <= 1:  # lines 10-11 (+ rank >= 1)
             index_set.remove(t)
     return r
+
+
+def damped_covariance(c: torch.Tensor, damping: float, rule: str, n_tokens: int | None = None) -> torch.Tensor:
+    """The damped covariance of the reference (float64): ``C + damping mean(diag C) I``, or the
+    authors' loop transcribed from their NLG code (eps on ``C / N`` doubled until
+    ``||C_d^{-1} C_d - I|| < 1e-2``, tested in float32 as their covariances are)."""
+    c = c.double()
+    if rule == "relative":
+        return c + damping * float(torch.diagonal(c).mean()) * torch.eye(c.shape[0], dtype=c.dtype)
+    mean, eps = (c / n_tokens).float(), damping
+    eye = torch.eye(c.shape[0])
+    while True:
+        reg = mean + eps * eye
+        if torch.norm(torch.inverse(reg) @ reg - eye) < 1e-2:
+            return (c / n_tokens) + eps * torch.eye(c.shape[0], dtype=c.dtype)
+        eps *= 2
+
+
+def authors_pave(layers: dict, rho: float, *, damping: float = 0.0, rule: str = "relative",
+                 granularity: str = "layer", kept: tuple[int, ...] = ()) -> tuple[dict, dict]:
+    """PAVE (target weight) over a model as its authors ran it, from the paper and their code:
+    ``layers[name] = (W_base, [W_ft,i], [C_i], [N_i])`` -> ``{name: [purified weight of model i]}`` and
+    ``{name: {model: rank}}``.
+
+    Damped C; Algorithm 1 per layer over the models not ``kept``; ``granularity="model"``: each
+    model's ratio ``sum_l r_i^l / sum_l R^l`` cuts all its layers at ``max(1, round(ratio R))``;
+    eq. 5 with an explicit inverse; kept models keep their fine-tuned weight."""
+    gamma = rho - (1 - rho) / 2
+    k = len(next(iter(layers.values()))[1])
+    todo = [i for i in range(k) if i not in kept]
+    cd = {(i, n): damped_covariance(lay[2][i], damping, rule, lay[3][i]) for n, lay in layers.items() for i in todo}
+    ranks = {}
+    for n, (_, fts, _, _) in layers.items():
+        svals = [torch.linalg.svdvals(fts[i].double() @ cd[i, n]).tolist() for i in todo]
+        ranks[n] = dict(zip(todo, literal_algorithm_1(svals, rho, gamma)))
+    if granularity == "model":
+        total = sum(min(lay[0].shape) for lay in layers.values())
+        ratio = {i: sum(ranks[n][i] for n in layers) / total for i in todo}
+        ranks = {n: {i: max(1, round(ratio[i] * min(lay[0].shape))) for i in todo} for n, lay in layers.items()}
+    weights = {n: [eq5(lay[1][i], cd[i, n], ranks[n][i]) if i in todo else lay[1][i].double() for i in range(k)]
+               for n, lay in layers.items()}
+    return weights, ranks

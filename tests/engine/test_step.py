@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from independent_reference import eq5, literal_algorithm_1
+from independent_reference import authors_pave
 from pave_plugins.engine import PaveSettings
 from pave_plugins.engine.step import PaveEngine
 from pave_plugins.io.covariance import CovarianceFile, CovarianceMetadata, save_covariances
@@ -62,34 +62,11 @@ def run(settings: PaveSettings, base, fts, files, labels=None):
     return out, report
 
 
-def damped(c: torch.Tensor, damping: float, rule: str, n_tokens: int) -> torch.Tensor:
-    """The damped covariance of the reference: relative to mean(diag C), or the authors' loop."""
-    if rule == "relative":
-        return c + damping * float(torch.diagonal(c).mean()) * torch.eye(c.shape[0], dtype=c.dtype)
-    mean, eps = (c / n_tokens).float(), damping
-    eye = torch.eye(c.shape[0])
-    while True:  # transcribed from the authors' NLG code (their C is float32)
-        reg = mean + eps * eye
-        if torch.norm(torch.inverse(reg) @ reg - eye) < 1e-2:
-            return (c / n_tokens) + eps * torch.eye(c.shape[0], dtype=c.dtype)
-        eps *= 2
-
-
-def reference(base, fts, covs, rho, *, damping=0.0, rule="relative", n_tokens=7, granularity="layer", kept=()):
-    """PAVE written out: damped C, Algorithm 1 per layer over the models not kept, eq. 5 with an
-    explicit inverse; ``granularity="model"``: ranks from each model's overall ratio."""
-    gamma = rho - (1 - rho) / 2
-    todo = [i for i in range(len(fts)) if i not in kept]
-    cd = {(i, n): damped(covs[i][n.split(".")[0]], damping, rule, n_tokens) for i in todo for n in base}
-    per_layer = {}
-    for n in base:
-        svals = [torch.linalg.svdvals(fts[i][n] @ cd[i, n]).tolist() for i in todo]
-        per_layer[n] = dict(zip(todo, literal_algorithm_1(svals, rho, gamma)))
-    if granularity == "model":
-        ratio = {i: sum(per_layer[n][i] for n in base) / sum(min(w.shape) for w in base.values()) for i in todo}
-        per_layer = {n: {i: max(1, round(ratio[i] * min(base[n].shape))) for i in todo} for n in base}
-    return {n: [eq5(fts[i][n], cd[i, n], per_layer[n][i]) if i in todo else fts[i][n] for i in range(len(fts))]
-            for n in base}, per_layer
+def reference(base, fts, covs, rho, *, n_tokens=7, **authors):
+    """:func:`independent_reference.authors_pave` on the family."""
+    layers = {n: (base[n], [ft[n] for ft in fts], [c[n.split(".")[0]] for c in covs], [n_tokens] * len(fts))
+              for n in base}
+    return authors_pave(layers, rho, **authors)
 
 
 def assert_matches(out, ref, atol=1e-8):
