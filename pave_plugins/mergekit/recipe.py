@@ -47,7 +47,7 @@ def check_recipe(config: Any, method: Any = None) -> None:
             _warn_unknown(config.merge_method, method, where, params)
             _check_values(config.merge_method, method, where, params)
     if config.merge_method == "pave":
-        _check_rho_gamma(config)
+        _check_settings(config)
 
 
 def check_output_apart(config: Any, out_path: Any) -> None:
@@ -72,20 +72,22 @@ def check_output_apart(config: Any, out_path: Any) -> None:
         raise RecipeParameterError(f"{config.merge_method} recipe: {exc}") from None
 
 
-def _check_rho_gamma(config: Any) -> None:
-    """``gamma`` against ``rho`` (each alone passed its own check), with rho's one-line message."""
-    from pave_plugins.core.rank_allocation import check_rho_gamma
-    from pave_plugins.engine.settings import DEFAULT_RHO
+def _check_settings(config: Any) -> None:
+    """The settings' cross-checks (``gamma`` against ``rho``, the authors' damping rule needs a
+    ``damping``) on each global parameter block, by the one declaration (``PaveSettings``); each
+    value alone passed its own check."""
+    from pave_plugins.engine.settings import PaveSettings, table
 
     for where, model, params in _parameter_blocks(config):
-        if model is not None or "gamma" not in params:
+        if model is not None or not params:
             continue
-        rho, gamma = params.get("rho", (config.parameters or {}).get("rho", DEFAULT_RHO)), params["gamma"]
-        if isinstance(rho, (int, float)) and isinstance(gamma, (int, float)):
-            try:
-                check_rho_gamma(float(rho), float(gamma))
-            except ValueError as exc:
-                raise RecipeParameterError(f"pave recipe ({where}): {exc}") from None
+        merged = {**(config.parameters or {}), **params}
+        values = {row.name: merged[row.name_for("mergekit")] for row in table(PaveSettings)
+                  if row.type is not tuple and isinstance(merged.get(row.name_for("mergekit")), (int, float, str))}
+        try:
+            PaveSettings(**values)
+        except ValueError as exc:
+            raise RecipeParameterError(f"pave recipe ({where}): {exc}") from None
 
 
 def _check_values(name: str, method: Any, where: str, params: dict) -> None:

@@ -120,10 +120,15 @@ PAVE_PARAMS = {
     "rank_allocation": (lambda v: v in ("spectral", "uniform")),
     "target": (lambda v: v in ("weight", "delta")),
     "compute_dtype": (lambda v: v in ("float64", "float32")),
+    "damping": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0),
+    # the authors' rule needs a damping > 0 and the recipe leaves it at 0: refused at planning too
+    "damping_rule": (lambda v: v == "relative"),
+    "rank_granularity": (lambda v: v in ("layer", "model")),
 }
 VALUES = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3),
                    st.sampled_from([0.0, 1.0, 0.875, 0.8749, 1.0000001, -0.0, "spectral", "uniform", "weight", "delta",
-                                    "float64", "float32", "even", "", None, True, [0.5], {"a": 1}]))
+                                    "float64", "float32", "even", "", None, True, [0.5], {"a": 1}, "relative",
+                                    "authors", "layer", "model", 1e-3]))
 
 
 @settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
