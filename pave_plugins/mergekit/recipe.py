@@ -156,6 +156,7 @@ def install_recipe_check(plan: Any) -> bool:
 
         method = registry.get(config.merge_method) if config.merge_method in OUR_METHODS else None
         check_recipe(config, method)
+        _install_card_hook()
         original(self, config, *args, **kwargs)
 
     original_plan = planner.plan_to_disk
@@ -173,6 +174,16 @@ def install_recipe_check(plan: Any) -> bool:
     if not getattr(sys.excepthook, "_pave_recipe_hook", False):
         sys.excepthook = _excepthook(sys.excepthook)
     return True
+
+
+def _install_card_hook() -> None:
+    """Our methods' model cards (:mod:`.card`), once ``mergekit.merge`` is fully imported (it is not
+    yet when the plugins load: mergekit.merge imports the merge methods)."""
+    merge = sys.modules.get("mergekit.merge")
+    if merge is not None and not getattr(getattr(merge, "__spec__", None), "_initializing", False):
+        from .card import install_card_hook
+
+        install_card_hook(merge, OUR_METHODS)
 
 
 def anticipated(exc: BaseException) -> bool:

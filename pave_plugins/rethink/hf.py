@@ -36,6 +36,7 @@ from pave_plugins.collect.data import (
 )
 from pave_plugins.core import rethink as core
 from pave_plugins.io import strict_json
+from pave_plugins.rethink.card import RECIPE_FILE, rethought_card
 from pave_plugins.rethink.losses import batch_loss
 from pave_plugins.rethink.output import LAMBDA_FILE, save_lambdas
 from pave_plugins.rethink.progress import tqdm_bar
@@ -43,11 +44,6 @@ from pave_plugins.rethink.progress import tqdm_bar
 log = logging.getLogger(__name__)
 
 TASK_TYPES = ("seq-cls", "seq2seq", "causal-lm")
-PAPER = (
-    "LoRA-DV: Spectral Rethinking for Reducing Task Interference via Difference Vector in Model Merging",
-    "anonymous ACL submission; no public URL known",
-)
-RECIPE_FILE = "rethink.json"
 
 
 # ----------------------------------------------------------------------------- data
@@ -584,45 +580,4 @@ def _save(job: RethinkJob, model: nn.Module, tokenizer, result: core.RethinkResu
         tokenizer.save_pretrained(tmp)
         save_lambdas(result, tmp / LAMBDA_FILE, recipe)
         (tmp / RECIPE_FILE).write_text(strict_json.dumps(recipe, indent=2), encoding="utf-8")
-        card = Path(job.merged) / "README.md" if job.merged else None
-        prior = card.read_text(encoding="utf-8") if card is not None and card.is_file() else ""
-        (tmp / "README.md").write_text(prior.rstrip() + ("\n\n" if prior else "") + model_card_section(recipe), encoding="utf-8")
-
-
-def _samples_text(samples: Mapping[str, int] | int | None) -> str:
-    if not isinstance(samples, Mapping):
-        return f"{samples} samples per task"
-    counts = set(samples.values())
-    if len(counts) == 1:
-        return f"{counts.pop()} samples per task"
-    return "samples per task: " + ", ".join(f"{t} {n}" for t, n in samples.items())
-
-
-def model_card_section(recipe: Mapping[str, Any]) -> str:
-    """The ``## LoRA-DV spectral rethinking`` section of the output model card."""
-    src = f"merged model `{recipe['merged']}`" if recipe.get("merged") else (
-        f"LoRA adapters {recipe['lora']} merged with weights {recipe['lora_weights']}"
-    )
-    losses = recipe.get("losses") or []
-    loss_line = (
-        ", ".join(f"iteration {i + 1}: {l[0]:.4g} -> {l[-1]:.4g}" for i, l in enumerate(losses) if l) or "no training (epochs 0)"
-    )
-    lines = [
-        "## LoRA-DV spectral rethinking",
-        "",
-        f"Produced by `pave rethink` (pave_plugins) from the {src} on base `{recipe['base']}`:",
-        "for every 2-D layer, the difference vector to the base was decomposed by SVD, U and V frozen,",
-        "and an anisotropic scale Lambda of the singular values (eq. 8) learned on a small calibration",
-        "set for all layers jointly (eq. 13), repeated with a re-decomposition each iteration.",
-        "",
-        f"- {PAPER[0]}",
-        f"- task type: {recipe['task_type']}; loss: {recipe['loss']} ({'cross-entropy' if recipe['loss'] == 'ce' else 'Shannon entropy, eq. 14'})",
-        f"- iterations T={recipe['iterations']}, epochs {recipe['epochs']}, Adam lr {recipe['lr']}, mode {recipe['mode']}, "
-        f"top_k {recipe['top_k']}, seed {recipe['seed']}",
-        f"- calibration: {recipe['calibration']} ({_samples_text(recipe['samples_per_task'])})",
-        f"- layers rethought: {recipe['layers']} ({recipe['low_rank_layers']} via the LoRA low-rank fast path), changed: {recipe['changed_layers']}",
-        f"- calibration loss per iteration: {loss_line}",
-        f"- learned Lambda per layer: `{LAMBDA_FILE}`; full recipe: `{RECIPE_FILE}`",
-        "",
-    ]
-    return "\n".join(lines)
+        (tmp / "README.md").write_text(rethought_card(recipe, job.out), encoding="utf-8")
