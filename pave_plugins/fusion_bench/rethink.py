@@ -39,8 +39,10 @@ from .methods import inner_method_config, run_inner_method
 from .outputs import (
     algorithm_log_dir,
     check_run_outputs,
+    inner_tags,
     program_config_yaml,
     program_save_path,
+    save_tokenizer_with_model,
     write_json,
     write_model_card,
 )
@@ -255,6 +257,8 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
         if rep_path:
             write_json(rep_path, report, inputs=self._run_inputs)
         save_path = program_save_path(self)
+        if save_path is not None:
+            save_tokenizer_with_model(self)
         if save_path is not None and self.write_model_card:
             program = self._program
             file_save = type(program.modelpool).save_model is BaseModelPool.save_model
@@ -273,6 +277,8 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
                 details={"layers rethought": len(result.layers), "calibration loss per iteration": losses},
                 is_file=file_save,
                 inputs=self._run_inputs,
+                tags=[*inner_tags(self._inner_cfg._target_), "lora-dv"],
+                modelpool=program.modelpool,
             )
 
 
