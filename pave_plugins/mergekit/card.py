@@ -11,6 +11,7 @@ sets the old attribute) out of these merges' logs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import Any
@@ -49,25 +50,26 @@ def tags(config: Any) -> list[str]:
 
 
 def publishable_card(config: Any, config_yaml: str, name: str | None = None) -> str:
-    """The card of a merge by one of this package's methods (see the module docstring)."""
+    """The card of a merge by one of this package's methods (see the module docstring); any other
+    method's merge gets the same layout without papers (the demo publishes its stock merge so)."""
     from mergekit.card import method_md
 
     method, inner, base = config.merge_method, _inner(config), config.base_model
     models = sorted(config.referenced_models(), key=str)
     bases = cards.hub_ids(p.model.path for p in ([base] if base else []) + models)
-    cited = [PAPERS[method]] + ([PAPERS[inner]] if inner in PAPERS and inner != method else [])
+    cited = list(dict.fromkeys(PAPERS[m] for m in (method, inner) if m in PAPERS))
+    ours = f" with the `{method}` method of pave_plugins" if method in PAPERS else ""
     local = [p for ref in models for p in _paths(ref)]
     lines = [
         cards.metadata(bases, tags(config)) + f"# {name or 'merged model'}", "",
-        f"This is a merge of pre-trained language models created using {MERGEKIT} with the `{method}` "
-        "method of pave_plugins.", "",
+        f"This is a merge of pre-trained language models created using {MERGEKIT}{ours}.", "",
         "## Merge Details", "### Merge Method", "",
         f"This model was merged using the {method_md(method)} merge method"
         + (f" around mergekit's `{inner}`" if inner else "")
         + (f" using {_ref_md(base)} as a base" if base else "") + ".", "",
         "### Models Merged", "", "The following models were included in the merge:",
         *[f"* {_ref_md(m)}" for m in models if m != base], "",
-        "### Papers", "", *[cards.paper_line(p) for p in cited], "",
+        *(["### Papers", "", *[cards.paper_line(p) for p in cited], ""] if cited else []),
         "### Configuration", "", "The following YAML configuration was used to produce this model:", "",
         *cards.recipe_block(config_yaml, local),
     ]
@@ -76,9 +78,10 @@ def publishable_card(config: Any, config_yaml: str, name: str | None = None) -> 
 
 class _MergekitTorchDtype(logging.Filter):
     """Drops transformers' ``torch_dtype`` deprecation warning when mergekit's own ``_model_out_config``
-    raises it for a merge by one of ``methods`` (it sets the old attribute; nothing a user can change)."""
+    raises it for a merge by one of ``methods`` (None: any; it sets the old attribute, nothing a user
+    can change)."""
 
-    def __init__(self, methods: tuple[str, ...]):
+    def __init__(self, methods: tuple[str, ...] | None):
         super().__init__()
         self.methods = methods
 
@@ -88,9 +91,22 @@ class _MergekitTorchDtype(logging.Filter):
         frame = sys._getframe()
         while frame is not None:
             if frame.f_code.co_name == "_model_out_config" and "mergekit" in frame.f_code.co_filename:
-                return getattr(frame.f_locals.get("config"), "merge_method", None) not in self.methods
+                method = getattr(frame.f_locals.get("config"), "merge_method", None)
+                return self.methods is not None and method not in self.methods
             frame = frame.f_back
         return True
+
+
+@contextlib.contextmanager
+def quiet_torch_dtype():
+    """mergekit's ``torch_dtype`` warning dropped for merges by any method while the block runs (the demo)."""
+    log = logging.getLogger("transformers.configuration_utils")
+    flt = _MergekitTorchDtype(None)
+    log.addFilter(flt)
+    try:
+        yield
+    finally:
+        log.removeFilter(flt)
 
 
 def install_torch_dtype_filter(methods: tuple[str, ...]) -> None:
