@@ -26,7 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Fine-tunes (cached) a pretrained encoder on tasks given as data folders "
         "(labels.json + train/validation/test.jsonl), collects covariances, merges with zero-shot/"
         "average/TA/TIES/DARE/EMR/TSV-M and PAVE+each, picks hyper-parameters on validation and "
-        "writes results.json / results.md / results.png.",
+        "writes results.json / results.md / results.png. Every PAVE+X is tested against X with a paired "
+        "bootstrap over the test examples (difference, 95 % interval and p-value in both files).",
         formatter_class=_DefaultsFormatter,
     )
     p.add_argument("--data", default=DEFAULT_DATA,
@@ -42,7 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None,
                    help="cache of fine-tunes, LoRA experts and covariances (default: pave_plugins/bench under the user's "
                    "cache folder, $XDG_CACHE_HOME or ~/.cache)")
-    p.add_argument("--device", default="auto",
+    p.add_argument("--device", default="auto", type=checks.device,
                    help="where fine-tuning, collection, merges and evaluation run: cpu, cuda, cuda:N or auto (a GPU "
                    "when torch sees one)")
     p.add_argument("--seeds", nargs="+", type=checks.seed, default=[0, 1], help="one fine-tune and merge per seed")
@@ -55,7 +56,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--test-per-class", type=checks.positive_int, default=None, help="test examples per class (default: all)")
     p.add_argument("--threads", type=checks.positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--methods", nargs="*", default=None,
-                   help="method keys or prefixes (zero_shot and individual always run), e.g. ta ties pave_delta loradv lora_experts mergekit (default: all)")
+                   help="method keys or prefixes of keys (zero_shot and individual always run): "
+                   f"{' '.join(_base_keys())}; loradv_{{ce,entropy}}_{{ta,ties}}; "
+                   "pave_{weight,delta}_{spectral,uniform}_{ta,ties,dare,emr,tsvm,regmean_ours}; "
+                   "lora_experts_{individual,ta,ties,tsvm,tsvm_fb,loradv_ce_ta,loradv_ce_ties}; "
+                   "mergekit_{ties,regmean,lora_ties,pave_weight_ties,pave_delta_ties}; e.g. ta pave_delta loradv (default: all)")
     grids = _default_grids()
     p.add_argument("--rho", nargs="+", type=checks.setting(PaveSettings, "rho"), default=None, help=f"PAVE rho grid (default: {grids['rho_grid']})")
     p.add_argument("--ta-grid", nargs="+", type=checks.finite_float, default=None, help=f"TA lambda grid (default: {grids['ta_grid']})")
@@ -93,6 +98,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 DEFAULT_DATA = "benchmarks/real/data"
+
+
+def _base_keys() -> list[str]:
+    from pave_plugins.bench.methods import BASE_METHODS
+
+    return list(BASE_METHODS)
 GRID_FIELDS = ("rho_grid", "ta_grid", "ties_grid", "dare_grid", "dare_sparsity", "tsv_grid", "pave_targets",
                "pave_allocations", "pave_bases")
 

@@ -34,8 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "purify",
         help="write PAVE-purified fine-tuned checkpoints (one HF folder per model)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=checks.plain(__doc__),
+        formatter_class=checks.DefaultsFormatter,
     )
     p.add_argument("--base", required=True, type=Path, help="base (pre-trained) model folder")
     p.add_argument("--model", action="append", required=True, type=Path, help="fine-tuned model folder (repeat)")
