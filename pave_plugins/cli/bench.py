@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 from pathlib import Path
 
+from pave_plugins.engine.report import damping_warning
 from pave_plugins.engine.settings import PaveSettings
 
 from . import checks
@@ -214,6 +217,36 @@ def run(args: argparse.Namespace) -> int:
     for attr in ("pave_targets", "pave_allocations", "pave_bases"):
         if getattr(args, attr):
             setattr(cfg, attr, list(getattr(args, attr)))
-    run_bench(cfg)
+    with quiet_run() as damped:
+        run_bench(cfg)
+    warning = damping_warning(damped)
+    if warning:
+        logging.getLogger("pave_plugins").warning("%s", warning)
     print(f"wrote {out}/results.md, results.json, results.png")
     return 0
+
+
+class _Damped(logging.Handler):
+    """Collects the relative damping of every singular covariance the run damped (logged at INFO)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.relative: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "is singular: damped" in str(record.msg) and record.args:
+            self.relative.append(float(record.args[-1]))
+
+
+@contextlib.contextmanager
+def quiet_run():
+    """FusionBench's prints out of the log; yields the list of dampings (one summary warning at the end)."""
+    from pave_plugins.fusion_bench.boundary import quiet_host_output
+
+    counter, log = _Damped(), logging.getLogger("pave_plugins")
+    log.addHandler(counter)
+    try:
+        with quiet_host_output():
+            yield counter.relative
+    finally:
+        log.removeHandler(counter)

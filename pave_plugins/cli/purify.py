@@ -103,6 +103,9 @@ def purify_checkpoints(
     inputs = _inputs(base, models, covariances)
     report = _write_purified(out, inputs, base_ck, cks, sources, settings, record, dev, max_shard_size, overwrite)
     logger.info("%s\nwrote %s", report.summary().replace("PAVE: purified", "pave purify: purified", 1), out)
+    warning = report.final_warning()
+    if warning:
+        logger.warning("%s", warning)
     return out
 
 

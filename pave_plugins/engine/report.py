@@ -222,12 +222,17 @@ class RankReport(MergeReport):
         return "\n".join(lines)
 
     def final_warning(self) -> str | None:
-        if any(r.get("purified") for r in self.tensors.values()):
-            return None
-        return (
-            "pave: no tensor was purified (no covariance matched any weight); "
-            "the merge equals the inner method on the plain task vectors"
-        )
+        if not any(r.get("purified") for r in self.tensors.values()):
+            return (
+                "pave: no tensor was purified (no covariance matched any weight); "
+                "the merge equals the inner method on the plain task vectors"
+            )
+        return damping_warning(self.damped())
+
+    def damped(self) -> list[float]:
+        """The relative damping (x mean diag C) of every damped covariance use, per tensor and model."""
+        return [m.get("relative_damping", 0.0) for r in self.tensors.values() for m in r.get("models", {}).values()
+                if m.get("purified") and m.get("damping", 0) > 0]
 
 
 class RegMeanReport(MergeReport):
@@ -275,6 +280,15 @@ class RegMeanReport(MergeReport):
         if any(r.get("regmean") for r in self.tensors.values()):
             return None
         return "regmean: no tensor had covariances (no covariance matched any weight); every tensor was averaged"
+
+
+def damping_warning(relative: Sequence[float]) -> str | None:
+    """The one warning of a run that damped singular covariances (each damping is logged at INFO)."""
+    if not relative:
+        return None
+    return (f"pave: {len(relative)} singular covariances were damped (at most {max(relative):.3g} x mean diag C; "
+            "expected where a task's inputs span fewer directions than the layer has: each is logged at INFO "
+            "and recorded in the rank report)")
 
 
 #: the entries of a tensor record keyed by model
