@@ -127,7 +127,8 @@ def pool_hub_ids(modelpool: Any) -> list[str]:
     """The Hub ids of the pool's models (``_pretrained_`` first), where their configs name one."""
     models = dict(getattr(modelpool, "_models", None) or {})
     order = sorted(models, key=lambda n: n != "_pretrained_")
-    refs = [m if isinstance(m, (str, os.PathLike)) else (m or {}).get("pretrained_model_name_or_path")
+    refs = [m if isinstance(m, (str, os.PathLike)) else
+            m.get("pretrained_model_name_or_path") if isinstance(m, (Mapping, DictConfig)) else None  # a module: none
             for m in (models[n] for n in order)]
     return cards.hub_ids(r for r in refs if isinstance(r, (str, os.PathLike)))
 
