@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from outputs_helpers import check_publishable
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
@@ -71,20 +73,3 @@ PUBLISHED = {
     "out/purified/ft_task_2": {"pave"},
     "out/rethought": {"merge", "mergekit", "pave", "lora-dv"},
 }
-
-
-def check_publishable(folder: Path, tags: set[str], machine: Path) -> None:
-    """``folder`` loads with transformers, its card parses with the fields and names no local path."""
-    from huggingface_hub import ModelCard
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    AutoModelForCausalLM.from_pretrained(folder)
-    AutoTokenizer.from_pretrained(folder)
-    card = ModelCard.load(folder / "README.md")
-    assert card.data.library_name == "transformers", folder
-    assert tags <= set(card.data.tags), (folder, card.data.tags)
-    assert card.data.base_model is None, (folder, card.data.base_model)  # local models: no Hub id
-    text = card.content
-    assert str(machine) not in text and str(machine.resolve()) not in text, folder
-    assert not re.search(r"(?<![\w.:/~}-])/(tmp|home|root|usr|var|work)/", text), folder
-    assert "replaced by their folder names" in text, folder
