@@ -95,18 +95,23 @@ def fine_tune(model: nn.Module, step: int, steps: int, seed: int) -> nn.Module:
 
 
 def merge_with_mergekit(config_yaml: str, out: Path) -> Path:
-    """What ``mergekit-yaml recipe.yaml out`` does, in-process."""
+    """What ``mergekit-yaml recipe.yaml out`` does, in-process (a stock method's card made publishable too)."""
     import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
     from pave_plugins._mergekit_bootstrap import load_plugins
+    from pave_plugins.mergekit.card import publishable_card, quiet_torch_dtype
+    from pave_plugins.mergekit.recipe import OUR_METHODS
 
     load_plugins()  # pave and tsv from the entry points, if the start-up hook has not (PAVE_PLUGINS_DISABLE: none)
 
     cfg = MergeConfiguration.model_validate(yaml.safe_load(config_yaml))
-    run_merge(cfg, str(out), options=MergeOptions(quiet=True), config_source=config_yaml)
+    with quiet_torch_dtype():
+        run_merge(cfg, str(out), options=MergeOptions(quiet=True), config_source=config_yaml)
+    if cfg.merge_method not in OUR_METHODS:  # mergekit's own card names this machine's paths
+        (out / "README.md").write_text(publishable_card(cfg, config_yaml, out.name), encoding="utf-8")
     return out
 
 

@@ -51,14 +51,15 @@ def write_calibration(path: Path, batch: torch.Tensor, split: int = SEQ // 2) ->
 
 def mergekit_recipe(method: str, base: Path, models: list[Path], covs: list[Path] | None = None,
                     per_model: dict | None = None, **params) -> str:
-    """A mergekit YAML recipe with absolute paths."""
+    """A mergekit YAML recipe with absolute paths (``tsv`` takes no per-model ``weight``)."""
     lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
     for i, m in enumerate(models):
         lines.append(f"  - model: {m}")
-        pm = {"weight": 1.0, **(per_model or {})}
+        pm = {**({} if method == "tsv" else {"weight": 1.0}), **(per_model or {})}
         if covs is not None:
             pm["covariance"] = str(covs[i])
-        lines.append("    parameters: " + json.dumps(pm))
+        if pm:
+            lines.append("    parameters: " + json.dumps(pm))
     if params:
         lines.append("parameters: " + json.dumps(params))
     lines.append("dtype: float32")

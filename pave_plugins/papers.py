@@ -17,4 +17,4 @@ TSV = Paper("Task Singular Vectors: Reducing Task Interference in Model Merging 
 REGMEAN = Paper("Dataless Knowledge Fusion by Merging Weights of Language Models (RegMean; Jin et al., ICLR 2023)",
                 "https://arxiv.org/abs/2212.09849")
 LORA_DV = Paper("LoRA-DV: Spectral Rethinking for Reducing Task Interference via Difference Vector in Model Merging",
-                "anonymous ACL submission (no public URL known)")
+                "anonymous ACL submission; no public URL known")

@@ -1,10 +1,12 @@
 """Shared set-up of the output-safety tests: tiny model families (``fam``, ``seq``, ``col``, ``own``
-fixtures), the ``pave`` runner that captures a command's one-line error, and mergekit recipes."""
+fixtures), the ``pave`` runner that captures a command's one-line error, mergekit recipes, and the check that
+an output folder is ready to publish (``check_publishable``)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -144,3 +146,21 @@ class Killer:
             self.killed_while_running = True
         self.proc.wait(timeout=30)
         return self
+
+
+def check_publishable(folder: Path, tags: set[str], machine: Path) -> None:
+    """``folder`` loads with transformers, its card parses (``huggingface_hub.ModelCard``) with
+    ``library_name``, at least ``tags`` and no ``base_model`` (local models), and names no local path."""
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(folder)
+    AutoTokenizer.from_pretrained(folder)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers", folder
+    assert tags <= set(card.data.tags), (folder, card.data.tags)
+    assert card.data.base_model is None, (folder, card.data.base_model)  # local models: no Hub id
+    text = card.content
+    assert str(machine) not in text and str(machine.resolve()) not in text, folder
+    assert not re.search(r"(?<![\w.:/~}-])/(tmp|home|root|usr|var|work)/", text), folder
+    assert "replaced by their folder names" in text, folder

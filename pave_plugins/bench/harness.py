@@ -162,10 +162,11 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         if "individual" in current["methods"]:
             write_results(cfg, tasks, per_seed + [current], t0, quiet=True)
 
-    for s in cfg.seeds:
+    for s in cfg.seeds[:-1]:
         per_seed.append(SeedRun(cfg, s, tasks, tok, base, on_record=partial).run())
-        write_results(cfg, tasks, per_seed, t0)
-    return write_results(cfg, tasks, per_seed, t0)
+        write_results(cfg, tasks, per_seed, t0, quiet=True)
+    per_seed.append(SeedRun(cfg, cfg.seeds[-1], tasks, tok, base, on_record=partial).run())
+    return write_results(cfg, tasks, per_seed, t0)  # the table, printed once
 
 
 def add_protocol_results(result: dict[str, Any], per_seed: list[dict], names: list[str]) -> str:
@@ -192,13 +193,25 @@ def add_protocol_results(result: dict[str, Any], per_seed: list[dict], names: li
     return md
 
 
+def recorded_config(cfg: BenchConfig, per_seed: list[dict]) -> dict[str, Any]:
+    """The configuration as ``results.json`` records it: the PAVE targets, allocations and bases
+    narrowed to those that ran (``--methods`` may select fewer than the grids name)."""
+    config = dataclasses.asdict(cfg)
+    ran = [k.split("_", 3)[1:] for s in per_seed for k in s["methods"] if k.startswith("pave_") and k.count("_") >= 3]
+    ran_mk = {k.split("_")[2] for s in per_seed for k in s["methods"] if k.startswith("mergekit_pave_")}
+    config["pave_targets"] = [t for t in cfg.pave_targets if t in {r[0] for r in ran} | ran_mk]
+    config["pave_allocations"] = [a for a in cfg.pave_allocations if a in {r[1] for r in ran}]
+    config["pave_bases"] = [b for b in cfg.pave_bases if b in {r[2] for r in ran}]
+    return config
+
+
 def write_results(cfg: BenchConfig, tasks: list[Task], per_seed: list[dict], t0: float, quiet: bool = False
                   ) -> dict[str, Any]:
     """Write ``results.json``, ``results.md`` and ``results.png`` for the seeds done so far (a seed
     still running carries ``"partial": true`` and is said so in ``results.md``)."""
     names = [t.name for t in tasks]
     summary = summarise(per_seed, names)
-    result = {"config": dataclasses.asdict(cfg), "tasks": {t.name: {"labels": t.labels, "digest": t.digest,
+    result = {"config": recorded_config(cfg, per_seed), "tasks": {t.name: {"labels": t.labels, "digest": t.digest,
               "sizes": {s: len(t.splits[s]) for s in SPLITS}} for t in tasks},
               "environment": {"python": platform.python_version(), "torch": torch.__version__,
                               "threads": torch.get_num_threads(), "machine": platform.machine(),
@@ -222,5 +235,5 @@ def write_results(cfg: BenchConfig, tasks: list[Task], per_seed: list[dict], t0:
     except ImportError:
         log.warning("matplotlib not installed: no plot (pip install 'pave-plugins[bench]')")
     if not quiet:
-        log.info("wrote %s (%.0f s)\n%s", out, time.perf_counter() - t0, md)
+        log.info("wrote %s (%.0f s)\n%s", cfg.out_dir, time.perf_counter() - t0, md)
     return result

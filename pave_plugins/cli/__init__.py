@@ -53,12 +53,30 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="debug logging, including the host libraries' info messages"
     )
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
         module.add_parser(sub)
     return parser
+
+
+def _version() -> str:
+    """This package's version, and the hosts' that are installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("pave-plugins")
+    except PackageNotFoundError:
+        own = "(not installed)"
+    hosts = []
+    for dist, shown in (("mergekit", "mergekit"), ("fusion-bench", "FusionBench")):
+        try:
+            hosts.append(f"{shown} {version(dist)}")
+        except PackageNotFoundError:
+            pass
+    return own + (f" ({', '.join(hosts)})" if hosts else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 from pathlib import Path
 
 from pave_plugins.core.purify import DAMPING_RULES
+from pave_plugins.engine.report import damping_warning
 from pave_plugins.engine.settings import RANK_GRANULARITIES, PaveSettings
 
 from . import checks
@@ -27,7 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Fine-tunes (cached) a pretrained encoder on tasks given as data folders "
         "(labels.json + train/validation/test.jsonl), collects covariances, merges with zero-shot/"
         "average/TA/TIES/DARE/EMR/TSV-M and PAVE+each, picks hyper-parameters on validation and "
-        "writes results.json / results.md / results.png.",
+        "writes results.json / results.md / results.png. Every PAVE+X is tested against X with a paired "
+        "bootstrap over the test examples (difference, 95 % interval and p-value in both files).",
         formatter_class=_DefaultsFormatter,
     )
     p.add_argument("--data", default=DEFAULT_DATA,
@@ -43,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None,
                    help="cache of fine-tunes, LoRA experts and covariances (default: pave_plugins/bench under the user's "
                    "cache folder, $XDG_CACHE_HOME or ~/.cache)")
-    p.add_argument("--device", default="auto",
+    p.add_argument("--device", default="auto", type=checks.device,
                    help="where fine-tuning, collection, merges and evaluation run: cpu, cuda, cuda:N or auto (a GPU "
                    "when torch sees one)")
     p.add_argument("--seeds", nargs="+", type=checks.seed, default=[0, 1], help="one fine-tune and merge per seed")
@@ -56,7 +60,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--test-per-class", type=checks.positive_int, default=None, help="test examples per class (default: all)")
     p.add_argument("--threads", type=checks.positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--methods", nargs="*", default=None,
-                   help="method keys or prefixes (zero_shot and individual always run), e.g. ta ties pave_delta loradv lora_experts mergekit (default: all)")
+                   help="method keys or prefixes of keys (zero_shot and individual always run): "
+                   f"{' '.join(_base_keys())}; loradv_{{ce,entropy}}_{{ta,ties}}; "
+                   "pave_{weight,delta}_{spectral,uniform}_{ta,ties,dare,emr,tsvm,regmean_ours}; "
+                   "lora_experts_{individual,ta,ties,tsvm,tsvm_fb,loradv_ce_ta,loradv_ce_ties}; "
+                   "mergekit_{ties,regmean,lora_ties,pave_weight_ties,pave_delta_ties}; e.g. ta pave_delta loradv (default: all)")
     grids = _default_grids()
     p.add_argument("--rho", nargs="+", type=checks.setting(PaveSettings, "rho"), default=None, help=f"PAVE rho grid (default: {grids['rho_grid']})")
     p.add_argument("--ta-grid", nargs="+", type=checks.finite_float, default=None, help=f"TA lambda grid (default: {grids['ta_grid']})")
@@ -101,6 +109,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 DEFAULT_DATA = "benchmarks/real/data"
+
+
+def _base_keys() -> list[str]:
+    from pave_plugins.bench.methods import BASE_METHODS
+
+    return list(BASE_METHODS)
+
+
 GRID_FIELDS = ("rho_grid", "ta_grid", "ties_grid", "dare_grid", "dare_sparsity", "tsv_grid", "pave_targets",
                "pave_allocations", "pave_bases", "damping_grid", "granularity_grid")
 
@@ -218,6 +234,36 @@ def run(args: argparse.Namespace) -> int:
     for attr in ("pave_targets", "pave_allocations", "pave_bases"):
         if getattr(args, attr):
             setattr(cfg, attr, list(getattr(args, attr)))
-    run_bench(cfg)
+    with quiet_run() as damped:
+        run_bench(cfg)
+    warning = damping_warning(damped)
+    if warning:
+        logging.getLogger("pave_plugins").warning("%s", warning)
     print(f"wrote {out}/results.md, results.json, results.png")
     return 0
+
+
+class _Damped(logging.Handler):
+    """Collects the relative damping of every singular covariance the run damped (logged at INFO)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.relative: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "is singular: damped" in str(record.msg) and record.args:
+            self.relative.append(float(record.args[-1]))
+
+
+@contextlib.contextmanager
+def quiet_run():
+    """FusionBench's prints out of the log; yields the list of dampings (one summary warning at the end)."""
+    from pave_plugins.fusion_bench.boundary import quiet_host_output
+
+    counter, log = _Damped(), logging.getLogger("pave_plugins")
+    log.addHandler(counter)
+    try:
+        with quiet_host_output():
+            yield counter.relative
+    finally:
+        log.removeHandler(counter)

@@ -83,6 +83,22 @@ def regex(text: str) -> str:
     return text
 
 
+class DefaultsFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows a flag's default only where there is one to show: not for a required flag, a
+    switch, a default of None, or a help text that already says its default; descriptions as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def plain(doc: str | None) -> str:
+    """A module docstring as a command's description: reST literals (````x````) shown as ```x```."""
+    return (doc or "").replace("``", "`")
+
+
 def device(text: str) -> str:
     """``auto``, or a torch device that exists on this machine."""
     if text == "auto":

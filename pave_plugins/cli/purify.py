@@ -34,8 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "purify",
         help="write PAVE-purified fine-tuned checkpoints (one HF folder per model)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=checks.plain(__doc__),
+        formatter_class=checks.DefaultsFormatter,
     )
     p.add_argument("--base", required=True, type=Path, help="base (pre-trained) model folder")
     p.add_argument("--model", action="append", required=True, type=Path, help="fine-tuned model folder (repeat)")
@@ -103,6 +103,9 @@ def purify_checkpoints(
     inputs = _inputs(base, models, covariances)
     report = _write_purified(out, inputs, base_ck, cks, sources, settings, record, dev, max_shard_size, overwrite)
     logger.info("%s\nwrote %s", report.summary().replace("PAVE: purified", "pave purify: purified", 1), out)
+    warning = report.final_warning()
+    if warning:
+        logger.warning("%s", warning)
     return out
 
 
@@ -145,12 +148,13 @@ def _write_purified(out, inputs, base_ck, cks, sources, settings, record, dev, m
     from pave_plugins.io.checkpoints import ShardedWriter
     from pave_plugins.io.output import distinct_names, output_folder
 
-    (base,), models = inputs["--base"], inputs["--model"]
+    models = inputs["--model"]
     labels = [str(Path(m)) for m in models]
     engine = PaveEngine(settings, sources, labels)
     report = RankReport()
     out_names = distinct_names(models, reserved=(REPORT_NAME, MANIFEST))
     report.outputs = dict(zip(out_names, labels))
+    report.name_models = lambda _: dict(zip(labels, out_names))  # the report names models as --out does
     with output_folder(out, who=WHO, inputs=inputs, overwrite=overwrite) as tmp:
         writers = [ShardedWriter(tmp / n, max_shard_size=max_shard_size) for n in out_names]
 
@@ -164,21 +168,56 @@ def _write_purified(out, inputs, base_ck, cks, sources, settings, record, dev, m
         engine.run(base_ck.names(), read, write, report=report, record=record, progress="pave purify")
         for writer in writers:
             writer.finalize()
-        _copy_side_files(tmp, base, models, out_names, record)
         report.finished = True
+        _copy_side_files(tmp, inputs, out_names, record, report)
         report.write(tmp / REPORT_NAME)
     return report
 
 
-def _copy_side_files(tmp: Path, base: Path, models: Sequence[Path], out_names: list[str], record: dict) -> None:
-    """Config, tokenizer and other non-weight files of each fine-tune, and ``pave_purify.json``."""
+def _copy_side_files(tmp: Path, inputs: dict, out_names: list[str], record: dict, report) -> None:
+    """Config, tokenizer and other non-weight files of each fine-tune (not its model card), the
+    purified model's own card and ``pave_purify.json``."""
+    (base,), models = inputs["--base"], inputs["--model"]
     for src, n in zip(models, out_names):
         for f in Path(src).iterdir():
-            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in (*WEIGHT_INDEXES, MANIFEST):
+            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in (*WEIGHT_INDEXES, MANIFEST, CARD):
                 shutil.copy2(f, tmp / n / f.name)
         (tmp / n / PURIFY_RECORD).write_text(
             strict_json.dumps({"source": str(src), "base": str(base), **record, "report": f"../{REPORT_NAME}"}, indent=1)
         )
+        (tmp / n / CARD).write_text(purified_card(n, src, inputs, out_names, record, report), encoding="utf-8")
+
+
+CARD = "README.md"
+
+
+def purified_card(name: str, src: Path, inputs: dict, out_names: Sequence[str], record: dict, report) -> str:
+    """The model card of one purified checkpoint: what it was purified from and how, ready to publish."""
+    import yaml
+
+    from pave_plugins import cards, papers
+
+    (base,), models, covs = inputs["--base"], inputs["--model"], inputs["--covariance"]
+    data = report.to_dict()
+    ratio = data["model_ratios"].get(name)
+    recipe = {"base": str(base), "models": [{"model": str(m), "covariance": str(c)} for m, c in zip(models, covs)],
+              "settings": {k: v for k, v in record.items() if k != "inner"}}
+    lines = [
+        cards.metadata(cards.hub_ids([src, base]), ["pave", "task-vector-purification"]) + f"# {name}", "",
+        f"The fine-tuned model `{cards.folder_name(str(src))}` with PAVE-purified task vectors, written by "
+        f"`pave purify` (pave_plugins) against the base `{cards.folder_name(str(base))}`: every linear layer with a "
+        "covariance keeps the top-r directions of its context-oriented SVD (eq. 5-6), the ranks chosen across "
+        f"the {len(models)} models purified together by {record.get('rank_allocation')} rank allocation. Merge "
+        "such folders with any task-vector method (task arithmetic, TIES, ...).", "",
+        "## Purification", "",
+        f"- preserved rank ratio of this model rho_i: {ratio:.4f}" if ratio is not None else "- nothing purified",
+        f"- tensors purified: {data['n_purified']} of {data['n_tensors']} (the others keep the fine-tuned value)",
+        f"- models purified together: {', '.join(out_names)}; per-tensor ranks: `../{REPORT_NAME}`", "",
+        "## Paper", "", cards.paper_line(papers.PAVE), "",
+        "## Recipe", "",
+        *cards.recipe_block(yaml.safe_dump(recipe, sort_keys=False), [base, *models, *covs]),
+    ]
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -41,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "entropy, eq. 14), all layers jointly, T iterations re-decomposing delta. Writes a "
             "loadable HF model folder, the learned Lambda (rethink_lambda.safetensors) and a model card."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=checks.DefaultsFormatter,
     )
     p.add_argument("--base", required=True, help="pre-trained model folder (theta_pre)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -63,20 +63,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--keep-tail", action="store_true", help="with --top-k: keep the discarded tail frozen instead of dropping it")
     p.add_argument("--redecompose", choices=list(REDECOMPOSE), default=D.redecompose,
                    help="iterations >= 2: exact closed-form SVD of the factored delta, or a dense SVD of the stored weights")
-    p.add_argument("--compute-dtype", choices=["float32", "float64"], default=str(D.compute_dtype).removeprefix("torch."))
+    p.add_argument("--compute-dtype", choices=["float32", "float64"], default=str(D.compute_dtype).removeprefix("torch."),
+                   help="dtype of the SVDs and of Lambda's training")
     p.add_argument("--samples", type=checks.count_or_all, default=D.samples, help="calibration samples per task (seeded random subset; 0 = all)")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="tokenizer folder (default: the --merged folder's, else the --base folder's)")
-    p.add_argument("--batch-size", type=checks.positive_int, default=D.batch_size)
-    p.add_argument("--max-length", type=checks.positive_int, default=RethinkJob.max_length)
+    p.add_argument("--batch-size", type=checks.positive_int, default=D.batch_size,
+                   help="calibration examples per batch (a batch holds one task's)")
+    p.add_argument("--max-length", type=checks.positive_int, default=RethinkJob.max_length,
+                   help="tokens per calibration example (a longer one is an error naming its row)")
     p.add_argument("--template", help="python format string over a record, e.g. '{sentence1} [SEP] {sentence2}'")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--label-field", default="label")
-    p.add_argument("--input-field", default="input")
-    p.add_argument("--target-field", default="target")
-    p.add_argument("--task-type", choices=["auto", "seq-cls", "seq2seq", "causal-lm"], default="auto")
+    p.add_argument("--text-field", default="text", help="record field of a classifier's input text")
+    p.add_argument("--label-field", default="label", help="record field of a classifier's label (--loss ce)")
+    p.add_argument("--input-field", default="input", help="record field of a text-to-text input")
+    p.add_argument("--target-field", default="target", help="record field of a text-to-text target (--loss ce)")
+    p.add_argument("--task-type", choices=["auto", "seq-cls", "seq2seq", "causal-lm"], default="auto",
+                   help="model kind (auto: from the model's config)")
     p.add_argument("--include-embeddings", action="store_true", help="also rethink input/output embedding matrices")
-    p.add_argument("--seed", type=checks.seed, default=D.seed)
+    p.add_argument("--seed", type=checks.seed, default=D.seed, help="calibration subset, batch order and random Lambda")
     p.add_argument("--device", default="auto", type=checks.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", required=True, help="output model folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier output of pave rethink at --out (once the new one is complete)")

@@ -57,6 +57,8 @@ class MergeReport:
         self.outputs: dict[str, str] = {}
         #: what a face adds to the report (FusionBench: the inner method, timings, the search)
         self.extra: dict[str, Any] = {}
+        #: the report names each model by ``name_models(labels)`` (mergekit: folder names, not paths)
+        self.name_models: Callable[[Sequence[str]], dict[str, str]] | None = None
         self._last_write = 0.0
         # hooks run when a merge starts / ends (e.g. clearing the covariance caches)
         self.on_close: list[Callable[[], None]] = []
@@ -83,6 +85,21 @@ class MergeReport:
 
     def to_dict(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def model_names(self) -> dict[str, str]:
+        """``{label: the name the written report gives that model}``."""
+        names = self.name_models(self.models) if self.name_models else {}
+        return {m: names.get(m, m) for m in self.models}
+
+    def _named_tensors(self, names: dict[str, str]) -> dict[str, dict[str, Any]]:
+        """The tensor records in natural name order, their per-model entries under the models' names
+        (the same file whether mergekit's parallel executors finished the tensors in any order)."""
+        out = {}
+        for n in sorted(self.tensors, key=_natural_key):
+            rec = self.tensors[n]
+            out[n] = {k: ({names.get(m, m): x for m, x in v.items()} if k in _PER_MODEL and isinstance(v, dict) else v)
+                      for k, v in rec.items()}
+        return out
 
     def summary(self) -> str:
         raise NotImplementedError
@@ -141,10 +158,10 @@ class RankReport(MergeReport):
         return {m: (kept[m] / full[m] if full[m] else None) for m in self.models}
 
     def to_dict(self) -> dict[str, Any]:
-        """The report; tensors in natural name order, so that a merge run serially or with
-        mergekit's parallel executors (which finish tensors in any order) writes the same file."""
+        """The report, models under their names (:meth:`model_names`), tensors in natural name order."""
         with self.lock:
-            tensors = {n: self.tensors[n] for n in sorted(self.tensors, key=_natural_key)}
+            names = self.model_names()
+            tensors = self._named_tensors(names)
             purified = [n for n, r in tensors.items() if r.get("purified")]
             plain = [n for n, r in tensors.items() if not r.get("purified")]
             return {
@@ -154,11 +171,11 @@ class RankReport(MergeReport):
                 "paper": papers.PAVE.url,
                 "settings": self.settings,
                 "complete": self.finished,
-                "models": self.models,
-                "model_ratios": self.model_ratios(),
+                "models": [names[m] for m in self.models],
+                "model_ratios": {names[m]: r for m, r in self.model_ratios().items()},
                 "n_tensors": len(self.tensors),
                 "n_purified": len(purified),
-                "budget_not_met": [n for n in purified if not self.tensors[n].get("budget_met", True)],
+                "budget_not_met": [n for n in purified if not tensors[n].get("budget_met", True)],
                 "plain_task_vector": plain,
                 **({"outputs": dict(self.outputs)} if self.outputs else {}),
                 **self.extra,
@@ -173,7 +190,8 @@ class RankReport(MergeReport):
             f"(rank allocation {self.settings.get('rank_allocation')}, rho={self.settings.get('rho')}, "
             f"target={self.settings.get('target')}" + (f", inner={inner})" if inner else ")")
         ]
-        for model, ratio in d["model_ratios"].items():
+        names = self.model_names()
+        for model, ratio in self.model_ratios().items():
             changes = [
                 m["relative_change"]
                 for r in self.tensors.values()
@@ -187,10 +205,10 @@ class RankReport(MergeReport):
                 if mm == model and m.get("purified") and m.get("damping", 0) > 0
             )
             if ratio is None:
-                lines.append(f"  {model}: nothing purified (no covariance)")
+                lines.append(f"  {names[model]}: nothing purified (no covariance)")
             else:
                 lines.append(
-                    f"  {model}: rho_i={ratio:.4f}, {len(changes)} tensors, "
+                    f"  {names[model]}: rho_i={ratio:.4f}, {len(changes)} tensors, "
                     f"median ||dW_PAVE-dW||/||dW||={_median(changes):.3g}, damped covariances: {damped}"
                 )
         if d["plain_task_vector"]:
@@ -204,12 +222,21 @@ class RankReport(MergeReport):
         return "\n".join(lines)
 
     def final_warning(self) -> str | None:
-        if any(r.get("purified") for r in self.tensors.values()):
-            return None
-        return (
-            "pave: no tensor was purified (no covariance matched any weight); "
-            "the merge equals the inner method on the plain task vectors"
-        )
+        if not any(r.get("purified") for r in self.tensors.values()):
+            return (
+                "pave: no tensor was purified (no covariance matched any weight); "
+                "the merge equals the inner method on the plain task vectors"
+            )
+        return damping_warning(self.damped())
+
+    def damped(self) -> list[float]:
+        """The relative damping (x mean diag C) of every use of a covariance damped because it is singular
+        (beyond the ``damping`` asked for; the authors' rule damps by design), per tensor and model."""
+        if self.settings.get("damping_rule", "relative") != "relative":
+            return []
+        asked = float(self.settings.get("damping", 0.0))
+        return [m.get("relative_damping", 0.0) for r in self.tensors.values() for m in r.get("models", {}).values()
+                if m.get("purified") and m.get("damping", 0) > 0 and m.get("relative_damping", 0.0) > asked * (1 + 1e-9)]
 
 
 class RegMeanReport(MergeReport):
@@ -221,7 +248,8 @@ class RegMeanReport(MergeReport):
 
     def to_dict(self) -> dict[str, Any]:
         with self.lock:
-            tensors = {n: self.tensors[n] for n in sorted(self.tensors, key=_natural_key)}  # as RankReport
+            names = self.model_names()
+            tensors = self._named_tensors(names)
             solved = [n for n, r in tensors.items() if r.get("regmean")]
             return {
                 "format": REGMEAN_REPORT_FORMAT,
@@ -230,11 +258,11 @@ class RegMeanReport(MergeReport):
                 "paper": papers.REGMEAN.url,
                 "settings": self.settings,
                 "complete": self.finished,
-                "models": self.models,
+                "models": [names[m] for m in self.models],
                 "n_tensors": len(self.tensors),
                 "n_regmean": len(solved),
-                "damped": [n for n in solved if self.tensors[n].get("damping", 0.0) > 0],
-                "max_relative_damping": max((self.tensors[n]["relative_damping"] for n in solved), default=0.0),
+                "damped": [n for n in solved if tensors[n].get("damping", 0.0) > 0],
+                "max_relative_damping": max((tensors[n]["relative_damping"] for n in solved), default=0.0),
                 "not_regmean": [n for n in tensors if n not in solved],
                 "tensors": tensors,
             }
@@ -256,6 +284,19 @@ class RegMeanReport(MergeReport):
         if any(r.get("regmean") for r in self.tensors.values()):
             return None
         return "regmean: no tensor had covariances (no covariance matched any weight); every tensor was averaged"
+
+
+def damping_warning(relative: Sequence[float]) -> str | None:
+    """The one warning of a run that damped singular covariances (each damping is logged at INFO)."""
+    if not relative:
+        return None
+    return (f"pave: {len(relative)} singular covariances were damped (at most {max(relative):.3g} x mean diag C; "
+            "expected where a task's inputs span fewer directions than the layer has: each is logged at INFO "
+            "and recorded in the rank report)")
+
+
+#: the entries of a tensor record keyed by model
+_PER_MODEL = ("models", "covariance_keys")
 
 
 def _natural_key(name: str) -> list:

@@ -11,6 +11,7 @@ message) and marked so that FusionBench's log record of it drops the traceback. 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Any, Callable
@@ -72,3 +73,24 @@ def install_log_filter() -> None:
     logger = logging.getLogger("fusion_bench.scripts.cli")
     if not any(isinstance(f, _NoTracebackForOneLiners) for f in logger.filters):
         logger.addFilter(_NoTracebackForOneLiners())
+
+
+@contextlib.contextmanager
+def quiet_host_output():
+    """FusionBench's own prints kept out of a log that is not FusionBench's (``pave bench``): the rich
+    "Instantiate by calling" panels off, each method's profiler table at DEBUG."""
+    from fusion_bench.mixins.simple_profiler import SimpleProfilerMixin
+    from fusion_bench.utils.instantiate_utils import set_print_function_call
+
+    original = SimpleProfilerMixin.print_profile_summary
+
+    def to_debug(self, title=None):
+        logging.getLogger("pave_plugins.fusion_bench").debug("%s profile%s:\n%s", type(self).__name__,
+                                                             f" ({title})" if title else "", self.profiler.summary())
+
+    SimpleProfilerMixin.print_profile_summary = to_debug
+    try:
+        with set_print_function_call(False):
+            yield
+    finally:
+        SimpleProfilerMixin.print_profile_summary = original

@@ -3,14 +3,17 @@ checked apart from the inputs before the merge), JSON reports and model cards.""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pave_plugins import cards
+from pave_plugins import papers as _papers
 from pave_plugins.io import strict_json
 from pave_plugins.io.output import Inputs, check_apart, check_output, output_file
 
@@ -90,42 +93,83 @@ def write_model_card(
     details: Mapping[str, Any] | None = None,
     is_file: bool | None = None,
     inputs: Inputs | None = None,
+    tags: Sequence[str] = (),
+    modelpool: Any = None,
 ) -> Path:
-    """Write a model card naming the method, its papers and the exact Hydra config (atomic)."""
+    """Write a model card ready to publish (atomic): the Hub metadata (``base_model``: the pool's Hub
+    models, never a local path; ``library_name``; ``tags``: ``merge``, ``fusion-bench`` and ``tags``),
+    the method, its papers as links and the exact Hydra config with local paths shortened to their
+    folder names."""
     path = model_card_path(save_path, is_file)
+    paths = [p for values in (inputs or {}).values() for p in values]
     lines = [
-        "---",
-        "tags:",
-        "- merge",
-        "- fusion_bench",
-        "- pave_plugins",
-        "---",
-        f"# Merged model: {method}",
+        cards.metadata(pool_hub_ids(modelpool), ["merge", "fusion-bench", *tags]) + f"# Merged model: {method}",
         "",
-        description,
+        cards.redact(description, paths),
         "",
         "## Method and papers",
         "",
+        *[cards.paper_line(_papers.Paper(*p)) for p in papers],
     ]
-    lines += [f"- {title}: <{url}>" for title, url in papers]
     if details:
         lines += ["", "## Summary", ""]
         lines += [f"- {k}: {v}" for k, v in details.items()]
-    lines += [
-        "",
-        "## Recipe",
-        "",
-        "Produced with `fusion_bench` (FusionBench 0.2.33) and `pave_plugins`. Exact Hydra config:",
-        "",
-        "```yaml",
-        config_yaml.rstrip(),
-        "```",
-        "",
-    ]
+    lines += ["", "## Recipe", "",
+              "Produced with `fusion_bench` (FusionBench 0.2.33) and `pave_plugins`. Exact Hydra config:", "",
+              *cards.recipe_block(config_yaml, paths)]
     with output_file(path, who="pave_plugins (FusionBench)", inputs=inputs, flag="model card") as tmp:
         tmp.write_text("\n".join(lines), encoding="utf-8")
     log.info("model card written to %s", path)
     return path
+
+
+def pool_hub_ids(modelpool: Any) -> list[str]:
+    """The Hub ids of the pool's models (``_pretrained_`` first), where their configs name one."""
+    models = dict(getattr(modelpool, "_models", None) or {})
+    order = sorted(models, key=lambda n: n != "_pretrained_")
+    refs = [m if isinstance(m, (str, os.PathLike)) else
+            m.get("pretrained_model_name_or_path") if isinstance(m, (Mapping, DictConfig)) else None  # a module: none
+            for m in (models[n] for n in order)]
+    return cards.hub_ids(r for r in refs if isinstance(r, (str, os.PathLike)))
+
+
+def inner_tags(target: Any) -> list[str]:
+    """The tag of a FusionBench method (its ``_target_``), when it is one of the known merges."""
+    name = str(target).rsplit(".", 1)[-1].lower()
+    for key, tag in _INNER_TAGS:
+        if key in name:
+            return [tag]
+    return []
+
+
+_INNER_TAGS = (("tsv", "tsv-m"), ("singular", "tsv-m"), ("regmean", "regmean"), ("emr", "emr"), ("dare", "dare"),
+               ("ties", "ties"), ("taskarithmetic", "task-arithmetic"), ("simpleaverage", "simple-average"))
+
+
+def save_tokenizer_with_model(algo: Any) -> None:
+    """The program saves the pool's tokenizer (with its chat template) beside the merged model, through
+    FusionBench's own ``save_model(save_tokenizer=True)``, when the pool names a tokenizer and the
+    user's ``merged_model_save_kwargs`` do not say otherwise."""
+    program = getattr(algo, "_program", None)
+    pool = getattr(program, "modelpool", None)
+    if pool is None or getattr(program, "merged_model_save_path", None) is None or not pool_tokenizer(pool):
+        return
+    program.merged_model_save_kwargs = {**tokenizer_save_kwargs(pool), **dict(program.merged_model_save_kwargs or {})}
+
+
+def pool_tokenizer(pool: Any) -> Any:
+    """The tokenizer a pool names (``tokenizer:`` of its config), or None."""
+    config = getattr(pool, "config", None)
+    return config.get("tokenizer") if isinstance(config, (DictConfig, Mapping)) else None
+
+
+def tokenizer_save_kwargs(pool: Any) -> dict:
+    """``{"save_tokenizer": True}`` when ``pool.save_model`` can save the tokenizer the pool names."""
+    try:
+        takes = "save_tokenizer" in inspect.signature(pool.save_model).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"save_tokenizer": True} if takes and pool_tokenizer(pool) else {}
 
 
 def write_json(path: str | os.PathLike, data: Any, *, inputs: Inputs | None = None,

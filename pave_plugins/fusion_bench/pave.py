@@ -47,9 +47,12 @@ from .boundary import one_line_errors
 from .methods import inner_method_config, run_inner_method
 from .outputs import (
     algorithm_log_dir,
+    inner_tags,
     program_config_yaml,
     program_save_path,
+    save_tokenizer_with_model,
     start_run,
+    tokenizer_save_kwargs,
     write_json,
     write_model_card,
 )
@@ -341,6 +344,8 @@ class PAVEAlgorithm(ProgressiveSearch, SimpleProfilerMixin, LightningFabricMixin
             details={n: f"rho_i={v:.4f}" for n, v in report["model_ratios"].items() if v is not None},
             is_file=file_save,
             inputs=self._run_inputs,
+            tags=["pave", *inner_tags(self._inner_cfg._target_)],
+            modelpool=self._program.modelpool,
         )
 
     def _finish(self, result, report, names):
@@ -364,6 +369,7 @@ class PAVEAlgorithm(ProgressiveSearch, SimpleProfilerMixin, LightningFabricMixin
             return result
         if save_path is not None:
             file_save = type(program.modelpool).save_model is BaseModelPool.save_model
+            save_tokenizer_with_model(self)
             self._model_card(save_path, names, report, file_save=file_save)
         return result
 
@@ -378,7 +384,7 @@ class PAVEAlgorithm(ProgressiveSearch, SimpleProfilerMixin, LightningFabricMixin
             model.set_task(n)
             path = os.path.join(save_path, n)
             if modelpool is not None:
-                modelpool.save_model(model.backbone, path)
+                modelpool.save_model(model.backbone, path, **tokenizer_save_kwargs(modelpool))
             else:
                 with output_file(path, who="pave_plugins (FusionBench)", inputs=inputs,
                                  flag="merged_model_save_path") as tmp:

@@ -37,6 +37,7 @@ from .outputs import (
     algorithm_log_dir,
     program_config_yaml,
     program_save_path,
+    save_tokenizer_with_model,
     start_run,
     write_json,
     write_model_card,
@@ -116,6 +117,8 @@ class RegMeanAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
         report.finished = True
         self._report(report, names, time.perf_counter() - t0)
         save_path = program_save_path(self)
+        if save_path is not None:
+            save_tokenizer_with_model(self)
         if save_path is not None and self.write_model_card:
             self._model_card(save_path, names, modelpool)
         return base
@@ -178,4 +181,6 @@ class RegMeanAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
             config_yaml=program_config_yaml(self),
             is_file=type(modelpool).save_model is BaseModelPool.save_model,
             inputs=self._run_inputs,
+            tags=["regmean"],
+            modelpool=modelpool,
         )

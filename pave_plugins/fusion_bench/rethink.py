@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -28,7 +29,7 @@ from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_
 from torch import Tensor, nn
 
 from pave_plugins import papers
-from pave_plugins.collect.data import seeded_subset
+from pave_plugins.collect.data import ensure_pad_token, seeded_subset
 from pave_plugins.core import rethink as core
 from pave_plugins.rethink.losses import NEEDS_LABELS, batch_loss
 from pave_plugins.rethink.output import save_lambdas
@@ -39,8 +40,11 @@ from .methods import inner_method_config, run_inner_method
 from .outputs import (
     algorithm_log_dir,
     check_run_outputs,
+    inner_tags,
+    pool_tokenizer,
     program_config_yaml,
     program_save_path,
+    save_tokenizer_with_model,
     write_json,
     write_model_card,
 )
@@ -68,6 +72,11 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
         n_samples: calibration samples per task (seeded random subset of the split).
         batch_size: calibration batch size (batches never mix tasks).
         calibration_split: which datasets of the pool: ``val`` (paper), ``train`` or ``test``.
+        calibration: jsonl files instead of the pool's datasets, as ``pave rethink --calib``: one file,
+            a list (each task named by its file's stem) or ``{task: file}``; records as ``template``
+            or ``text_field``/``label_field`` (classifiers), ``input_field``/``target_field``
+            (text-to-text), at most ``max_length`` tokens; needs the pool's tokenizer. Every file is
+            read and checked before the inner method merges.
         mode: ``anisotropic`` (paper), ``scalar`` (one scale per layer) or ``random`` (Table 4).
         top_k, keep_tail, redecompose, compute_dtype: see :class:`pave_plugins.core.rethink.RethinkConfig`.
         include_embeddings: also rethink ``nn.Embedding`` weights (off: only linear-type layers).
@@ -88,6 +97,13 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
         n_samples: int = _D.samples,
         batch_size: int = _D.batch_size,
         calibration_split: str = "val",
+        calibration: Any = None,
+        template: str | None = None,
+        text_field: str = "text",
+        label_field: str = "label",
+        input_field: str = "input",
+        target_field: str = "target",
+        max_length: int = 256,
         mode: str = _D.mode,
         top_k: int | None = _D.top_k,
         keep_tail: bool = _D.keep_tail,
@@ -120,7 +136,8 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
     @one_line_errors
     def run(self, modelpool: BaseModelPool | dict[str, nn.Module]):
         modelpool = checked_pool(modelpool, "rethink", RethinkConfigError, need_models=False)
-        self._run_inputs = pool_inputs(modelpool)
+        calib = self._calibration_files()
+        self._run_inputs = pool_inputs(modelpool, **{"method.calibration": list(calib.values())})
         try:
             check_run_outputs(self, self._run_inputs, report_path=self.report_path,
                               lambda_save_path=self.lambda_save_path)
@@ -132,7 +149,10 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
         with self.profile("load base"), torch.no_grad():
             base = modelpool.load_pretrained_model()
             base_state = {k: v.detach().clone() for k, v in base.state_dict().items() if v.ndim == 2}
+            config = getattr(base, "config", None)
             del base
+        # the calibration data read and checked before the (long) inner merge
+        batches = self._file_batches(modelpool, calib, config) if calib else self._calibration_batches(modelpool, names)
         with self.profile("inner method"):
             merged = self._run_inner(modelpool)
         if not isinstance(merged, nn.Module):
@@ -141,7 +161,6 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
                 "merged torch module (methods with per-task modulators such as EMR cannot be rethought)"
             )
         t_inner = time.perf_counter() - t0
-        batches = self._calibration_batches(modelpool, names)
         device = self.fabric.device
         before = next(merged.parameters()).device
         merged.to(device)
@@ -186,6 +205,38 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
                 batches.append((task, batch))
             log.info("rethink: %d calibration samples of task %s (%s split)", n, task, split)
         return batches
+
+    def _calibration_files(self) -> dict[str, str]:
+        """``{task: file}`` of ``calibration`` (empty: the pool's datasets), each an existing file."""
+        from pave_plugins.rethink.hf import calibration_files
+
+        try:
+            calib = calibration_files(self.calibration, "method.calibration") if self.calibration else {}
+        except ValueError as exc:
+            raise RethinkConfigError(f"rethink: {exc}") from exc
+        for task, path in calib.items():
+            if not Path(path).is_file():
+                raise RethinkConfigError(f"rethink: method.calibration: no file {path} (task {task})")
+        return calib
+
+    def _file_batches(self, modelpool: BaseModelPool, calib: Mapping[str, str], config) -> list[Any]:
+        """The batches of the calibration files (``pave rethink``'s reading), with the pool's tokenizer."""
+        from pave_plugins.rethink.hf import CalibrationFields, calibration_batches, model_kind
+
+        if not pool_tokenizer(modelpool):
+            raise RethinkConfigError("rethink: method.calibration needs the pool's tokenizer: set modelpool.tokenizer")
+        fields = CalibrationFields(template=self.template, text_field=self.text_field, label_field=self.label_field,
+                                   input_field=self.input_field, target_field=self.target_field,
+                                   max_length=int(self.max_length), entropy_hint="method.loss=entropy")
+        try:
+            kind = model_kind(config)
+            label2id = getattr(config, "label2id", None)
+            batches, used = calibration_batches(calib, ensure_pad_token(modelpool.load_tokenizer()), kind, config,
+                                                self._core_cfg, fields, {t: label2id for t in calib})
+        except (OSError, ValueError) as exc:
+            raise RethinkConfigError(f"rethink: method.calibration: {exc}") from exc
+        log.info("rethink: calibration samples per task from files: %s", used)
+        return [(b.pop("task"), b) for b in batches]
 
     def _layers(self, model: nn.Module, base_state: Mapping[str, Tensor]) -> list[str]:
         exclude = set()
@@ -255,6 +306,8 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
         if rep_path:
             write_json(rep_path, report, inputs=self._run_inputs)
         save_path = program_save_path(self)
+        if save_path is not None:
+            save_tokenizer_with_model(self)
         if save_path is not None and self.write_model_card:
             program = self._program
             file_save = type(program.modelpool).save_model is BaseModelPool.save_model
@@ -273,6 +326,8 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
                 details={"layers rethought": len(result.layers), "calibration loss per iteration": losses},
                 is_file=file_save,
                 inputs=self._run_inputs,
+                tags=[*inner_tags(self._inner_cfg._target_), "lora-dv"],
+                modelpool=program.modelpool,
             )
 
 

@@ -40,7 +40,13 @@ from pave_plugins.engine.settings import COMPUTE_DTYPES, compute_dtype_name
 from pave_plugins.engine.step import check_finite_weights
 
 from .boundary import one_line_errors
-from .outputs import check_run_outputs, program_config_yaml, program_save_path, write_model_card
+from .outputs import (
+    check_run_outputs,
+    program_config_yaml,
+    program_save_path,
+    save_tokenizer_with_model,
+    write_model_card,
+)
 from .pool import checked_pool, pool_inputs
 
 log = logging.getLogger(__name__)
@@ -193,10 +199,11 @@ class TSVMerging(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
                 base.add_(update.to(device=base.device, dtype=base.dtype))
 
     def _maybe_model_card(self, num_models: int) -> None:
-        if not self.write_model_card:
-            return
         path = program_save_path(self)
         if path is None:
+            return
+        save_tokenizer_with_model(self)
+        if not self.write_model_card:
             return
         write_model_card(
             path,
@@ -209,6 +216,8 @@ class TSVMerging(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             papers=[papers.TSV],
             config_yaml=program_config_yaml(self),
             inputs=self._run_inputs,
+            tags=["tsv-m"],
+            modelpool=getattr(self._program, "modelpool", None),
         )
 
 

@@ -168,9 +168,10 @@ class PreparedCache:
             raise CovarianceFileError(str(exc)) from exc
         with self._lock:
             self.n_prepared += 1
-        if prepared.singular:
-            logger.warning("covariance %r (layer %r) in %s is singular: damped with %.3g (%.3g x mean diag C)",
-                           key, layer, source.origin, prepared.damping, prepared.relative_damping)
+        if prepared.singular:  # expected where a task's inputs span fewer directions than the layer has:
+            # INFO here, one warning at the end of the run (the rank report's), every damping in the report
+            logger.info("covariance %r (layer %r) in %s is singular: damped with %.3g (%.3g x mean diag C)",
+                        key, layer, source.origin, prepared.damping, prepared.relative_damping)
         return prepared
 
     def release(self, source: CovarianceSource) -> None:

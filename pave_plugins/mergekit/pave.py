@@ -47,8 +47,9 @@ from pave_plugins._mergekit_bootstrap import register_late, when_imported
 from pave_plugins.engine import PaveEngine, PaveSettings, purified_weight
 from pave_plugins.engine.settings import settings_for, table
 
+from .card import install_torch_dtype_filter
 from .covariances import CovarianceStore, check_covariance_path
-from .recipe import install_recipe_check
+from .recipe import OUR_METHODS, install_lora_cache_check, install_recipe_check
 from .report import current_report, install_output_hooks
 from .source_names import install_source_names
 from .types import OptionalFiniteFloat, setting_specs
@@ -229,7 +230,9 @@ pave_merge_method = PaveMerge()
 # attach the rank report to mergekit's output writer when (and only if) it is imported:
 # mergekit.io.tasks pulls in transformers, too heavy for `import mergekit.merge_methods`
 when_imported("mergekit.io.tasks", install_output_hooks)
+when_imported("mergekit.io.tasks", install_lora_cache_check)
 when_imported("mergekit.merge_methods.task_adapter", install_source_names)
 # check the recipe (covariance placement, unknown parameter names) when mergekit plans a merge
 when_imported("mergekit.plan", install_recipe_check)
+install_torch_dtype_filter(OUR_METHODS)
 register_late(pave_merge_method)

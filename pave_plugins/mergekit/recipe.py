@@ -158,6 +158,9 @@ def install_recipe_check(plan: Any) -> bool:
 
         method = registry.get(config.merge_method) if config.merge_method in OUR_METHODS else None
         check_recipe(config, method)
+        if method is not None:
+            check_lora_cache(config, kwargs.get("options", args[1] if len(args) > 1 else None))
+        _install_card_hook()
         original(self, config, *args, **kwargs)
 
     original_plan = planner.plan_to_disk
@@ -175,6 +178,53 @@ def install_recipe_check(plan: Any) -> bool:
     if not getattr(sys.excepthook, "_pave_recipe_hook", False):
         sys.excepthook = _excepthook(sys.excepthook)
     return True
+
+
+def lora_cache_message(ref: Any) -> str:
+    return (f"model {ref} is a LoRA adapter on a model (`model: base+lora`): mergekit merges the adapter into "
+            "its model first and needs a folder for that: pass --lora-merge-cache DIR to mergekit-yaml "
+            "(MergeOptions(lora_merge_cache=DIR) from Python)")
+
+
+def check_lora_cache(config: Any, options: Any) -> None:
+    """A recipe of ours with a ``base+lora`` model and no LoRA merge cache: the one-line error naming the flag."""
+    if options is None or getattr(options, "lora_merge_cache", None):
+        return
+    for ref in config.referenced_models():
+        if getattr(ref, "lora", None) is not None:
+            raise RecipeParameterError(f"{config.merge_method} recipe: {lora_cache_message(ref)}")
+
+
+def install_lora_cache_check(tasks: Any) -> bool:
+    """Wrap ``mergekit.io.tasks.LoaderCache.get`` (idempotent): a ``base+lora`` model without
+    ``--lora-merge-cache`` fails with :func:`lora_cache_message` (one line) instead of mergekit's
+    traceback "Need to specify cache dir to merge adapters" (mergekit loads the models before it
+    plans, so the planning check comes too late on the command line)."""
+    cache = getattr(tasks, "LoaderCache", None)
+    if cache is None or getattr(cache.get, "_pave_lora_check", False):
+        return cache is not None
+    original = cache.get
+
+    def get(self, model):
+        if getattr(model, "lora", None) is not None and not getattr(self, "lora_cache_dir", None) \
+                and model not in getattr(self, "loaders", {}):
+            raise RecipeParameterError(lora_cache_message(model))
+        return original(self, model)
+
+    get._pave_lora_check = True  # type: ignore[attr-defined]
+    get.__wrapped__ = original  # type: ignore[attr-defined]
+    cache.get = get
+    return True
+
+
+def _install_card_hook() -> None:
+    """Our methods' model cards (:mod:`.card`), once ``mergekit.merge`` is fully imported (it is not
+    yet when the plugins load: mergekit.merge imports the merge methods)."""
+    merge = sys.modules.get("mergekit.merge")
+    if merge is not None and not getattr(getattr(merge, "__spec__", None), "_initializing", False):
+        from .card import install_card_hook
+
+        install_card_hook(merge, OUR_METHODS)
 
 
 def anticipated(exc: BaseException) -> bool:

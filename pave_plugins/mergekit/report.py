@@ -33,8 +33,9 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from pave_plugins.cards import folder_name, hub_id
 from pave_plugins.engine.report import (
     REGMEAN_REPORT_FORMAT,
     REGMEAN_REPORT_NAME,
@@ -64,12 +65,30 @@ _last: dict[str, MergeReport] = {}
 _out_path: str | None = None  # output folder of the merge in progress
 
 
+def model_names(labels: Sequence[str]) -> dict[str, str]:
+    """mergekit's model references as the report names them: a local folder by its name, a Hub id as
+    it is, ``model+lora`` as ``name+name``; names shared by two references get ``_2``, ``_3``, ..."""
+    def one(label: str) -> str:
+        return "+".join(hub_id(p) or folder_name(p) for p in label.split("+"))
+
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    for label in labels:
+        name, k = one(label), 1
+        while (name if k == 1 else f"{name}_{k}") in taken:
+            k += 1
+        out[label] = name if k == 1 else f"{name}_{k}"
+        taken.add(out[label])
+    return out
+
+
 def current_report(kind: str = "pave") -> Any:
     """The ``kind`` report (``pave`` or ``regmean``) of the merge in progress (created on first use)."""
     with _lock:
         report = _current.get(kind)
         if report is None:
             report = _current[kind] = REPORT_KINDS[kind]()
+            report.name_models = model_names
             if _out_path is not None:
                 report.attach(_out_path)
         return report

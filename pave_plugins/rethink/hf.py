@@ -36,6 +36,7 @@ from pave_plugins.collect.data import (
 )
 from pave_plugins.core import rethink as core
 from pave_plugins.io import strict_json
+from pave_plugins.rethink.card import RECIPE_FILE, rethought_card
 from pave_plugins.rethink.losses import batch_loss
 from pave_plugins.rethink.output import LAMBDA_FILE, save_lambdas
 from pave_plugins.rethink.progress import tqdm_bar
@@ -43,11 +44,6 @@ from pave_plugins.rethink.progress import tqdm_bar
 log = logging.getLogger(__name__)
 
 TASK_TYPES = ("seq-cls", "seq2seq", "causal-lm")
-PAPER = (
-    "LoRA-DV: Spectral Rethinking for Reducing Task Interference via Difference Vector in Model Merging",
-    "anonymous ACL submission; no public URL known",
-)
-RECIPE_FILE = "rethink.json"
 
 
 # ----------------------------------------------------------------------------- data
@@ -508,21 +504,65 @@ def _task_heads(job: RethinkJob, cls, config, kind: str, head_names: list[str], 
     return heads, label2ids
 
 
-def _calibration_batches(job: RethinkJob, tokenizer, kind: str, config, label2ids) -> tuple[list[dict], dict[str, int]]:
-    """The batches of every task, and how many records each task contributed."""
-    cfg = job.config
+@dataclass(frozen=True)
+class CalibrationFields:
+    """How calibration records become examples: the fields (or a template) that ``pave rethink`` and
+    FusionBench's ``pave/rethink`` read from a jsonl file."""
+
+    template: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    input_field: str = "input"
+    target_field: str = "target"
+    max_length: int = 256
+    #: how the message of a missing label names the unlabelled loss (the CLI's flag, a config key)
+    entropy_hint: str = "--loss entropy"
+
+    def required(self, kind: str, loss: str) -> tuple[list[str], dict[str, str]]:
+        """The record fields an example is built from (labels / targets only for ``ce``), and why."""
+        fields = template_fields(self.template) if self.template is not None else [
+            self.text_field if kind == "seq-cls" else self.input_field]
+        why = {}
+        if loss == "ce":
+            name = self.label_field if kind == "seq-cls" else self.target_field
+            fields.append(name)
+            why[name] = f"needed by loss=ce; {self.entropy_hint} needs none"
+        return fields, why
+
+
+def calibration_files(value: Any, what: str = "calibration") -> dict[str, str]:
+    """``{task: file}`` from one file, a list of files (each task named by its file's stem) or a
+    mapping ``{task: file}``; two files with one name are refused."""
+    if isinstance(value, (str, os.PathLike)):
+        value = [value]
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    out: dict[str, str] = {}
+    for v in value or []:
+        name = Path(str(v)).stem
+        if name in out:
+            raise ValueError(f"{what}: two files for task {name!r} ({out[name]}, {v}); name them {{task: file}}")
+        out[name] = str(v)
+    return out
+
+
+def calibration_batches(calib: Mapping[str, str], tokenizer, kind: str, config, cfg: core.RethinkConfig,
+                        fields: CalibrationFields, label2ids: Mapping[str, Any] | None = None
+                        ) -> tuple[list[dict], dict[str, int]]:
+    """The batches of every task's calibration file, and how many records each contributed (every
+    file read and checked: records, fields, lengths against the model's positions)."""
     batches: list[dict] = []
     used: dict[str, int] = {}
-    for task, path in job.calib.items():
-        fields, why = _required_fields(job, kind)
-        records = read_calibration(path, limit=cfg.samples, seed=cfg.seed, fields=fields, why=why)
+    needed, why = fields.required(kind, cfg.loss)
+    for task, path in calib.items():
+        records = read_calibration(path, limit=cfg.samples, seed=cfg.seed, fields=needed, why=why)
         used[task] = len(records)
         try:
             batches += build_batches(
-                task, records, tokenizer, kind, loss=cfg.loss, batch_size=cfg.batch_size, max_length=job.max_length,
-                template=job.template, text_field=job.text_field, label_field=job.label_field,
-                input_field=job.input_field, target_field=job.target_field, label2id=label2ids[task],
-                decoder_start_token_id=getattr(config, "decoder_start_token_id", None),
+                task, records, tokenizer, kind, loss=cfg.loss, batch_size=cfg.batch_size, max_length=fields.max_length,
+                template=fields.template, text_field=fields.text_field, label_field=fields.label_field,
+                input_field=fields.input_field, target_field=fields.target_field,
+                label2id=(label2ids or {}).get(task), decoder_start_token_id=getattr(config, "decoder_start_token_id", None),
             )
         except ValueError as exc:  # name the file, not only the task and record numbers
             raise ValueError(f"calibration file {path}: {exc}") from exc
@@ -531,18 +571,11 @@ def _calibration_batches(job: RethinkJob, tokenizer, kind: str, config, label2id
     return batches, used
 
 
-def _required_fields(job: RethinkJob, kind: str) -> tuple[list[str], dict[str, str]]:
-    """The record fields a calibration example is built from (labels / targets only for ``ce``), and why."""
-    if job.template is not None:
-        fields = template_fields(job.template)
-    else:
-        fields = [job.text_field if kind == "seq-cls" else job.input_field]
-    why = {}
-    if job.config.loss == "ce":
-        field_name = job.label_field if kind == "seq-cls" else job.target_field
-        fields.append(field_name)
-        why[field_name] = "needed by loss=ce; --loss entropy needs none"
-    return fields, why
+def _calibration_batches(job: RethinkJob, tokenizer, kind: str, config, label2ids) -> tuple[list[dict], dict[str, int]]:
+    """The batches of every task of ``job``, and how many records each task contributed."""
+    fields = CalibrationFields(template=job.template, text_field=job.text_field, label_field=job.label_field,
+                               input_field=job.input_field, target_field=job.target_field, max_length=job.max_length)
+    return calibration_batches(job.calib, tokenizer, kind, config, job.config, fields, label2ids)
 
 
 def _recipe(job: RethinkJob, kind: str, result: core.RethinkResult) -> dict:
@@ -584,45 +617,4 @@ def _save(job: RethinkJob, model: nn.Module, tokenizer, result: core.RethinkResu
         tokenizer.save_pretrained(tmp)
         save_lambdas(result, tmp / LAMBDA_FILE, recipe)
         (tmp / RECIPE_FILE).write_text(strict_json.dumps(recipe, indent=2), encoding="utf-8")
-        card = Path(job.merged) / "README.md" if job.merged else None
-        prior = card.read_text(encoding="utf-8") if card is not None and card.is_file() else ""
-        (tmp / "README.md").write_text(prior.rstrip() + ("\n\n" if prior else "") + model_card_section(recipe), encoding="utf-8")
-
-
-def _samples_text(samples: Mapping[str, int] | int | None) -> str:
-    if not isinstance(samples, Mapping):
-        return f"{samples} samples per task"
-    counts = set(samples.values())
-    if len(counts) == 1:
-        return f"{counts.pop()} samples per task"
-    return "samples per task: " + ", ".join(f"{t} {n}" for t, n in samples.items())
-
-
-def model_card_section(recipe: Mapping[str, Any]) -> str:
-    """The ``## LoRA-DV spectral rethinking`` section of the output model card."""
-    src = f"merged model `{recipe['merged']}`" if recipe.get("merged") else (
-        f"LoRA adapters {recipe['lora']} merged with weights {recipe['lora_weights']}"
-    )
-    losses = recipe.get("losses") or []
-    loss_line = (
-        ", ".join(f"iteration {i + 1}: {l[0]:.4g} -> {l[-1]:.4g}" for i, l in enumerate(losses) if l) or "no training (epochs 0)"
-    )
-    lines = [
-        "## LoRA-DV spectral rethinking",
-        "",
-        f"Produced by `pave rethink` (pave_plugins) from the {src} on base `{recipe['base']}`:",
-        "for every 2-D layer, the difference vector to the base was decomposed by SVD, U and V frozen,",
-        "and an anisotropic scale Lambda of the singular values (eq. 8) learned on a small calibration",
-        "set for all layers jointly (eq. 13), repeated with a re-decomposition each iteration.",
-        "",
-        f"- {PAPER[0]}",
-        f"- task type: {recipe['task_type']}; loss: {recipe['loss']} ({'cross-entropy' if recipe['loss'] == 'ce' else 'Shannon entropy, eq. 14'})",
-        f"- iterations T={recipe['iterations']}, epochs {recipe['epochs']}, Adam lr {recipe['lr']}, mode {recipe['mode']}, "
-        f"top_k {recipe['top_k']}, seed {recipe['seed']}",
-        f"- calibration: {recipe['calibration']} ({_samples_text(recipe['samples_per_task'])})",
-        f"- layers rethought: {recipe['layers']} ({recipe['low_rank_layers']} via the LoRA low-rank fast path), changed: {recipe['changed_layers']}",
-        f"- calibration loss per iteration: {loss_line}",
-        f"- learned Lambda per layer: `{LAMBDA_FILE}`; full recipe: `{RECIPE_FILE}`",
-        "",
-    ]
-    return "\n".join(lines)
+        (tmp / "README.md").write_text(rethought_card(recipe, job.out), encoding="utf-8")

@@ -96,7 +96,7 @@ def check_against_reference(fam, out: Path, *, target: str, ranks_of, tol=(1e-5,
                 outs[i][name].double(), ref, rtol=tol[0], atol=tol[1], msg=name
             )
             assert (
-                report["tensors"][name]["models"][str(fam["fts"][i])]["rank"]
+                report["tensors"][name]["models"][fam["fts"][i].name]["rank"]
                 == ranks[i]
             )
     for name in base:  # no covariance: the fine-tuned tensor, bit for bit

@@ -52,7 +52,8 @@ def test_seq_cls_epochs_zero_is_bit_exact_and_writes_card(seq_cls, tmp_path):
     a, b = _weights(tmp / "merged"), _weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     card = (out / "README.md").read_text()
-    assert card.startswith("# merged by mergekit") and "## LoRA-DV spectral rethinking" in card
+    assert "\n# out\n" in card and "# merged by mergekit" not in card  # its own title, the input's card a stage
+    assert "## Stage 1: the input merge" in card and "some card" in card and "## Stage 2: LoRA-DV" in card
     lam = load_file(str(out / "rethink_lambda.safetensors"))
     key = "bert.encoder.layer.0.attention.self.query.weight.lambda.0"
     assert key in lam and bool((lam[key] == 1).all()) and lam[key].numel() == 16

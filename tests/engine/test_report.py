@@ -87,15 +87,20 @@ def test_written_report_reads_back_and_is_recognised(tmp_path):
 
 def test_summary_names_each_model_and_what_stayed_plain():
     report = RankReport()
+    settings = {"rho": 0.5, "rank_allocation": "spectral", "target": "weight", "damping": 0.01, "damping_rule": "relative"}
     report.add_tensor("layers.0.q.weight", {"purified": True, "full_rank": 4, "budget_met": True, "models": {
         "a": {"purified": True, "rank": 2, "full_rank": 4, "damping": 0.1, "relative_damping": 0.01,
               "relative_change": 0.3, "pruning_error": 0.2, "covariance_key": "k"},
         "b": {"purified": False, "reason": "kept at full rank (full_rank_models)"}}},
-        {"rho": 0.5, "rank_allocation": "spectral", "target": "weight"})
-    report.add_tensor("norm.weight", {"purified": False, "models": {"a": {"purified": False, "reason": "1-D"}}}, {})
+        settings)
+    report.add_tensor("norm.weight", {"purified": False, "models": {"a": {"purified": False, "reason": "1-D"}}},
+                      settings)
     text = report.summary()
     assert "purified 1 of 2 tensors" in text and "a: rho_i=0.5000" in text and "damped covariances: 1" in text
     assert "b: nothing purified" in text and "plain task vector (no covariance / not 2-D): norm.weight" in text
+    # damped as asked (damping 0.01 x mean diag C): no warning; beyond what was asked: a singular covariance
     assert report.final_warning() is None
+    settings["damping"] = 0.001
+    assert "1 singular covariances were damped (at most 0.01 x mean diag C" in report.final_warning()
     assert "no tensor was purified" in RankReport().final_warning()
     assert "every tensor was averaged" in RegMeanReport().final_warning()

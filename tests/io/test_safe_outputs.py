@@ -392,7 +392,9 @@ def test_half_precision_covariance_file_warns(fam, tmp_path, caplog):
     assert any(f"{half}: covariances stored in bfloat16" in r.getMessage() for r in caplog.records)
 
 
-def test_damping_is_logged_at_the_default_level(fam, tmp_path, caplog):
+def test_damping_is_logged_at_info_with_one_warning(fam, tmp_path, capsys, caplog):
+    """A damped singular covariance is expected (a task's inputs span fewer directions than the
+    layer): each at INFO naming file and layer, and one summary warning at the end of the run."""
     from pave_plugins.io.covariance import CovarianceFile
     from pave_plugins.io.sources import PreparedCache
     from inputs_helpers import cov_variant
@@ -403,11 +405,21 @@ def test_damping_is_logged_at_the_default_level(fam, tmp_path, caplog):
 
     singular = cov_variant({"covs": fam["covs"]}, tmp_path / "singular.safetensors", rank_one, src=1)
     layer = "model.layers.0.mlp.down_proj"
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         prepared, _ = PreparedCache().get(CovarianceFile(singular), layer, device="cpu", compute_dtype=torch.float64)
     assert prepared.damping > 0
-    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert any(f"(layer '{layer}') in {singular} is singular: damped with {prepared.damping:.3g}" in m for m in msgs)
+    with caplog.at_level(logging.INFO):
+        code, err = pave(purify_args(fam, tmp_path / "out", covs=[fam["covs"][0], singular]), capsys, caplog)
+    assert code == 0, err
+    per_layer = [r for r in caplog.records if "is singular: damped" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert per_layer and all(r.levelno == logging.INFO for r in per_layer)
+    report = json.loads((tmp_path / "out" / "pave_rank_report.json").read_text())
+    uses = sum(m.get("damping", 0) > 0 for t in report["tensors"].values() for m in t.get("models", {}).values())
+    assert warnings == [w for w in warnings if "singular" in w] and len(warnings) == 1
+    assert warnings[0].startswith(f"pave: {uses} singular covariances were damped")
 
 
 def test_rethink_label_outside_the_head_is_one_line(seq, capsys, caplog, tmp_path):

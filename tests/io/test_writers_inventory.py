@@ -48,6 +48,7 @@ WRITERS: dict[str, str] = {
     "bench/lora_experts.py:finetune_lora": "transaction",
     # helpers that write under the stage they are given
     "demo.py:relocate_text": "staging: called by run_demo on the output_folder stage",
+    "demo.py:merge_with_mergekit": "staging: called by _run_demo on its stage (the stock merge's model card)",
     "demo.py:_fine_tunes": "staging: called by _run_demo (under run_demo's stage, or a temporary folder)",
     "demo.py:_run_demo": "staging: called by run_demo with the stage or a TemporaryDirectory",
     "demo_folder.py:write_calibration": "staging: called by demo._fine_tunes",

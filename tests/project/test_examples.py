@@ -38,3 +38,23 @@ def test_fusion_bench_api_example_leaves_no_temporary_folder(tmp_path, monkeypat
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     _load().main()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_mergekit_example_outputs_are_publishable(tmp_path):
+    """``examples/mergekit_end_to_end.sh``: no warning about its own recipes, and merges that load with
+    transformers and carry a card ready for the Hub."""
+    import os
+    import subprocess
+    import sys
+
+    from outputs_helpers import check_publishable
+
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+               HF_HUB_OFFLINE="1")
+    proc = subprocess.run(["bash", str(EXAMPLES / "mergekit_end_to_end.sh"), str(tmp_path / "ex")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "WARNING" not in out and "deprecated" not in out, out[-4000:]
+    check_publishable(tmp_path / "ex" / "cli" / "pave_ta", {"merge", "mergekit", "pave"}, tmp_path)
+    check_publishable(tmp_path / "ex" / "cli" / "tsv_m", {"merge", "mergekit", "tsv-m"}, tmp_path)

@@ -43,7 +43,7 @@ def test_a_fine_tune_identical_to_its_base_gives_a_strict_json_report(env, tmp_p
     assert code == 0, text[-1000:]
     report = _strict((out / "pave_rank_report.json").read_text())
     changes = [m["relative_change"] for t in report["tensors"].values() for lab, m in t["models"].items()
-               if lab == str(same) and m.get("purified")]
+               if lab == same.name and m.get("purified")]
     assert changes and all(c is None or c == 0 for c in changes)  # 0 / 0: null, never NaN or Infinity
 
 

@@ -553,7 +553,7 @@ def test_allow_missing_covariance_keeps_plain_task_vector(env, tmp_path):
     ref = eq5(ft0, c0, r).float()
     assert r < min(ft0.shape) and torch.allclose(w0, ref, atol=1e-6)
     rep = json.loads((out / "pave_rank_report.json").read_text())
-    assert rep["tensors"][name]["models"][str(env["fts"][1])]["purified"] is False
+    assert rep["tensors"][name]["models"][env["fts"][1].name]["purified"] is False
 
     # mergekit pave: the same option in a recipe
     merged = run_merge(env, tmp_path / "merged", [env["covs"][0], bad], extra="  allow_missing_covariance: true\n")

@@ -49,7 +49,7 @@ def test_purify_conv1d_against_transposed_reference(fam, tmp_path, target):
             ref = (eq5(m, c, r) + (b if target == "delta" else 0)).T
             assert outs[i][name].shape == fts[i][name].shape
             torch.testing.assert_close(outs[i][name].double(), ref, rtol=1e-5, atol=2e-6, msg=name)
-            record = report["tensors"][name]["models"][str(fam["fts"][i])]
+            record = report["tensors"][name]["models"][fam["fts"][i].name]
             assert record["rank"] == r < min(b.shape) and record["damping"] == 0.0
 
 

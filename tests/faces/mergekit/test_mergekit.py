@@ -204,7 +204,7 @@ def test_purified_checkpoints_match_dense_reference(llama, purified):
         for i, (ft, out) in enumerate(zip(fts, outs)):
             ref = dense_purified_weight(ft[name], covs[i], ranks[i])
             torch.testing.assert_close(out[name].double(), ref, rtol=1e-5, atol=2e-6, msg=name)
-            rec = report["tensors"][name]["models"][str(llama["fts"][i])]
+            rec = report["tensors"][name]["models"][llama["fts"][i].name]
             assert rec["rank"] == ranks[i] and rec["full_rank"] == min(ft[name].shape)
     assert n_purified == 14
     model = AutoModelForCausalLM.from_pretrained(purified / llama["fts"][0].name)
@@ -219,11 +219,11 @@ def test_rank_report_and_model_card(llama, subprocess_merges):
     assert rep["n_purified"] == 14 and rep["n_tensors"] == 21
     assert "model.embed_tokens.weight" in rep["plain_task_vector"] and "lm_head.weight" in rep["plain_task_vector"]
     # rho_i (Algorithm 1 line 15) recomputed from the per-tensor records
-    for m in map(str, llama["fts"]):
+    for m in (p.name for p in llama["fts"]):
         kept = sum(t["models"][m]["rank"] for t in rep["tensors"].values() if t["purified"])
         full = sum(t["models"][m]["full_rank"] for t in rep["tensors"].values() if t["purified"])
         assert rep["model_ratios"][m] == pytest.approx(kept / full)
-    rec = rep["tensors"]["model.layers.1.mlp.down_proj.weight"]["models"][str(llama["fts"][1])]
+    rec = rep["tensors"]["model.layers.1.mlp.down_proj.weight"]["models"][llama["fts"][1].name]
     assert {"rank", "full_rank", "damping", "relative_change", "pruning_error"} <= rec.keys()
     assert rec["relative_change"] > 0
     # the log names purified tensors and summarises
