@@ -3,7 +3,8 @@
 Per tensor and per model: the rank kept, the full rank, the damping added to the covariance, the
 relative change ``||dW_PAVE - dW||_F / ||dW||_F`` and the normalised activated pruning error
 (PAVE eq. 8); per model the overall preserved-rank ratio ``rho_i = sum_l r_i^l / sum_l R^l``
-(PAVE Algorithm 1, line 15).
+(PAVE Algorithm 1, line 15). The written reports name each model by its folder (a Hub id as it
+is; two folders of one name get ``_2``, ...), not by the path of the merging machine.
 
 Where it goes. A mergekit merge method only ever sees one tensor group; mergekit has no
 end-of-merge hook for methods and does not tell them the output directory. The method therefore
