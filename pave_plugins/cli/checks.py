@@ -120,9 +120,11 @@ def device(text: str) -> str:
     return text
 
 
-def add_setting_flags(parser: argparse.ArgumentParser, settings_cls: type, *, exclude: tuple[str, ...] = ()) -> None:
+def add_setting_flags(parser: argparse.ArgumentParser, settings_cls: type, *, exclude: tuple[str, ...] = (),
+                      types: dict[str, Callable[[str], Any]] | None = None) -> None:
     """One flag per row of a settings table (:func:`pave_plugins.engine.settings.table`): ``--name-with-dashes``,
-    numbers checked finite here and by the settings' own rules when the run builds them."""
+    its help and default from the row; a number is parsed and checked by the row's own rule here, so a bad
+    value is an error naming the flag (``types``: a face's own parser for a row, e.g. ``0 = all``)."""
     from pave_plugins.engine.settings import table
 
     for row in table(settings_cls):
@@ -131,13 +133,13 @@ def add_setting_flags(parser: argparse.ArgumentParser, settings_cls: type, *, ex
         flag = "--" + row.name.replace("_", "-")
         if row.type is bool:
             parser.add_argument(flag, action="store_true", help=row.help)
-            continue
-        if row.type is tuple:
+        elif row.type is tuple:
             parser.add_argument(flag, nargs="+", metavar="NAME", default=row.default, help=row.help)
-            continue
-        default = "" if row.default is None else f" (default {row.default})"
-        kind = {float: finite_float, int: _int, str: str}[row.type]
-        parser.add_argument(flag, type=kind, choices=row.choices, default=row.default, help=row.help + default)
+        elif row.choices is not None:
+            parser.add_argument(flag, choices=row.choices, default=row.default, help=row.help)
+        else:
+            kind = (types or {}).get(row.name) or setting(settings_cls, row.name)
+            parser.add_argument(flag, type=kind, default=row.default, help=row.help)
 
 
 def setting_values(args: argparse.Namespace, settings_cls: type) -> dict[str, Any]:
@@ -148,14 +150,15 @@ def setting_values(args: argparse.Namespace, settings_cls: type) -> dict[str, An
 
 
 def setting(settings_cls: type, name: str) -> Callable[[str], Any]:
-    """The argparse type of one setting of a settings table: a finite number checked by the row's
-    own rule (one rule for ``pave purify``, ``pave bench`` grids and ``pave demo``)."""
+    """The argparse type of one setting of a settings table: a finite number (an integer for an ``int``
+    row) checked by the row's own rule (one rule for ``pave purify``, ``pave rethink``, ``pave bench``
+    grids and ``pave demo``)."""
     from pave_plugins.engine.settings import table
 
     (row,) = [r for r in table(settings_cls) if r.name == name]
 
     def check(text: str) -> Any:
-        value = finite_float(text)
+        value = _int(text) if row.type is int else finite_float(text)
         try:
             if row.check is not None:
                 row.check(value)

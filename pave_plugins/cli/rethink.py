@@ -28,10 +28,9 @@ def _pairs(values: list[str] | None, what: str, *, stem_ok: bool = False) -> dic
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from pave_plugins.core.rethink import LOSSES, MODES, REDECOMPOSE, RethinkConfig
+    from pave_plugins.engine.settings import RethinkSettings
     from pave_plugins.rethink.hf import RethinkJob
 
-    D = RethinkConfig()
     p = subparsers.add_parser(
         "rethink",
         help="LoRA-DV spectral rethinking of a merged model (learn singular-value scales on calibration data)",
@@ -53,23 +52,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="one jsonl file per task: text-to-text 'input'/'target'; classifiers 'text' (or --template) and 'label'",
     )
     p.add_argument("--heads", nargs="+", metavar="TASK=DIR", help="sequence classifiers: each task's fine-tuned model (its head is used for that task)")
-    p.add_argument("--loss", choices=list(LOSSES), default=D.loss, help="ce: labels / target tokens; entropy: eq. 14, no labels")
-    p.add_argument("--iterations", type=checks.positive_int, default=D.iterations, help="T rethinking iterations")
-    p.add_argument("--epochs", type=checks.nonnegative_int, default=D.epochs, help="epochs per iteration (0: write the input merge back unchanged; with --top-k and no --keep-tail, its top-K truncation)")
-    p.add_argument("--lr", type=checks.nonnegative_float, default=D.lr, help="Adam learning rate (paper: 5e-3; LLMs 1e-4)")
-    p.add_argument("--mode", choices=list(MODES), default=D.mode,
-                   help="Lambda per singular value (paper) | one scale per layer | random Lambda (Table 4 ablations)")
-    p.add_argument("--top-k", type=checks.positive_int, default=D.top_k, help="dense path: keep only the top-k components of each delta")
-    p.add_argument("--keep-tail", action="store_true", help="with --top-k: keep the discarded tail frozen instead of dropping it")
-    p.add_argument("--redecompose", choices=list(REDECOMPOSE), default=D.redecompose,
-                   help="iterations >= 2: exact closed-form SVD of the factored delta, or a dense SVD of the stored weights")
-    p.add_argument("--compute-dtype", choices=["float32", "float64"], default=str(D.compute_dtype).removeprefix("torch."),
-                   help="dtype of the SVDs and of Lambda's training")
-    p.add_argument("--samples", type=checks.count_or_all, default=D.samples, help="calibration samples per task (seeded random subset; 0 = all)")
+    # LoRA-DV's settings: one flag per row of their table (help, default and rule declared there)
+    checks.add_setting_flags(p, RethinkSettings, types={"samples": checks.count_or_all, "seed": checks.seed})
     p.add_argument("--tokenizer", metavar="DIR",
                    help="tokenizer folder (default: the --merged folder's, else the --base folder's)")
-    p.add_argument("--batch-size", type=checks.positive_int, default=D.batch_size,
-                   help="calibration examples per batch (a batch holds one task's)")
     p.add_argument("--max-length", type=checks.positive_int, default=RethinkJob.max_length,
                    help="tokens per calibration example (a longer one is an error naming its row)")
     p.add_argument("--template", help="python format string over a record, e.g. '{sentence1} [SEP] {sentence2}'")
@@ -80,7 +66,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--task-type", choices=["auto", "seq-cls", "seq2seq", "causal-lm"], default="auto",
                    help="model kind (auto: from the model's config)")
     p.add_argument("--include-embeddings", action="store_true", help="also rethink input/output embedding matrices")
-    p.add_argument("--seed", type=checks.seed, default=D.seed, help="calibration subset, batch order and random Lambda")
     p.add_argument("--device", default="auto", type=checks.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", required=True, help="output model folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier output of pave rethink at --out (once the new one is complete)")
@@ -92,14 +77,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pave_plugins.core.rethink import RethinkConfig
+    from pave_plugins.engine.settings import RethinkSettings
     from pave_plugins.rethink import RethinkJob, run_job
 
-    config = RethinkConfig(
-        iterations=args.iterations, epochs=args.epochs, lr=args.lr, mode=args.mode, top_k=args.top_k,
-        keep_tail=args.keep_tail, redecompose=args.redecompose, compute_dtype=args.compute_dtype, seed=args.seed,
-        progress=not args.no_progress, loss=args.loss, samples=args.samples or None, batch_size=args.batch_size,
-    )
+    values = checks.setting_values(args, RethinkSettings)
+    values["samples"] = values["samples"] or None  # --samples 0: all
+    config = RethinkSettings(**values).config(progress=not args.no_progress)
     job = RethinkJob(
         base=args.base,
         merged=args.merged,

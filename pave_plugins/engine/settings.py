@@ -84,7 +84,8 @@ class Setting:
         return self.face_names.get(face, self.name)
 
 
-_TYPES = {"float": float, "float | None": float, "str": str, "bool": bool, "int": int, "tuple[str, ...]": tuple}
+_TYPES = {"float": float, "float | None": float, "str": str, "bool": bool, "int": int, "int | None": int,
+          "tuple[str, ...]": tuple}
 #: Algorithm 1's ranks per layer (the paper's text) or each model's overall ratio on all its layers (authors' code)
 RANK_GRANULARITIES: tuple[str, ...] = ("layer", "model")
 
@@ -205,4 +206,68 @@ class PaveSettings:
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting by name (reports, cards)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _core_rule(name: str) -> Callable[[Any], Any]:
+    """The rule of LoRA-DV's core record for one value (:class:`~pave_plugins.core.rethink.RethinkConfig`
+    validates it; the rule is written there once)."""
+    from pave_plugins.core.rethink import RethinkConfig
+
+    def check(value: Any) -> None:
+        RethinkConfig(**{name: value})
+
+    return check
+
+
+def _rethink_default(name: str) -> Any:
+    from pave_plugins.core.rethink import RethinkConfig
+
+    value = getattr(RethinkConfig(), name)
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
+
+
+@dataclass(frozen=True)
+class RethinkSettings:
+    """LoRA-DV's parameters (LoRA-DV paper, Sec. 3; Table 4's ablations) as the faces declare them:
+    the ``pave rethink`` flags and the FusionBench ``pave/rethink`` keys are derived from this table
+    (:func:`table`); defaults and rules are those of the core record
+    :class:`~pave_plugins.core.rethink.RethinkConfig`, which :meth:`config` builds."""
+
+    loss: str = setting(_rethink_default("loss"), "ce: labels / target tokens; entropy: eq. 14, no labels",
+                        choices=("ce", "entropy"))
+    iterations: int = setting(_rethink_default("iterations"), "T rethinking iterations (paper: 3)",
+                              check=_core_rule("iterations"))
+    epochs: int = setting(_rethink_default("epochs"), "epochs per iteration (0: write the input merge back "
+                          "unchanged; with top_k and no keep_tail, its top-K truncation)", check=_core_rule("epochs"))
+    lr: float = setting(_rethink_default("lr"), "Adam learning rate (paper: 5e-3; LLMs 1e-4)", check=_core_rule("lr"))
+    mode: str = setting(_rethink_default("mode"), "anisotropic: Lambda per singular value (paper); scalar: one scale "
+                        "per layer; random: random Lambda (Table 4 ablations)",
+                        choices=("anisotropic", "scalar", "random"))
+    top_k: int | None = setting(_rethink_default("top_k"), "dense path: keep only the top-k components of each delta",
+                                check=_core_rule("top_k"), optional=True)
+    keep_tail: bool = setting(_rethink_default("keep_tail"), "with top_k: keep the discarded tail frozen instead of "
+                              "dropping it")
+    redecompose: str = setting(_rethink_default("redecompose"), "iterations >= 2: exact closed-form SVD of the "
+                               "factored delta, or a dense SVD of the stored weights", choices=("factored", "dense"))
+    compute_dtype: str = setting(_rethink_default("compute_dtype"), "dtype of the SVDs and of Lambda's training",
+                                 choices=("float32", "float64"))
+    samples: int | None = setting(_rethink_default("samples"), "calibration samples per task (a seeded random "
+                                  "subset; all: 0 in pave rethink, null in FusionBench)", check=_core_rule("samples"), optional=True,
+                                  face_names={"fusion_bench": "n_samples"})
+    batch_size: int = setting(_rethink_default("batch_size"), "calibration examples per batch (a batch holds one "
+                              "task's)", check=_core_rule("batch_size"))
+    seed: int = setting(_rethink_default("seed"), "calibration subset, batch order and random Lambda",
+                        check=_core_rule("seed"))
+
+    def __post_init__(self) -> None:
+        check_table(self)
+
+    def config(self, **extra: Any) -> Any:
+        """The core record (``extra``: what is not a setting of a face, e.g. ``progress``)."""
+        from pave_plugins.core.rethink import RethinkConfig
+
+        return RethinkConfig(**{f.name: getattr(self, f.name) for f in fields(self)}, **extra)
+
+    def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -18,6 +18,7 @@ for plain classifiers. Override :meth:`SpectralRethinking.compute_loss` for othe
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from pave_plugins import papers
 from pave_plugins.collect.data import ensure_pad_token, seeded_subset
 from pave_plugins.core import rethink as core
+from pave_plugins.engine.settings import RethinkSettings, settings_for
 from pave_plugins.rethink.losses import NEEDS_LABELS, batch_loss
 from pave_plugins.rethink.output import save_lambdas
 from pave_plugins.rethink.progress import tqdm_bar
@@ -51,7 +53,7 @@ from .outputs import (
 from .pool import POOL_SPLITS, checked_pool, padding_collate, pool_inputs, pool_split
 
 log = logging.getLogger(__name__)
-_D = core.RethinkConfig()
+_D = RethinkSettings()
 
 
 
@@ -108,7 +110,7 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
         top_k: int | None = _D.top_k,
         keep_tail: bool = _D.keep_tail,
         redecompose: str = _D.redecompose,
-        compute_dtype: str = str(_D.compute_dtype).removeprefix("torch."),
+        compute_dtype: str = _D.compute_dtype,
         include_embeddings: bool = False,
         exclude_keys: list[str] | None = None,
         seed: int = _D.seed,
@@ -120,12 +122,8 @@ class SpectralRethinking(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorith
         super().__init__(**kwargs)
         if calibration_split not in POOL_SPLITS:
             raise RethinkConfigError(f"rethink: calibration_split must be one of {POOL_SPLITS}, got {calibration_split!r}")
-        try:
-            self._core_cfg = core.RethinkConfig(
-                iterations=iterations, epochs=epochs, lr=float(lr), mode=mode, top_k=top_k, keep_tail=keep_tail,
-                redecompose=redecompose, compute_dtype=compute_dtype, seed=int(seed), loss=loss,
-                samples=n_samples, batch_size=batch_size,
-            )
+        try:  # LoRA-DV's settings by their one declaration (auto_register_config set them as attributes)
+            self._core_cfg = settings_for(RethinkSettings, functools.partial(getattr, self), "fusion_bench").config()
         except (TypeError, ValueError) as exc:
             raise RethinkConfigError(f"rethink: {str(exc).replace('samples', 'n_samples', 1)}") from exc
         self._inner_cfg = inner_method_config(inner)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pave_plugins.demo_folder import write_bench_inputs
+from pave_plugins.demo.folder import write_bench_inputs
 
 PAVE = str(Path(sys.executable).with_name("pave"))
 

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pave_plugins.engine.regmean import RegMeanSettings
-from pave_plugins.engine.settings import PaveSettings, table
+from pave_plugins.engine.settings import PaveSettings, RethinkSettings, table
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pave_plugins" / "configs" / "method" / "pave"
 
@@ -38,11 +38,15 @@ def test_mergekit_parameters_come_from_the_table(cls, method):
 
 
 @pytest.mark.parametrize("cls, algorithm, config", [(PaveSettings, "PAVEAlgorithm", "pave.yaml"),
-                                                    (RegMeanSettings, "RegMeanAlgorithm", "regmean.yaml")])
+                                                    (RegMeanSettings, "RegMeanAlgorithm", "regmean.yaml"),
+                                                    (RethinkSettings, "SpectralRethinking", "rethink.yaml")])
 def test_fusion_bench_signature_and_config_agree_with_the_table(cls, algorithm, config):
     import pave_plugins.fusion_bench as fb
 
-    params = inspect.signature(getattr(fb, algorithm).__init__).parameters
+    from pave_plugins.fusion_bench.rethink import SpectralRethinking
+
+    algorithms = {"SpectralRethinking": SpectralRethinking}
+    params = inspect.signature(algorithms.get(algorithm) or getattr(fb, algorithm)).parameters
     shipped = yaml.safe_load((CONFIGS / config).read_text())
     for row in table(cls):
         name = row.name_for("fusion_bench")
@@ -113,3 +117,30 @@ def test_every_setting_is_checked_once_by_its_row(cls, data):
     if row.type is tuple:  # a face's list or one name, kept as a tuple
         value = (value,) if isinstance(value, str) else tuple(value)
     assert built.to_dict()[row.name] == value
+
+
+def test_pave_rethink_has_a_flag_per_lora_dv_setting():
+    import argparse
+
+    from pave_plugins.cli import rethink
+
+    parser = argparse.ArgumentParser()
+    rethink.add_parser(parser.add_subparsers())
+    sub = parser._subparsers._group_actions[0].choices["rethink"]  # noqa: SLF001
+    flags = {a.dest: a for a in sub._actions}  # noqa: SLF001
+    for row in table(RethinkSettings):
+        assert row.name in flags, row.name
+        assert flags[row.name].default == row.default, row.name
+        assert flags[row.name].help == row.help, row.name
+
+
+def test_lora_dv_settings_keep_the_core_records_defaults_and_rules():
+    from pave_plugins.core.rethink import RethinkConfig
+
+    core = RethinkConfig()
+    built = RethinkSettings().config()
+    for row in table(RethinkSettings):
+        assert getattr(built, row.name) == getattr(core, row.name), row.name
+    for name, bad in (("iterations", 0), ("epochs", -1), ("lr", -1.0), ("top_k", 0), ("samples", 0), ("batch_size", 0)):
+        with pytest.raises(ValueError, match=name):
+            RethinkSettings(**{name: bad})

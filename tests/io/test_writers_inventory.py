@@ -47,14 +47,14 @@ WRITERS: dict[str, str] = {
     "bench/lora_experts.py:save_hf_folder": "transaction",
     "bench/lora_experts.py:finetune_lora": "transaction",
     # helpers that write under the stage they are given
-    "demo.py:relocate_text": "staging: called by run_demo on the output_folder stage",
-    "demo.py:merge_with_mergekit": "staging: called by _run_demo on its stage (the stock merge's model card)",
-    "demo.py:_fine_tunes": "staging: called by _run_demo (under run_demo's stage, or a temporary folder)",
-    "demo.py:_run_demo": "staging: called by run_demo with the stage or a TemporaryDirectory",
-    "demo_folder.py:write_calibration": "staging: called by demo._fine_tunes",
-    "demo_folder.py:write_fusion_bench_configs": "staging: called by demo._run_demo",
-    "demo_folder.py:write_bench_inputs": "staging: called by demo._run_demo",
-    "demo_folder.py:_tiny_bert": "staging: called by write_bench_inputs",
+    "demo/run.py:relocate_text": "staging: called by run_demo on the output_folder stage",
+    "demo/run.py:merge_with_mergekit": "staging: called by _run_demo on its stage (the stock merge's model card)",
+    "demo/run.py:_fine_tunes": "staging: called by _run_demo (under run_demo's stage, or a temporary folder)",
+    "demo/run.py:_run_demo": "staging: called by run_demo with the stage or a TemporaryDirectory",
+    "demo/folder.py:write_calibration": "staging: called by demo/run.py:_fine_tunes",
+    "demo/folder.py:write_fusion_bench_configs": "staging: called by demo/run.py:_run_demo",
+    "demo/folder.py:write_bench_inputs": "staging: called by demo/run.py:_run_demo",
+    "demo/folder.py:_tiny_bert": "staging: called by write_bench_inputs",
     "io/checkpoints.py:ShardedWriter.__init__": "staging: pave purify creates it on its output_folder stage",
     "io/checkpoints.py:ShardedWriter._flush": "staging: as ShardedWriter.__init__",
     "io/checkpoints.py:ShardedWriter.finalize": "staging: as ShardedWriter.__init__",
@@ -139,6 +139,6 @@ def test_writers_said_to_use_the_transaction_do_so_where_they_write():
 
 
 def test_every_command_that_writes_imports_the_transaction():
-    for rel in ("cli/purify.py", "rethink/hf.py", "collect/pipeline.py", "demo.py", "cli/bench.py",
+    for rel in ("cli/purify.py", "rethink/hf.py", "collect/pipeline.py", "demo/run.py", "cli/bench.py",
                 "fusion_bench/outputs.py", "engine/report.py", "io/covariance.py"):
         assert "pave_plugins.io.output" in (PACKAGE / rel).read_text() or ".io.output" in (PACKAGE / rel).read_text(), rel

@@ -11,7 +11,7 @@ Everything is built locally (no hub) and goes through the same code paths a user
    ranks) and our ``tsv`` (TSV-M);
 4. next-token accuracy of every model on every task, and the rank report that ``pave`` wrote.
 
-The folder also gets what the README's other commands need (:mod:`pave_plugins.demo_folder`):
+The folder also gets what the README's other commands need (:mod:`pave_plugins.demo.folder`):
 calibration data, recipes for every method (mergekit and FusionBench) and the inputs of ``pave bench``.
 """
 
@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .demo_folder import (
+from ..engine.settings import DEFAULT_RHO
+from ..io.output import output_folder, resolve
+from .folder import (
     SEQ,
     VOCAB,
     mergekit_recipes,
@@ -36,8 +38,6 @@ from .demo_folder import (
     write_calibration,
     write_fusion_bench_configs,
 )
-from .engine.settings import DEFAULT_RHO
-from .io.output import output_folder, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ DEMO_MERGES = {"task_arithmetic": "task arithmetic", "pave_ta": "PAVE + task ari
 def _fine_tunes(root: Path, task_steps: list[int], steps: int, seed: int, g: torch.Generator,
                 final: Path) -> tuple[list, list, dict]:
     """Fine-tune, save (with the tokenizer), write calibration data and collect covariances, per task."""
-    from .collect import collect_covariances, model_fingerprint
+    from ..collect import collect_covariances, model_fingerprint
 
     tok = word_tokenizer()
     ft_dirs, cov_files, models = [], [], {}
