@@ -40,37 +40,54 @@ def comparison_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def setting_table(result: dict) -> str:
-    """Per (target, base) and per (damping, granularity): mean over seeds of the validation average at
-    the best rho, minus X's validation average; times chosen; mean relative change; test (marked)."""
-    rows: dict[tuple, dict] = defaultdict(lambda: {"val": [], "test": [], "rel": [], "chosen": 0, "n": 0})
+def points(result: dict) -> dict[tuple, dict]:
+    """``(label, granularity, damping) -> {"val": [...], "test": [...], "rel": [...], "chosen": n}``
+    over seeds: PAVE+X - X on validation and on test at each grid point (best rho of the point)."""
+    rows: dict[tuple, dict] = defaultdict(lambda: {"val": [], "test": [], "rel": [], "chosen": 0})
     for seed in result["per_seed"]:
         methods = seed["methods"]
         for key, rec in methods.items():
             if not key.startswith("pave_") or "val_trace" not in rec:
                 continue
-            base = key.split("_", 3)[3]
-            x_val = statistics.mean(methods[base]["val"].values())
-            x_test = methods[base]["test_avg"]
+            base = methods[key.split("_", 3)[3]]
             best: dict[tuple, dict] = {}
             for point in rec["val_trace"]:
-                setting = (point["damping"], point["rank_granularity"])
+                setting = (point["rank_granularity"], point["damping"])
                 if setting not in best or point["val_avg"] > best[setting]["val_avg"]:
                     best[setting] = point
             for setting, point in best.items():
                 row = rows[(rec["label"], *setting)]
-                row["val"].append(point["val_avg"] - x_val)
-                row["test"].append(point["test_avg"] - x_test)
+                row["val"].append(point["val_avg"] - statistics.mean(base["val"].values()))
+                row["test"].append(point["test_avg"] - base["test_avg"])
                 row["rel"].append(point["mean_rel_change"])
-                row["n"] += 1
-                row["chosen"] += (rec["hp"].get("damping"), rec["hp"].get("rank_granularity")) == setting
-    lines = ["| PAVE+X | damping | granularity | validation: PAVE+X − X at the best rho (mean over seeds) | chosen "
-             "(of seeds) | ‖ΔW_PAVE−ΔW‖/‖ΔW‖ | test: PAVE+X − X (not used for any choice) |",
-             "|---|---|---|---|---|---|---|"]
-    for (label, damping, granularity), row in rows.items():
-        lines.append(f"| {label} | {damping:g} | {granularity} | {statistics.mean(row['val']):+.2f} | "
-                     f"{row['chosen']}/{row['n']} | {statistics.mean(row['rel']):.3f} | {statistics.mean(row['test']):+.2f} |")
+                row["chosen"] += (rec["hp"].get("rank_granularity"), rec["hp"].get("damping")) == setting
+    return rows
+
+
+def pivot(rows: dict[tuple, dict], field: str, title: str, fmt: str = "{:+.2f}") -> str:
+    """One line per (PAVE+X, granularity), one column per damping: the mean over seeds of ``field``."""
+    dampings = sorted({k[2] for k in rows})
+    lines = [f"| {title} | granularity | " + " | ".join(f"δ={d:g}" for d in dampings) + " |",
+             "|---|---|" + "---|" * len(dampings)]
+    for label, granularity in dict.fromkeys((k[0], k[1]) for k in rows):
+        cells = []
+        for d in dampings:
+            row = rows.get((label, granularity, d))
+            mark = "*" * row["chosen"] if row else ""
+            cells.append(fmt.format(statistics.mean(row[field])) + mark if row else "")
+        lines.append(f"| {label} | {granularity} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def setting_tables(result: dict) -> str:
+    rows = points(result)
+    return ("\nValidation, PAVE+X − X (points, mean over seeds; * = chosen for one seed):\n\n"
+            + pivot(rows, "val", "PAVE+X")
+            + "\nTest, PAVE+X − X at the same points (shown for the size of the selection effect, never used "
+              "for a choice):\n\n" + pivot(rows, "test", "PAVE+X")
+            + "\n‖ΔW_PAVE − ΔW‖ / ‖ΔW‖ (mean over layers, models and seeds):\n\n"
+            + pivot({(k[0].split(" + ")[0], *k[1:]): v for k, v in rows.items() if k[0].endswith("Task Arithmetic")},
+                    "rel", "PAVE target", "{:.3f}"))
 
 
 def main() -> None:
@@ -81,7 +98,7 @@ def main() -> None:
         cfg = result["config"]
         print(f"\n### {cfg['steps']} steps, seeds {[s['seed'] for s in result['per_seed']]} ({cfg['protocol']})\n")
         print(comparison_table(result))
-        print(setting_table(result))
+        print(setting_tables(result))
 
 
 if __name__ == "__main__":

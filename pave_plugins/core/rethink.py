@@ -651,8 +651,3 @@ def _redecompose(states: dict[str, LayerState], params: Mapping[str, Tensor], ba
         # components no longer map one-to-one onto the first decomposition
         st.origin = torch.arange(spec.rank, device=spec.s.device)
         st.gain = torch.full_like(spec.s, float("nan"))
-
-
-def rethought_weight(anchor: Tensor, spectrum: Spectrum, lam: Tensor) -> Tensor:
-    """``anchor + U diag(lam * Sigma) V^T`` (eq. 8 / 11), for callers that reconstruct by hand."""
-    return anchor.to(spectrum.s.dtype) + spectrum.matrix(lam)

@@ -286,7 +286,7 @@ def test_layer_compute_dtype_is_used():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_rethought_weight_scales_each_singular_value():
+def test_spectrum_matrix_scales_each_singular_value():
     """eq. 8 by hand: anchor + U diag(lambda * sigma) V^T, for a Lambda that is not 1."""
     from pave_plugins.core import rethink as rt
 
@@ -298,5 +298,5 @@ def test_rethought_weight_scales_each_singular_value():
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     expect = anchor + u @ torch.diag(lam * s) @ vh
     torch.testing.assert_close(
-        rt.rethought_weight(anchor, spec, lam), expect, rtol=0, atol=1e-12
+        anchor + spec.matrix(lam), expect, rtol=0, atol=1e-12
     )

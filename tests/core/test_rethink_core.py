@@ -60,7 +60,7 @@ def test_dense_decomposition_and_lambda_one_reconstructs_merge():
     pre = torch.randn(16, 12, generator=g)
     merged = pre + 0.01 * torch.randn(16, 12, generator=g)
     spec = rt.decompose_dense(merged - pre)
-    w = rt.rethought_weight(pre, spec, torch.ones(spec.rank))
+    w = pre + spec.matrix(torch.ones(spec.rank))
     torch.testing.assert_close(w, merged, rtol=0, atol=1e-6)
     # top-k with keep_tail: anchor holds the tail, Lambda = 1 still reproduces the merge
     top = rt.decompose_dense(merged - pre, top_k=3)
@@ -308,8 +308,8 @@ def test_runs_under_no_grad_like_a_model_pool_loader():
 
 # ----------------------------------------------------------------------------- contract details
 def test_spectrum_keeps_its_dtype():
-    """matrix(), rescaled() and rethought_weight() answer in the spectrum's dtype, whatever the
-    dtype of Lambda or of the anchor."""
+    """matrix() and rescaled() answer in the spectrum's dtype, whatever the dtype of Lambda; the
+    rethought weight anchor + U diag(lam Sigma) V^T (eq. 8) is right in it."""
     g = torch.Generator().manual_seed(8)
     q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
     spec = rt.Spectrum(u=q[:, :3].bfloat16(), s=torch.tensor([3.0, 2.0, 1.0]).bfloat16(), v=q[:4, :3].bfloat16())
@@ -319,9 +319,8 @@ def test_spectrum_keeps_its_dtype():
     assert (new.u.dtype, new.s.dtype, new.v.dtype) == (torch.bfloat16,) * 3
     assert order.tolist() == [1, 0, 2] and new.s.float().tolist() == [8.0, 1.5, 1.0]
     anchor = torch.zeros(6, 4, dtype=torch.float64)
-    assert rt.rethought_weight(anchor, spec, lam).dtype == torch.bfloat16
     spec32 = rt.Spectrum(u=q[:, :3].float(), s=torch.tensor([3.0, 2.0, 1.0]), v=q[:4, :3].float())
-    w = rt.rethought_weight(anchor + 1, spec32, lam)
+    w = (anchor + 1).float() + spec32.matrix(lam)
     assert w.dtype == torch.float32
     ref = 1 + (q[:, :3] * (lam * torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))) @ q[:4, :3].T
     torch.testing.assert_close(w.double(), ref, rtol=0, atol=1e-6)
