@@ -64,7 +64,7 @@ def points(result: dict) -> dict[tuple, dict]:
     return rows
 
 
-def pivot(rows: dict[tuple, dict], field: str, title: str, fmt: str = "{:+.2f}") -> str:
+def pivot(rows: dict[tuple, dict], field: str, title: str, fmt: str = "{:+.2f}", marks: bool = True) -> str:
     """One line per (PAVE+X, granularity), one column per damping: the mean over seeds of ``field``."""
     dampings = sorted({k[2] for k in rows})
     lines = [f"| {title} | granularity | " + " | ".join(f"δ={d:g}" for d in dampings) + " |",
@@ -73,7 +73,7 @@ def pivot(rows: dict[tuple, dict], field: str, title: str, fmt: str = "{:+.2f}")
         cells = []
         for d in dampings:
             row = rows.get((label, granularity, d))
-            mark = "*" * row["chosen"] if row else ""
+            mark = "*" * row["chosen"] if row and marks else ""
             cells.append(fmt.format(statistics.mean(row[field])) + mark if row else "")
         lines.append(f"| {label} | {granularity} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -87,7 +87,7 @@ def setting_tables(result: dict) -> str:
               "for a choice):\n\n" + pivot(rows, "test", "PAVE+X")
             + "\n‖ΔW_PAVE − ΔW‖ / ‖ΔW‖ (mean over layers, models and seeds):\n\n"
             + pivot({(k[0].split(" + ")[0], *k[1:]): v for k, v in rows.items() if k[0].endswith("Task Arithmetic")},
-                    "rel", "PAVE target", "{:.3f}"))
+                    "rel", "PAVE target", "{:.3f}", marks=False))
 
 
 def main() -> None:
