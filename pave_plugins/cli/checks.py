@@ -121,10 +121,11 @@ def device(text: str) -> str:
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, settings_cls: type, *, exclude: tuple[str, ...] = (),
-                      types: dict[str, Callable[[str], Any]] | None = None) -> None:
+                      types: dict[str, Callable[[str], Any]] | None = None, check_when_parsed: bool = False) -> None:
     """One flag per row of a settings table (:func:`pave_plugins.engine.settings.table`): ``--name-with-dashes``,
-    its help and default from the row; a number is parsed and checked by the row's own rule here, so a bad
-    value is an error naming the flag (``types``: a face's own parser for a row, e.g. ``0 = all``)."""
+    its help and default from the row. A number is checked by the row's own rule when the settings are
+    built (one line naming the setting), or with ``check_when_parsed`` already by argparse (naming the
+    flag); ``types``: a face's own parser for a row (e.g. ``0 = all``)."""
     from pave_plugins.engine.settings import table
 
     for row in table(settings_cls):
@@ -138,7 +139,8 @@ def add_setting_flags(parser: argparse.ArgumentParser, settings_cls: type, *, ex
         elif row.choices is not None:
             parser.add_argument(flag, choices=row.choices, default=row.default, help=row.help)
         else:
-            kind = (types or {}).get(row.name) or setting(settings_cls, row.name)
+            plain = _int if row.type is int else finite_float
+            kind = (types or {}).get(row.name) or (setting(settings_cls, row.name) if check_when_parsed else plain)
             parser.add_argument(flag, type=kind, default=row.default, help=row.help)
 
 

@@ -53,7 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--heads", nargs="+", metavar="TASK=DIR", help="sequence classifiers: each task's fine-tuned model (its head is used for that task)")
     # LoRA-DV's settings: one flag per row of their table (help, default and rule declared there)
-    checks.add_setting_flags(p, RethinkSettings, types={"samples": checks.count_or_all, "seed": checks.seed})
+    checks.add_setting_flags(p, RethinkSettings, types={"samples": checks.count_or_all, "seed": checks.seed},
+                             check_when_parsed=True)
     p.add_argument("--tokenizer", metavar="DIR",
                    help="tokenizer folder (default: the --merged folder's, else the --base folder's)")
     p.add_argument("--max-length", type=checks.positive_int, default=RethinkJob.max_length,
