@@ -18,6 +18,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from pave_plugins.bench.harness import selection_table
+
 
 def load(run: Path) -> dict:
     return json.loads((run / "results.json").read_text())
@@ -73,7 +75,7 @@ def pivot(rows: dict[tuple, dict], field: str, title: str, fmt: str = "{:+.2f}",
         cells = []
         for d in dampings:
             row = rows.get((label, granularity, d))
-            mark = "*" * row["chosen"] if row and marks else ""
+            mark = f" ({row['chosen']})" if row and marks and row["chosen"] else ""
             cells.append(fmt.format(statistics.mean(row[field])) + mark if row else "")
         lines.append(f"| {label} | {granularity} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -81,7 +83,7 @@ def pivot(rows: dict[tuple, dict], field: str, title: str, fmt: str = "{:+.2f}",
 
 def setting_tables(result: dict) -> str:
     rows = points(result)
-    return ("\nValidation, PAVE+X − X (points, mean over seeds; * = chosen for one seed):\n\n"
+    return ("\nValidation, PAVE+X − X (points, mean over seeds; (n) = chosen for n seeds):\n\n"
             + pivot(rows, "val", "PAVE+X")
             + "\nTest, PAVE+X − X at the same points (shown for the size of the selection effect, never used "
               "for a choice):\n\n" + pivot(rows, "test", "PAVE+X")
@@ -90,15 +92,32 @@ def setting_tables(result: dict) -> str:
                     "rel", "PAVE target", "{:.3f}", marks=False))
 
 
+def pooled_table(results: list[dict]) -> str:
+    """Validation only (what chooses the defaults): PAVE+X − X per target, granularity and damping,
+    mean over the runs, the inner methods and the seeds; (n) = times chosen."""
+    pooled: dict[tuple, dict] = defaultdict(lambda: {"val": [], "chosen": 0})
+    for result in results:
+        for (label, granularity, damping), row in points(result).items():
+            cell = pooled[(label.split(" + ")[0], granularity, damping)]
+            cell["val"] += row["val"]
+            cell["chosen"] += row["chosen"]
+    return ("\nPooled over the runs, inner methods and seeds — validation, PAVE+X − X (points; (n) = times chosen):\n\n"
+            + pivot(pooled, "val", "PAVE target"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="pave bench output folders")
-    for run in parser.parse_args().runs:
-        result = load(run)
+    results = [load(run) for run in parser.parse_args().runs]
+    for result in results:
         cfg = result["config"]
         print(f"\n### {cfg['steps']} steps, seeds {[s['seed'] for s in result['per_seed']]} ({cfg['protocol']})\n")
         print(comparison_table(result))
         print(setting_tables(result))
+        print(selection_table(result["per_seed"]))
+        bases = {k: v["avg"] for k, v in result["summary"].items() if k in ("ta", "ties", "emr")}
+        print("X's test average (mean over seeds): " + ", ".join(f"{k} {v:.2f}" for k, v in bases.items()))
+    print(pooled_table(results))
 
 
 if __name__ == "__main__":
