@@ -156,6 +156,11 @@ def model_granularity_ranks(ratios: Sequence[float], full_rank: int) -> list[int
     return [min(full_rank, max(1, round(ratio * full_rank))) for ratio in ratios]
 
 
+def _release_after(last_use: dict[int, dict[str, int]], name: str, index: int) -> Callable[[int], bool]:
+    """``release(i)``: whether tensor ``name`` at ``index`` is the last to read model i's covariance."""
+    return lambda i: last_use.get(i, {}).get(name) == index
+
+
 class PaveEngine:
     """PAVE for K models whose covariances come from ``sources`` (``None``: that model has none).
 
@@ -239,7 +244,7 @@ class PaveEngine:
             report.extra["algorithm_1_model_ratios"] = dict(zip(self.labels, self.model_ratios))
         for index, name in enumerate(tqdm(names, desc=progress, unit="tensor", disable=progress is None)):
             w_base, w_fts = read(name)
-            step = self.step(name, w_base, w_fts, release=lambda i, at=index: last_use.get(i, {}).get(name) == at)
+            step = self.step(name, w_base, w_fts, release=_release_after(last_use, name, index))
             if w_base.is_floating_point():  # integer buffers are copied, not reported
                 report.add_tensor(name, step.to_dict(), record, self.labels)
             write(name, step, w_base, w_fts)
@@ -261,8 +266,7 @@ class PaveEngine:
             keys = self.gate(name, w_base, w_fts)
             if isinstance(keys, LayerStep) or not any(k is not None for k in keys):
                 continue
-            release = lambda i, at=index: last_use.get(i, {}).get(name) == at  # noqa: E731
-            svals = self.singular_values(name, w_base, w_fts, keys, release=release)
+            svals = self.singular_values(name, w_base, w_fts, keys, release=_release_after(last_use, name, index))
             todo = [i for i, v in enumerate(svals) if v is not None]
             alloc = allocate_ranks({name: [svals[i] for i in todo]}, s.rho, s.resolved_gamma, method=s.rank_allocation)
             for i, r in zip(todo, alloc.ranks[name]):
@@ -275,23 +279,11 @@ class PaveEngine:
         """The sigma of Algorithm 1 line 3 per model with a key (eq. 5's SVD without its vectors)."""
         if self.stored_in_out(name, keys):
             w_base, w_fts = w_base.T, [w.T for w in w_fts]
-        out: list[Tensor | None] = []
-        for i, (w_ft, key) in enumerate(zip(w_fts, keys)):
-            stored = self.store.decompositions.get(self._store_key(i, name)) if self.store else None
-            if key is None or stored is not None:
-                out.append(stored.s if stored is not None and key is not None else None)
-                continue
-            device = self.device if self.device is not None else w_ft.device
-            prepared, _ = self.cache.get(self.sources[i], name, device=device, compute_dtype=self.settings.dtype,  # type: ignore[arg-type]
-                                         damping=self.settings.damping_spec)
-            try:
-                out.append(co_singular_values(w_ft.to(device), w_base.to(device), prepared, target=self.settings.target,
-                                              compute_dtype=self.settings.dtype, name=f"{name} of model {self.labels[i]}"))
-            except ValueError as exc:
-                raise self._model_error(LayerModelError(str(exc), i), keys) from exc
-            if release is not None and release(i):
-                self.cache.release(self.sources[i])  # type: ignore[arg-type]
-        return out
+        stored = [self.store.decompositions.get(self._store_key(i, name)) if self.store else None
+                  for i in range(len(keys))]
+        todo = [k if d is None else None for k, d in zip(keys, stored)]  # what the store has is not recomputed
+        fresh = self._fresh_decompositions(name, w_base, w_fts, todo, release, compute=co_singular_values)
+        return [d.s if d is not None and k is not None else v for k, d, v in zip(keys, stored, fresh)]
 
     def _last_uses(self, names: Sequence[str]) -> dict[int, dict[str, int]]:
         """Per model, per tensor name: the index of the last name reading the same covariance."""
@@ -360,9 +352,11 @@ class PaveEngine:
             return self._stored_decompositions(name, w_base, w_fts, keys, release)
         return self._fresh_decompositions(name, w_base, w_fts, keys, release)
 
-    def _fresh_decompositions(self, name, w_base, w_fts, keys, release) -> list[CoSVD | None]:
+    def _fresh_decompositions(self, name, w_base, w_fts, keys, release, compute: Callable = co_svd) -> list:
+        """``compute`` (eq. 5's :func:`~pave_plugins.core.purify.co_svd`, or its singular values
+        alone) per model with a key, one model at a time, on its prepared covariance."""
         dtype = self.settings.dtype
-        out: list[CoSVD | None] = []
+        out: list = []
         for i, (w_ft, key) in enumerate(zip(w_fts, keys)):
             if key is None:
                 out.append(None)
@@ -372,8 +366,8 @@ class PaveEngine:
                                          damping=self.settings.damping_spec)
             try:
                 out.append(
-                    co_svd(w_ft.to(device), w_base.to(device), prepared, target=self.settings.target,  # type: ignore[arg-type]
-                           compute_dtype=dtype, name=f"{name} of model {self.labels[i]}")
+                    compute(w_ft.to(device), w_base.to(device), prepared, target=self.settings.target,
+                            compute_dtype=dtype, name=f"{name} of model {self.labels[i]}")
                 )
             except ValueError as exc:
                 raise self._model_error(LayerModelError(str(exc), i), keys) from exc
