@@ -207,7 +207,7 @@ class SeedRun:
     # ------------------------------------------------------------------ PAVE + X
     def run_pave(self) -> None:
         """PAVE + X: purify every fine-tune, then the host method X with X's validated
-        hyper-parameters; rho chosen on validation."""
+        hyper-parameters; the PAVE grid point (rho, damping, granularity) chosen on validation."""
         cfg = self.cfg
         if not any(self.wanted(f"pave_{t}_{a}_{b}") for t in cfg.pave_targets for a in cfg.pave_allocations
                    for b in cfg.pave_bases):
@@ -219,7 +219,7 @@ class SeedRun:
                 bases = [b for b in cfg.pave_bases if self.wanted(f"pave_{target}_{allocation}_{b}") and b in self.selected]
                 if not bases:
                     continue
-                best = self.choose_rho(bases, covs, target, allocation, store)
+                best = self.choose_pave_point(bases, covs, target, allocation, store)
                 for b, choice in best.items():
                     self.pave_final(b, choice, covs, target, allocation, store)
         del store
@@ -230,7 +230,7 @@ class SeedRun:
         return [{"rho": rho, "damping": damping, "rank_granularity": granularity}
                 for granularity in cfg.granularity_grid for damping in cfg.damping_grid for rho in cfg.rho_grid]
 
-    def choose_rho(self, bases, covs, target, allocation, store) -> dict[str, Choice]:
+    def choose_pave_point(self, bases, covs, target, allocation, store) -> dict[str, Choice]:
         """For every base method X: the point of :meth:`pave_grid` whose PAVE + X is best on validation.
         Each point is also scored on test (``test_selected``: shows the size of the selection effect;
         never used for a choice or a verdict)."""
