@@ -7,6 +7,7 @@ defaults, so a new test starts from ``tiny_llama_config(hidden_size=16)`` rather
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
@@ -40,3 +41,16 @@ def tiny_llama(seed: int | None = 0, **overrides):
     if seed is not None:
         torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+
+
+class TinyMLP(nn.Module):
+    """A tiny classifier for the LoRA-DV tests: two hidden linear layers and a head."""
+
+    def __init__(self, d: int = 12, h: int = 16, c: int = 3):
+        super().__init__()
+        self.fc1 = nn.Linear(d, h)
+        self.fc2 = nn.Linear(h, h)
+        self.head = nn.Linear(h, c)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))

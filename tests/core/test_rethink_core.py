@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import TinyMLP
 from torch import nn
 
 from pave_plugins.core import rethink as rt
@@ -106,15 +107,7 @@ def test_losses_match_hand_formulas():
 
 
 # ----------------------------------------------------------------------------- tiny models
-class MLP(nn.Module):
-    def __init__(self, d=12, h=16, c=3):
-        super().__init__()
-        self.fc1 = nn.Linear(d, h)
-        self.fc2 = nn.Linear(h, h)
-        self.head = nn.Linear(h, c)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+MLP = TinyMLP  # the tiny classifier of the LoRA-DV tests
 
 
 def _setup(seed=0, noise=0.6):

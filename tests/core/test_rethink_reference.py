@@ -19,6 +19,7 @@ import re
 
 import pytest
 import torch
+from tiny_models import TinyMLP
 from torch import nn
 
 from pave_plugins.core import rethink as rt
@@ -31,15 +32,9 @@ DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class MLP(nn.Module):
+class MLP(TinyMLP):
     def __init__(self, d=10, h=14, c=3):
-        super().__init__()
-        self.fc1 = nn.Linear(d, h)
-        self.fc2 = nn.Linear(h, h)
-        self.head = nn.Linear(h, c)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+        super().__init__(d, h, c)
 
 
 def problem(seed=0):
